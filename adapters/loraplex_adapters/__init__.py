@@ -1,0 +1,1 @@
+"""Adapter format (PEFT folder + manifest), validation, offline fine-tuning."""

@@ -1,0 +1,1 @@
+"""loraplex server: frozen base model, batched multi-adapter LoRA engine, gRPC service."""

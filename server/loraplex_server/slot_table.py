@@ -1,0 +1,164 @@
+"""The device slot table: which adapter sits in which slot, and its weights inside every adapted layer.
+
+Slot 0 is reserved for "no adapter". Layers are wrapped lazily, the first time any adapter targets
+them, so a base serving only q/v adapters pays nothing on its MLPs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter
+
+from .lora_layers import BatchedLoraLinear, BatchState, linear_shape
+
+
+class SlotsFullError(RuntimeError):
+    """Every slot holds an adapter; unload one first."""
+
+
+class HeadTable:
+    """Per-slot classification heads, padded to the widest label count, applied to all rows at once."""
+
+    def __init__(self, num_slots: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.weight = torch.zeros(num_slots, 0, hidden, dtype=dtype, device=device)
+        self.bias = torch.zeros(num_slots, 0, dtype=dtype, device=device)
+        self.num_labels = [0] * num_slots
+
+    def write(self, slot: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        self.weight[slot].zero_()
+        self.bias[slot].zero_()
+        if weight is None:
+            self.num_labels[slot] = 0
+            return
+        labels = int(weight.shape[0])
+        if labels > self.weight.shape[1]:
+            grow = labels - self.weight.shape[1]
+            self.weight = nn.functional.pad(self.weight, (0, 0, 0, grow))
+            self.bias = nn.functional.pad(self.bias, (0, grow))
+        self.weight[slot, :labels].copy_(weight)
+        if bias is not None:
+            self.bias[slot, :labels].copy_(bias)
+        self.num_labels[slot] = labels
+
+    def logits(self, hidden: torch.Tensor, slots: list[int]) -> list[torch.Tensor]:
+        """hidden [B, H] -> one fp32 logits vector per row, cut to that row's label count."""
+        index = torch.tensor(slots, dtype=torch.long, device=hidden.device)
+        w = self.weight.index_select(0, index)  # [B, L, H]
+        out = torch.bmm(w, hidden.to(w.dtype).unsqueeze(-1)).squeeze(-1) + self.bias.index_select(0, index)
+        out = out.float()
+        return [out[i, : self.num_labels[s]] for i, s in enumerate(slots)]
+
+
+class SlotTable:
+    def __init__(self, model: nn.Module, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 hidden_size: int, head_module: str) -> None:
+        if num_slots < 2:
+            raise ValueError("need at least 2 slots (slot 0 means no adapter)")
+        self.model = model
+        self.num_slots = num_slots
+        self.dtype, self.device = dtype, device
+        self.state = BatchState()
+        self.layers: dict[str, BatchedLoraLinear] = {}
+        self.heads = HeadTable(num_slots, hidden_size, dtype, device)
+        self.head_module = head_module
+        self.hidden_size = hidden_size
+        self._free = list(range(num_slots - 1, 0, -1))
+        self._prefix = getattr(model, "base_model_prefix", "") or ""
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def _module_path(self, name: str) -> str:
+        """PEFT keys name modules inside the task model (`bert.encoder...`); a bare encoder lacks the prefix."""
+        candidates = [name]
+        if self._prefix and name.startswith(self._prefix + "."):
+            candidates.append(name[len(self._prefix) + 1:])
+        for path in candidates:
+            try:
+                self.model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        raise AdapterFormatError(f"target module {name} does not exist in the base model")
+
+    def validate(self, adapter: LoraAdapter) -> None:
+        """Raise AdapterFormatError if the adapter does not fit this base; changes nothing."""
+        for name, weights in adapter.modules.items():
+            path = self._module_path(name)
+            module = self.model.get_submodule(path)
+            if isinstance(module, BatchedLoraLinear):
+                shape = (module.in_features, module.out_features)
+            else:
+                shape = linear_shape(module)
+            if shape is None:
+                raise AdapterFormatError(
+                    f"target module {name} is a {type(module).__name__}, not a linear layer; only linear "
+                    "layers can carry LoRA here"
+                )
+            expected = ((weights.rank, shape[0]), (shape[1], weights.rank))
+            got = (tuple(weights.A.shape), tuple(weights.B.shape))
+            if got != expected:
+                raise AdapterFormatError(
+                    f"shape mismatch at {name}: lora_A {got[0]}, lora_B {got[1]}; the base layer is "
+                    f"{shape[0]}->{shape[1]}, so expected {expected[0]} and {expected[1]}"
+                )
+        head = adapter.head
+        if head is not None:
+            if head.module != self.head_module:
+                raise AdapterFormatError(
+                    f"classification head `{head.module}` does not fit this base, which uses `{self.head_module}`"
+                )
+            if head.weight.shape[1] != self.hidden_size:
+                raise AdapterFormatError(
+                    f"shape mismatch at {head.module}: head input {head.weight.shape[1]}, "
+                    f"base hidden size {self.hidden_size}"
+                )
+
+    def _wrapped(self, name: str) -> BatchedLoraLinear:
+        path = self._module_path(name)
+        layer = self.layers.get(path)
+        if layer is None:
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            layer = BatchedLoraLinear(getattr(parent, attr), self.state, self.num_slots, self.dtype, self.device)
+            setattr(parent, attr, layer)
+            self.layers[path] = layer
+        return layer
+
+    def allocate(self, adapter: LoraAdapter) -> int:
+        """Validate, take a free slot and write the adapter into every layer; returns the slot."""
+        self.validate(adapter)
+        if not self._free:
+            raise SlotsFullError(f"all {self.num_slots - 1} adapter slots are in use")
+        slot = self._free.pop()
+        self._write(slot, adapter)
+        return slot
+
+    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        touched = set()
+        with torch.no_grad():
+            for name, w in adapter.modules.items():
+                layer = self._wrapped(name)
+                layer.write_slot(slot, w.A.to(self.device, self.dtype), w.B.to(self.device), w.scaling)
+                touched.add(id(layer))
+            for layer in self.layers.values():
+                if id(layer) not in touched and layer.slot_ranks[slot]:
+                    layer.write_slot(slot, None, None, 0.0)
+            head = adapter.head
+            self.heads.write(slot, None if head is None else head.weight.to(self.device),
+                             None if head is None or head.bias is None else head.bias.to(self.device))
+        self.state.invalidate()
+
+    def release(self, slot: int) -> None:
+        if slot <= 0 or slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated")
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if layer.slot_ranks[slot]:
+                    layer.write_slot(slot, None, None, 0.0)
+            self.heads.write(slot, None, None)
+        self._free.append(slot)
+        self.state.invalidate()

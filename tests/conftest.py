@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny_models import BERT_ADAPTERS, GPT2_ADAPTERS, LLAMA_ADAPTERS, make_adapter, make_base  # noqa: E402
+
+SPECS = {"llama": LLAMA_ADAPTERS, "gpt2": GPT2_ADAPTERS, "bert": BERT_ADAPTERS}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch) -> (base_dir, {adapter_name: (folder, spec)}), built once per session."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            root = tmp_path_factory.mktemp(arch)
+            base = make_base(root / "base", arch)
+            adapters = {}
+            for seed, spec in enumerate(SPECS[arch], start=1):
+                adapters[spec.name] = (make_adapter(base, root / spec.name, spec, seed), spec)
+            built[arch] = (base, adapters)
+        return built[arch]
+
+    return get
