@@ -8,12 +8,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import AdapterSpec, make_adapter
 
 from loraplex_adapters.peft_folder import AdapterFormatError, load_peft_folder
 from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.slot_table import SlotsFullError
+from tiny_models import AdapterSpec, make_adapter
 
 
 @pytest.fixture

@@ -135,15 +135,20 @@ class Engine:
         return ids.to(self.base.device), mask.to(self.base.device)
 
     @torch.inference_mode()
-    def logits(self, token_ids: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
-        """Language-model logits [len, vocab] for every row, each under its own adapter (None = base)."""
+    def logits(self, token_ids: list[list[int]], adapters: list[str | None], last_only: bool = False
+               ) -> list[torch.Tensor]:
+        """Language-model logits [len, vocab] for every row, each under its own adapter (None = base);
+        with last_only, just the last position's [1, vocab] (what a prefill needs)."""
         if self.base.kind != "causal":
             raise WrongTask("an encoder base has no language-model head")
         slots = [0 if a is None else self._adapter(a).slot for a in adapters]
         ids, mask = self._padded(token_ids, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.slots.state.set_rows(slots, self.base.device)
-        out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                              logits_to_keep=1 if last_only else 0)
+        if last_only:
+            return [row.float() for row in out.logits]
         return [out.logits[row, ids.shape[1] - len(seq):].float() for row, seq in enumerate(token_ids)]
 
     @torch.inference_mode()

@@ -1,9 +1,13 @@
 """Batched multi-adapter LoRA on top of frozen base layers (the BGMV idea of Punica / S-LoRA).
 
-Every adapted layer keeps stacked tables `A[S, R, in]` and `B[S, out, R]` (scaling folded into B,
+Every adapted layer keeps stacked tables `A[S, R, in]` and `B^T[S, R, out]` (scaling folded into B,
 smaller ranks zero-padded, slot 0 all zeros = no adapter). One `BatchState` is shared by all layers:
 the engine sets each row's slot once per forward, and the per-batch work (which path to take, the
 row slots on the right device) is done once there instead of in every layer.
+
+Paths: all rows on one adapter -> two plain matmuls; mixed rows -> per-row weights gathered once per
+batch composition and two bmm; mixed decode on CPU in bf16 -> the fused kernel of cpu_kernel.py,
+which reads the tables in place (decode there is bound by the bytes of 32 adapters' weights).
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ class BatchState:
     row_slots: torch.Tensor | None = None  # [B] long, on the model device
     single_slot: int | None = None  # every row uses this one (non-zero) slot
     composition: int = 0  # bumps whenever row_slots change, so layers can reuse gathered weights
-    _slots: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
 
     def set_rows(self, slots: list[int], device: torch.device) -> None:
-        if tuple(slots) == self._slots:
+        if tuple(slots) == self.slots:
             return
-        self._slots = tuple(slots)
+        self.slots = tuple(slots)
         distinct = set(slots)
         if distinct == {0}:
             self.row_slots, self.single_slot = None, None
@@ -39,7 +43,7 @@ class BatchState:
 
     def invalidate(self) -> None:
         """Slot contents changed: gathered copies must be rebuilt even for the same rows."""
-        self._slots = ()
+        self.slots = ()
         self.composition += 1
 
 
@@ -66,10 +70,13 @@ class BatchedLoraLinear(nn.Module):
         self.state = state
         self.register_buffer("lora_A", torch.zeros(num_slots, 0, self.in_features, dtype=dtype, device=device),
                              persistent=False)
-        self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, 0, dtype=dtype, device=device),
+        self.register_buffer("lora_B_t", torch.zeros(num_slots, 0, self.out_features, dtype=dtype, device=device),
                              persistent=False)
         self.slot_ranks = [0] * num_slots
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.shared_shrink: SharedShrink | None = None
+        self._rank_cache = (-1, 0)
+        self.kernel = None  # the CPU decode kernel (cpu_kernel.py), set by the slot table when usable
 
     @property
     def max_rank(self) -> int:
@@ -78,52 +85,103 @@ class BatchedLoraLinear(nn.Module):
     def _grow_rank(self, rank: int) -> None:
         pad = rank - self.max_rank
         self.lora_A = torch.nn.functional.pad(self.lora_A, (0, 0, 0, pad))
-        self.lora_B = torch.nn.functional.pad(self.lora_B, (0, pad))
+        self.lora_B_t = torch.nn.functional.pad(self.lora_B_t, (0, 0, 0, pad))
 
     def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
         """Put an adapter's matrices into a slot (None clears it)."""
         if A is None:
             self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
+            self.lora_B_t[slot].zero_()
             self.slot_ranks[slot] = 0
             return
         rank = int(A.shape[0])
         if rank > self.max_rank:
             self._grow_rank(rank)
         self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.lora_B_t[slot].zero_()
         self.lora_A[slot, :rank].copy_(A)
-        self.lora_B[slot, :, :rank].copy_(B.to(torch.float32) * scaling)
+        self.lora_B_t[slot, :rank].copy_(B.to(torch.float32).t() * scaling)
         self.slot_ranks[slot] = rank
         self._gathered = None
 
-    def _gather(self, row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row A^T [B, in, r] and B^T [B, r, out], cut to the batch's max rank; reused while
-        the batch composition is unchanged (decode steps of the same rows)."""
-        key = self.state.composition
-        if self._gathered is None or self._gathered[0] != key:
-            rank = max(self.slot_ranks[s] for s in row_slots.tolist())
-            a_t = self.lora_A[:, :rank].index_select(0, row_slots).transpose(1, 2).contiguous()
-            b_t = self.lora_B[:, :, :rank].index_select(0, row_slots).transpose(1, 2).contiguous()
-            self._gathered = (key, a_t, b_t)
+    def _batch_rank(self) -> int:
+        state = self.state
+        if self._rank_cache[0] != state.composition:
+            self._rank_cache = (state.composition, max(self.slot_ranks[s] for s in state.slots))
+        return self._rank_cache[1]
+
+    def _gathered_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T and B^T for the current rows, cut to their max rank, in the LoRA compute dtype:
+        [in, r] / [r, out] when all rows share one slot, else per row [B, in, r] / [B, r, out].
+        Rebuilt only when the batch composition changes, so decode steps of the same rows reuse them."""
+        state = self.state
+        if self._gathered is None or self._gathered[0] != state.composition:
+            rank = self._batch_rank()
+            if state.single_slot is not None:
+                a_t = self.lora_A[state.single_slot, :rank].t()
+                b_t = self.lora_B_t[state.single_slot, :rank]
+            else:
+                a_t = self.lora_A[:, :rank].index_select(0, state.row_slots).transpose(1, 2)
+                b_t = self.lora_B_t[:, :rank].index_select(0, state.row_slots)
+            self._gathered = (state.composition, a_t.contiguous(), b_t.contiguous())
         return self._gathered[1], self._gathered[2]
+
+    def _kernel_applies(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """The CPU kernel covers mixed decode: one token per row, bf16 in and out."""
+        return (self.kernel is not None and self.state.row_slots is not None
+                and x.numel() == x.shape[0] * self.in_features and x.dtype == result.dtype == torch.bfloat16
+                and result.is_contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         state = self.state
-        if state.single_slot is not None:
-            slot = state.single_slot
-            rank = self.slot_ranks[slot]
-            if rank == 0:
-                return result
-            h = x.to(self.lora_A.dtype) @ self.lora_A[slot, :rank].t()
-            return result + (h @ self.lora_B[slot, :, :rank].t()).to(result.dtype)
-        if state.row_slots is None:
+        if state.single_slot is None and state.row_slots is None:
             return result
-        a_t, b_t = self._gather(state.row_slots)
-        if a_t.shape[2] == 0:
+        if self._kernel_applies(x, result):
+            rank = self._batch_rank()
+            if rank:
+                self.kernel.bgmv_add_(result.view(x.shape[0], self.out_features),
+                                      x.reshape(x.shape[0], self.in_features).contiguous(),
+                                      self.lora_A, self.lora_B_t, state.row_slots, rank)
             return result
-        rows = x.shape[0]
-        x3 = x.reshape(rows, -1, self.in_features).to(a_t.dtype)
-        delta = torch.bmm(torch.bmm(x3, a_t), b_t)
-        return result + delta.reshape(result.shape).to(result.dtype)
+        a_t, b_t = self._gathered_weights()
+        if a_t.shape[-1] == 0:  # no row's adapter touches this layer
+            return result
+        h = self.shared_shrink.shrink(self, x) if self.shared_shrink else project(x, a_t)
+        result += project(h, b_t).reshape(result.shape)  # in place: one op fewer on the hot path
+        return result
+
+
+def project(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for one shared [in, out] matrix, or row by row for per-row [B, in, out] matrices."""
+    if weight_t.dim() == 2:
+        return x.to(weight_t.dtype) @ weight_t
+    return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(weight_t.dtype), weight_t)
+
+
+class SharedShrink:
+    """Sibling projections that read the same input (q/k/v, gate/up) shrink it in one matmul:
+    x @ [A_q | A_k | A_v]^T once, each sibling then takes its own columns."""
+
+    def __init__(self, members: list[BatchedLoraLinear]) -> None:
+        self.members = members
+        self._weights: tuple[int, torch.Tensor, dict[int, tuple[int, int]]] | None = None
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._output_key = -1
+
+    def shrink(self, layer: BatchedLoraLinear, x: torch.Tensor) -> torch.Tensor:
+        composition = layer.state.composition
+        if self._weights is None or self._weights[0] != composition:
+            parts = [m._gathered_weights()[0] for m in self.members]
+            spans, offset = {}, 0
+            for member, part in zip(self.members, parts, strict=True):
+                spans[id(member)] = (offset, offset + part.shape[-1])
+                offset += part.shape[-1]
+            self._weights = (composition, torch.cat(parts, dim=-1), spans)
+        # Identity, not equality: the siblings are called with the very same tensor object.
+        if self._input is not x or self._output_key != composition:
+            self._output = project(x, self._weights[1])
+            self._input, self._output_key = x, composition
+        start, end = self._weights[2][id(layer)]
+        return self._output[..., start:end]

@@ -15,6 +15,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:

@@ -75,7 +75,7 @@ class Sequence:
         """Record one generated token and work out the text it adds and whether the request ends."""
         self.output_ids.append(token_id)
         stops = self.params.stop
-        if token_id in self.eos_ids:
+        if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = "eos"
         else:
             full = tokenizer.decode(self.output_ids, skip_special_tokens=True)

@@ -11,7 +11,12 @@ from torch import nn
 
 from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter
 
-from .lora_layers import BatchedLoraLinear, BatchState, linear_shape
+from .cpu_kernel import bgmv_kernel
+from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink, linear_shape
+
+# Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and
+# MLP, BERT self-attention): their shrinks are fused into one matmul.
+SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 
 
 class SlotsFullError(RuntimeError):
@@ -124,9 +129,21 @@ class SlotTable:
             parent_path, _, attr = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
             layer = BatchedLoraLinear(getattr(parent, attr), self.state, self.num_slots, self.dtype, self.device)
+            if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+                layer.kernel = bgmv_kernel()
             setattr(parent, attr, layer)
             self.layers[path] = layer
+            self._group_siblings(parent_path, attr)
         return layer
+
+    def _group_siblings(self, parent_path: str, attr: str) -> None:
+        for names in SIBLING_SETS:
+            if attr in names:
+                prefix = f"{parent_path}." if parent_path else ""
+                members = [self.layers[prefix + n] for n in sorted(names) if prefix + n in self.layers]
+                shared = SharedShrink(members) if len(members) > 1 else None
+                for member in members:
+                    member.shared_shrink = shared
 
     def allocate(self, adapter: LoraAdapter) -> int:
         """Validate, take a free slot and write the adapter into every layer; returns the slot."""
