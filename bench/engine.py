@@ -22,17 +22,24 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraplex_server.base_model import load_base_model
+from loraplex_server.base_model import fix_bnb_cpu_fast_path, load_base_model, quantization_config
 from loraplex_server.engine import Engine, GenerationRequest
 from loraplex_server.sampling import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> Callable[[], float]:
     def run() -> float:
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         return time.perf_counter() - start
     return run
 
@@ -79,7 +86,7 @@ class Bench:
     def __init__(self, args) -> None:
         torch.manual_seed(0)
         self.args = args
-        self.base = load_base_model(None, quantize="none", dtype="bfloat16", device=args.device)
+        self.base = load_base_model(args.base, quantize=args.quantize, dtype="bfloat16", device=args.device)
         self.tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
         self.folders = make_adapters(self.base.path, self.tmp, args.batch, args.rank)
         self.engine = Engine(self.base, max_adapters=args.batch)
@@ -107,9 +114,11 @@ class Bench:
             for prompt, name in zip(self.prompts, rows, strict=True):
                 self.engine.submit(GenerationRequest(prompt, name, params))
             self.engine.step()  # prefill: every row joins and gets its first token
+            synchronize()
             start = time.perf_counter()
             for _ in range(steps):
                 self.engine.step()
+            synchronize()
             elapsed = time.perf_counter() - start
             while self.engine.has_work:
                 self.engine.step()
@@ -127,7 +136,12 @@ class Bench:
     # -- PEFT -----------------------------------------------------------------------------------
 
     def peft_model(self) -> PeftModel:
-        base = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=torch.bfloat16).to(self.base.device).eval()
+        """PEFT on the same base, dtype and quantization as ours."""
+        kwargs = {"dtype": torch.bfloat16, "device_map": {"": self.base.device}}
+        if self.base.quantize != "none":
+            kwargs["quantization_config"] = quantization_config(self.base.quantize, torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(self.base.path, **kwargs).eval()
+        fix_bnb_cpu_fast_path(base)
         model = PeftModel.from_pretrained(base, self.folders[0], adapter_name=self.names[0],
                                           autocast_adapter_dtype=False)
         for name, folder in zip(self.names[1:], self.folders[1:], strict=True):
@@ -149,9 +163,11 @@ class Bench:
 
         @torch.inference_mode()
         def generate(n: int) -> float:
+            synchronize()
             start = time.perf_counter()
             model.generate(input_ids=ids, attention_mask=mask, adapter_names=self.names, max_new_tokens=n,
                            min_new_tokens=n, do_sample=False)
+            synchronize()
             return time.perf_counter() - start
 
         return lambda: (generate(extra + 1) - generate(1)) / extra * self.args.decode_steps
@@ -179,9 +195,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--base", default=None, help="a local HF model folder (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
     args = parser.parse_args()
     bench = Bench(args)
-    print(f"SmolLM2-135M bf16 on {args.device}, threads={torch.get_num_threads()}, batch={args.batch}, "
+    device = torch.cuda.get_device_name() if bench.base.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(f"{bench.base.path.name} bf16 quantize={args.quantize} on {device}, batch={args.batch}, "
           f"prompt={args.prompt_len}, rank={args.rank} on {'/'.join(TARGETS)}", flush=True)
 
     peft_model = bench.peft_model()

@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from loraplex_server.base_model import _quantization_config, fix_bnb_cpu_fast_path, load_base_model
+from loraplex_server.base_model import fix_bnb_cpu_fast_path, load_base_model, quantization_config
 from loraplex_server.engine import Engine, GenerationRequest
 from loraplex_server.sampling import SamplingParams
+from tiny_models import TEST_DEVICE
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [7, 7, 7, 7], [30, 31], [40, 41, 42, 43]]
 # bitsandbytes int8 on CPU returns float16, so values round at ~1e-3 relative (logits here reach ~10).
@@ -17,9 +18,9 @@ QUANT_TOL = {"none": 1e-4, "nf4": 1e-3, "int8": 2e-2}
 
 
 def reference_model(base_dir, quantize: str, cls_labels: int = 0, encoder: bool = False):
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "device_map": {"": TEST_DEVICE}}
     if quantize != "none":
-        kwargs.update(quantization_config=_quantization_config(quantize, torch.float32), device_map={"": "cpu"})
+        kwargs["quantization_config"] = quantization_config(quantize, torch.float32)
     if cls_labels:
         model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=cls_labels, **kwargs)
     elif encoder:
@@ -30,12 +31,16 @@ def reference_model(base_dir, quantize: str, cls_labels: int = 0, encoder: bool 
     return model.eval()
 
 
+def tensor(rows) -> torch.Tensor:
+    return torch.tensor(rows, device=TEST_DEVICE)
+
+
 def peft_reference(base_dir, adapter_dir, quantize: str, cls_labels: int = 0):
     return PeftModel.from_pretrained(reference_model(base_dir, quantize, cls_labels), adapter_dir).eval()
 
 
 def engine_for(base_dir, adapters, quantize="none") -> Engine:
-    engine = Engine(load_base_model(base_dir, quantize=quantize, dtype="float32", device="cpu"), max_adapters=8)
+    engine = Engine(load_base_model(base_dir, quantize=quantize, dtype="float32", device=TEST_DEVICE), max_adapters=8)
     for name, (folder, spec) in adapters.items():
         engine.load_adapter(name, folder, labels=[f"{name}-{i}" for i in range(spec.num_labels)] or None)
     return engine
@@ -63,11 +68,11 @@ def test_mixed_batch_logits_match_peft(tiny, arch, quantize):
     with torch.no_grad():
         for prompt, name, logits in zip(PROMPTS, rows, got, strict=True):
             model = base_ref if name is None else peft_reference(base_dir, adapters[name][0], quantize)
-            expected = model(torch.tensor([prompt])).logits[0].float()
-            torch.testing.assert_close(logits, expected, atol=tol, rtol=0,
+            expected = model(tensor([prompt])).logits[0].float()
+            torch.testing.assert_close(logits.cpu(), expected.cpu(), atol=tol, rtol=0,
                                        msg=lambda m, n=name: f"row adapter {n}: {m}")
             if name is not None:  # the adapter must actually change something
-                assert (base_ref(torch.tensor([prompt])).logits[0] - logits).abs().max() > 10 * tol
+                assert (base_ref(tensor([prompt])).logits[0].cpu() - logits.cpu()).abs().max() > 10 * tol
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
@@ -82,9 +87,9 @@ def test_classification_matches_peft(tiny, arch, quantize):
         for prompt, name, result in zip(PROMPTS, rows, got, strict=True):
             spec = adapters[name][1]
             model = peft_reference(base_dir, adapters[name][0], quantize, cls_labels=spec.num_labels)
-            expected = model(torch.tensor([prompt])).logits[0].float().softmax(-1)
+            expected = model(tensor([prompt])).logits[0].float().softmax(-1)
             assert list(result.scores) == [f"{name}-{i}" for i in range(spec.num_labels)]
-            torch.testing.assert_close(torch.tensor(list(result.scores.values())), expected,
+            torch.testing.assert_close(torch.tensor(list(result.scores.values())), expected.cpu(),
                                        atol=QUANT_TOL[quantize], rtol=0)
             assert result.label == f"{name}-{int(expected.argmax())}"
 
@@ -98,8 +103,8 @@ def test_bert_classification_matches_peft(tiny):
     with torch.no_grad():
         for prompt, name, result in zip(PROMPTS, rows, got, strict=True):
             model = peft_reference(base_dir, adapters[name][0], "none", cls_labels=adapters[name][1].num_labels)
-            expected = model(torch.tensor([prompt])).logits[0].softmax(-1)
-            torch.testing.assert_close(torch.tensor(list(result.scores.values())), expected, atol=1e-5, rtol=0)
+            expected = model(tensor([prompt])).logits[0].softmax(-1)
+            torch.testing.assert_close(torch.tensor(list(result.scores.values())), expected.cpu(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
@@ -134,7 +139,7 @@ def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize):
         for i, request in enumerate(requests):
             model = reference_model(base_dir, quantize) if request.adapter is None else \
                 peft_reference(base_dir, adapters[request.adapter][0], quantize)
-            prompt = torch.tensor([request.prompt_ids])
+            prompt = tensor([request.prompt_ids])
             expected = model.generate(prompt, max_new_tokens=max_new[i], do_sample=False)[0, prompt.shape[1]:]
             assert finished[request.request_id].finish_reason in ("eos", "length")
             assert streamed[request.request_id] == expected.tolist(), f"request {i} adapter {request.adapter}"

@@ -7,6 +7,7 @@ import pytest
 from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine, GenerationRequest, WrongTask
 from loraplex_server.sampling import SamplingParams
+from tiny_models import TEST_DEVICE
 
 PROMPT = [5, 6, 7, 8, 9]
 
@@ -14,7 +15,7 @@ PROMPT = [5, 6, 7, 8, 9]
 @pytest.fixture(scope="module")
 def engine(tiny):
     base_dir, adapters = tiny("llama")
-    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device="cpu"), max_adapters=8)
+    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=8)
     for name, (folder, spec) in adapters.items():
         engine.load_adapter(name, folder, labels=[str(i) for i in range(spec.num_labels)] or None)
     return engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ CORPUS = [
     "stop here. stop there. the end of the story",
 ]
 VOCAB = 320
+# Where engine tests run: "cpu" here and in CI; "cuda" in the device check (bench/gpu_check.sh).
+TEST_DEVICE = os.environ.get("LORAPLEX_TEST_DEVICE", "cpu")
 
 
 def write_tokenizer(folder: Path, bert: bool = False) -> PreTrainedTokenizerFast:

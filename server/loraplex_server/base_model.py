@@ -96,7 +96,7 @@ def _is_encoder(config) -> bool:
     return not any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in (config.architectures or []))
 
 
-def _quantization_config(quantize: str, dtype: torch.dtype):
+def quantization_config(quantize: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     # Keep the output projections unquantized: PEFT's reference does the same.
@@ -135,8 +135,8 @@ def load_base_model(path: str | Path | None = None, quantize: str = "auto", dtyp
     kind = "encoder" if _is_encoder(config) else "causal"
     kwargs: dict = {"dtype": compute_dtype}
     if quant != "none":
-        kwargs["quantization_config"] = _quantization_config(quant, compute_dtype)
-        kwargs["device_map"] = {"": torch_device.index if torch_device.type == "cuda" else "cpu"}
+        kwargs["quantization_config"] = quantization_config(quant, compute_dtype)
+        kwargs["device_map"] = {"": (torch_device.index or 0) if torch_device.type == "cuda" else "cpu"}
     loader = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:
         model = loader.from_pretrained(folder, **kwargs)
