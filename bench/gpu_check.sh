@@ -15,7 +15,7 @@ python3 -c "import torch, transformers, peft, bitsandbytes as b; print('torch', 
 transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)" | tee -a "$OUT/device.txt"
 
 LORAPLEX_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging \
-  tests/test_engine_vs_peft.py tests/test_generation_behaviour.py 2>&1 | tail -40 | tee "$OUT/tests_cuda.txt"
+  tests/test_engine_vs_peft.py tests/test_generation_behaviour.py > "$OUT/tests_cuda.txt" 2>&1; tail -15 "$OUT/tests_cuda.txt"
 
 python3 - <<'PY'
 import shutil, torch

@@ -22,8 +22,8 @@ from torch import nn
 class BatchState:
     """What the current forward pass needs to know about adapters; set by the engine per forward."""
 
-    row_slots: torch.Tensor | None = None  # [B] long, on the model device
-    single_slot: int | None = None  # every row uses this one (non-zero) slot
+    row_slots: torch.Tensor | None = None  # [B] long, on the model device; None when no row has an adapter
+    single_slot: int | None = None  # set when every row uses this one (non-zero) slot
     composition: int = 0  # bumps whenever row_slots change, so layers can reuse gathered weights
     slots: tuple[int, ...] = ()
 
@@ -32,13 +32,8 @@ class BatchState:
             return
         self.slots = tuple(slots)
         distinct = set(slots)
-        if distinct == {0}:
-            self.row_slots, self.single_slot = None, None
-        elif len(distinct) == 1:
-            self.row_slots, self.single_slot = None, slots[0]
-        else:
-            self.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
-            self.single_slot = None
+        self.row_slots = None if distinct == {0} else torch.tensor(slots, dtype=torch.long, device=device)
+        self.single_slot = slots[0] if len(distinct) == 1 and self.row_slots is not None else None
         self.composition += 1
 
     def invalidate(self) -> None:
@@ -88,7 +83,8 @@ class BatchedLoraLinear(nn.Module):
         self.lora_B_t = torch.nn.functional.pad(self.lora_B_t, (0, 0, 0, pad))
 
     def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
-        """Put an adapter's matrices into a slot (None clears it)."""
+        """Put an adapter's matrices into a slot (None clears it). The caller invalidates the batch
+        state afterwards, which drops every cached gathered copy."""
         if A is None:
             self.lora_A[slot].zero_()
             self.lora_B_t[slot].zero_()
@@ -102,7 +98,6 @@ class BatchedLoraLinear(nn.Module):
         self.lora_A[slot, :rank].copy_(A)
         self.lora_B_t[slot, :rank].copy_(B.to(torch.float32).t() * scaling)
         self.slot_ranks[slot] = rank
-        self._gathered = None
 
     def _batch_rank(self) -> int:
         state = self.state
@@ -111,7 +106,7 @@ class BatchedLoraLinear(nn.Module):
         return self._rank_cache[1]
 
     def _gathered_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and B^T for the current rows, cut to their max rank, in the LoRA compute dtype:
+        """A^T and B^T for the current rows, cut to their max rank:
         [in, r] / [r, out] when all rows share one slot, else per row [B, in, r] / [B, r, out].
         Rebuilt only when the batch composition changes, so decode steps of the same rows reuse them."""
         state = self.state
@@ -127,7 +122,7 @@ class BatchedLoraLinear(nn.Module):
         return self._gathered[1], self._gathered[2]
 
     def _kernel_applies(self, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """The CPU kernel covers mixed decode: one token per row, bf16 in and out."""
+        """The CPU kernel covers decode: one token per row, bf16 in and out."""
         return (self.kernel is not None and self.state.row_slots is not None
                 and x.numel() == x.shape[0] * self.in_features and x.dtype == result.dtype == torch.bfloat16
                 and result.is_contiguous())
@@ -135,7 +130,7 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         state = self.state
-        if state.single_slot is None and state.row_slots is None:
+        if state.row_slots is None:
             return result
         if self._kernel_applies(x, result):
             rank = self._batch_rank()
