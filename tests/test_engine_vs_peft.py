@@ -13,8 +13,9 @@ from loraplex_server.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [7, 7, 7, 7], [30, 31], [40, 41, 42, 43]]
-# bitsandbytes int8 on CPU returns float16, so values round at ~1e-3 relative (logits here reach ~10).
-QUANT_TOL = {"none": 1e-4, "nf4": 1e-3, "int8": 2e-2}
+# bitsandbytes int8 returns float16, so values round at ~1e-3 relative (logits here reach ~10) and a
+# batched row rounds differently from the same row alone; on an H200 the largest gap seen was 0.0204.
+QUANT_TOL = {"none": 1e-4, "nf4": 1e-3, "int8": 3e-2}
 
 
 def reference_model(base_dir, quantize: str, cls_labels: int = 0, encoder: bool = False):
