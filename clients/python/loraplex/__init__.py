@@ -1,3 +1,17 @@
-"""loraplex client SDK (no torch import)."""
+"""loraplex client SDK (grpc + protobuf only; no torch)."""
+
+from .client import (
+    Classification,
+    Client,
+    FailedPrecondition,
+    Generation,
+    GenerationChunk,
+    InvalidArgument,
+    LoraplexError,
+    NotFound,
+    Unavailable,
+)
 
 __version__ = "0.1.0"
+__all__ = ["Classification", "Client", "FailedPrecondition", "Generation", "GenerationChunk", "InvalidArgument",
+           "LoraplexError", "NotFound", "Unavailable"]

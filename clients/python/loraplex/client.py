@@ -1,0 +1,152 @@
+"""The loraplex client: typed results, typed errors, retries on UNAVAILABLE only. No torch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from loraplex.v1 import inference_pb2 as pb
+from loraplex.v1 import inference_pb2_grpc as pb_grpc
+
+FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class LoraplexError(Exception):
+    """A failed call; `code` is the gRPC status code, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class NotFound(LoraplexError):
+    pass
+
+
+class InvalidArgument(LoraplexError):
+    pass
+
+
+class FailedPrecondition(LoraplexError):
+    pass
+
+
+class Unavailable(LoraplexError):
+    pass
+
+
+_ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+           grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.UNAVAILABLE: Unavailable}
+
+
+def error_from(exc: grpc.RpcError) -> LoraplexError:
+    code = exc.code()
+    return _ERRORS.get(code, LoraplexError)(code, exc.details() or "")
+
+
+@dataclass
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerationChunk:
+    """A streamed piece: new text and token ids; the last chunk has finish_reason and token counts."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
+             seed: int | None) -> pb.SamplingParameters:
+    params = pb.SamplingParameters(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   stop=stop or [])
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+class Client:
+    """`Client("127.0.0.1:50051").classify(["great movie"], adapter="sentiment")`"""
+
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float = 30.0,
+                 retries: int = 3) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout, self.retries = timeout, retries
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise error_from(exc) from None
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def classify(self, texts: list[str], adapter: str) -> list[Classification]:
+        response = self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts))
+        return [Classification(r.label, r.score, {s.label: s.score for s in r.scores}) for r in response.results]
+
+    def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None
+                 ) -> Generation:
+        request = pb.GenerateRequest(adapter=adapter or "", prompt=prompt,
+                                     sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+        r = self._call(self._stub.Generate, request)
+        return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
+                          r.completion_tokens)
+
+    def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                        stop: list[str] | None = None, seed: int | None = None) -> Iterator[GenerationChunk]:
+        request = pb.GenerateStreamRequest(adapter=adapter or "", prompt=prompt,
+                                           sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+        try:
+            for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+                if message.HasField("delta"):
+                    yield GenerationChunk(message.delta.text, list(message.delta.token_ids))
+                else:
+                    done = message.done
+                    yield GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
+                                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
+    def health(self, service: str = "") -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,117 @@
+"""`loraplex serve`: the gRPC server on one base model, with health checking and reflection.
+
+Every option has an environment variable (LORAPLEX_<OPTION>), the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.v1 import inference_pb2, inference_pb2_grpc
+from loraplex_adapters.manifest import read_manifest
+from loraplex_adapters.peft_folder import CONFIG_FILE, AdapterFormatError
+
+from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
+from .engine import Engine
+from .scheduler import Scheduler
+from .service import InferenceService, Limits
+
+log = logging.getLogger("loraplex.serve")
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def _env(name: str, default):
+    return os.environ.get(f"LORAPLEX_{name.upper()}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex serve", description=__doc__)
+    parser.add_argument("--base", default=_env("base", None),
+                        help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--quantize", default=_env("quantize", "auto"), choices=QUANTIZE_CHOICES)
+    parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES)
+    parser.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
+    parser.add_argument("--adapter-dir", default=_env("adapter_dir", None),
+                        help="folder of PEFT adapter folders to load at start (each with an optional loraplex.json)")
+    parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)))
+    parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)))
+    parser.add_argument("--max-pending", type=int, default=int(_env("max_pending", 256)),
+                        help="requests waiting for the engine before new ones get RESOURCE_EXHAUSTED")
+    parser.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
+                        help="seconds in-flight requests get to finish on SIGTERM")
+    return parser
+
+
+def load_adapter_dir(engine: Engine, folder: Path) -> None:
+    """Load every adapter folder found; a bad one is reported and skipped, never fatal."""
+    for path in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
+        try:
+            manifest = read_manifest(path)
+            engine.load_adapter(manifest.name, path, labels=manifest.labels or None, version=manifest.version)
+            log.info("adapter %s@%d loaded from %s", manifest.name, manifest.version, path)
+        except (AdapterFormatError, ValueError, RuntimeError) as exc:
+            log.error("adapter folder %s skipped: %s", path, exc)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    service = InferenceService(Limits())
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{args.host}:{args.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("listening on %s; loading the base model", address)
+
+    def load() -> Engine:
+        engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
+                        max_adapters=args.max_adapters, max_batch=args.max_batch)
+        if args.adapter_dir:
+            load_adapter_dir(engine, Path(args.adapter_dir))
+        return engine
+
+    engine = await asyncio.get_running_loop().run_in_executor(None, load)
+    scheduler = Scheduler(engine, max_pending=args.max_pending, max_batch=args.max_batch)
+    scheduler.start()
+    service.attach(engine, scheduler)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (%s, quantize=%s) with %d adapters on %s", engine.base.path.name, engine.base.device,
+             engine.base.quantize, len(engine.adapters), address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: no new requests, %.0f s for the ones in flight", args.grace)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(args.grace)
+    scheduler.stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""gRPC InferenceService: validate, hand work to the scheduler, map every failure to a precise status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from loraplex.v1 import inference_pb2 as pb
+from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_adapters.manifest import parse_reference
+from loraplex_adapters.peft_folder import AdapterFormatError
+
+from .engine import AdapterNotFound, Engine, WrongTask
+from .sampling import SamplingParams
+from .scheduler import QueueFull, Scheduler
+from .sequence import GenerationRequest
+
+FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class Limits:
+    max_texts: int = 64
+    max_tokens: int = 1024
+    default_max_tokens: int = 64
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class InferenceService(pb_grpc.InferenceServiceServicer):
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.engine: Engine | None = None  # set once the base model is loaded
+        self.scheduler: Scheduler | None = None
+
+    def attach(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.engine, self.scheduler = engine, scheduler
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _abort_for(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        codes = [
+            ((InvalidRequest, AdapterFormatError), grpc.StatusCode.INVALID_ARGUMENT),
+            ((AdapterNotFound,), grpc.StatusCode.NOT_FOUND),
+            ((WrongTask,), grpc.StatusCode.FAILED_PRECONDITION),
+            ((QueueFull,), grpc.StatusCode.RESOURCE_EXHAUSTED),
+            ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for types, code in codes:
+            if isinstance(exc, types):
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                await context.abort(code, message)
+        raise exc
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
+        return self.engine
+
+    def _adapter_name(self, reference: str) -> str:
+        name, version = parse_reference(reference)
+        loaded = self.engine.adapters.get(name)
+        if loaded is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        if version is not None and version != loaded.version:
+            raise AdapterNotFound(f"adapter {name!r} has no version {version} (serving version {loaded.version})")
+        return name
+
+    def _tokens(self, text: str, what: str) -> list[int]:
+        ids = self.engine.tokenizer(text)["input_ids"]
+        if not ids:
+            raise InvalidRequest(f"{what} is empty")
+        limit = self.engine.base.max_positions
+        if len(ids) > limit:
+            raise InvalidRequest(f"{what} has {len(ids)} tokens; the model's context is {limit}")
+        return ids
+
+    def _sampling(self, sampling: pb.SamplingParameters) -> SamplingParams:
+        max_tokens = sampling.max_tokens or self.limits.default_max_tokens
+        if sampling.max_tokens < 0 or max_tokens > self.limits.max_tokens:
+            raise InvalidRequest(f"max_tokens must be in 1..{self.limits.max_tokens}, got {sampling.max_tokens}")
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p or 1.0, top_k=sampling.top_k, stop=list(sampling.stop),
+                                seed=sampling.seed if sampling.HasField("seed") else None)
+        if not 0 <= sampling.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        return params
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        await self._ready(context)
+        try:
+            if not request.adapter:
+                raise WrongTask("classification needs a classification adapter; set `adapter`")
+            name = self._adapter_name(request.adapter)
+            if self.engine.adapters[name].task != "classification":
+                raise WrongTask(f"adapter {name!r} is a generation adapter; use Generate")
+            if not request.texts:
+                raise InvalidRequest("texts is empty; send at least one text")
+            if len(request.texts) > self.limits.max_texts:
+                raise InvalidRequest(f"{len(request.texts)} texts; at most {self.limits.max_texts} per request")
+            ids = [self._tokens(text, f"texts[{i}]") for i, text in enumerate(request.texts)]
+            results = await self.scheduler.classify(ids, name)
+        except Exception as exc:
+            await self._abort_for(context, exc)
+        return pb.ClassifyResponse(results=[
+            pb.Classification(label=r.label, score=r.score,
+                              scores=[pb.LabelScore(label=k, score=v) for k, v in r.scores.items()])
+            for r in results
+        ])
+
+    async def _start(self, request, context) -> tuple[GenerationRequest, asyncio.Queue]:
+        await self._ready(context)
+        try:
+            name = self._adapter_name(request.adapter) if request.adapter else None
+            if name is not None and self.engine.adapters[name].task != "generation":
+                raise WrongTask(f"adapter {name!r} is a classification adapter; use Classify")
+            if not request.prompt:
+                raise InvalidRequest("prompt is empty")
+            generation = GenerationRequest(self._tokens(request.prompt, "prompt"), name,
+                                           self._sampling(request.sampling))
+            events = await self.scheduler.submit(generation)
+        except Exception as exc:
+            await self._abort_for(context, exc)
+        return generation, events
+
+    async def _events(self, generation: GenerationRequest, events: asyncio.Queue):
+        """Token events until the finish; a caller that goes away (cancel, deadline) frees its row."""
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self.scheduler.cancel(generation.request_id)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        generation, events = await self._start(request, context)
+        text, tokens, reason = [], [], None
+        async for event in self._events(generation, events):
+            text.append(event.text)
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+            reason = event.finish_reason
+        return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=FINISH_REASONS.get(reason, 0),
+                                   prompt_tokens=len(generation.prompt_ids), completion_tokens=len(tokens))
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context
+                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        generation, events = await self._start(request, context)
+        completion = 0
+        async for event in self._events(generation, events):
+            if event.token_id is not None:
+                completion += 1
+                yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=event.text, token_ids=[event.token_id]))
+            if event.finished:
+                yield pb.GenerateStreamResponse(done=pb.GenerationDone(
+                    finish_reason=FINISH_REASONS.get(event.finish_reason, 0),
+                    prompt_tokens=len(generation.prompt_ids), completion_tokens=completion))
