@@ -12,7 +12,7 @@ from collections import deque
 import torch
 from transformers import DynamicCache
 
-from .kv_cache import BatchKVCache
+from .kv_cache import BatchKVCache, pad_rows, positions
 from .sampling import choose_tokens
 from .sequence import Sequence, TokenEvent
 from .slot_table import SlotTable
@@ -64,10 +64,10 @@ class ContinuousBatch:
             self._keep_unfinished()
         return events
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
                  cache: DynamicCache, rows: list[Sequence]) -> torch.Tensor:
         self.slots.state.set_rows([s.slot for s in rows], self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -75,17 +75,9 @@ class ContinuousBatch:
         joining = []
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             joining.append(self.waiting.popleft())
-        length = max(len(s.request.prompt_ids) for s in joining)
-        ids = torch.full((len(joining), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joining), length), dtype=torch.long)
-        for row, seq in enumerate(joining):
-            prompt = seq.request.prompt_ids
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = pad_rows([s.request.prompt_ids for s in joining], self.pad_id, self.device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, joining)
+        logits = self._forward(ids, mask, positions(mask), cache, joining)
         new_kv = BatchKVCache(cache, mask)
         if self.kv is None:
             self.kv = new_kv
@@ -97,9 +89,8 @@ class ContinuousBatch:
     def _decode(self, tokenizer) -> list[TokenEvent]:
         rows = self.running
         ids = torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[s.num_tokens - 1] for s in rows], dtype=torch.long, device=self.device)
-        mask = self.kv.extend_mask()
-        logits = self._forward(ids, mask, positions, self.kv.cache, rows)
+        position_ids = torch.tensor([[s.num_tokens - 1] for s in rows], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, self.kv.extend_mask(), position_ids, self.kv.cache, rows)
         return self._sample(logits, rows, tokenizer)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence], tokenizer) -> list[TokenEvent]:

@@ -14,6 +14,7 @@ from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 
 from .base_model import BaseModel
 from .continuous_batch import ContinuousBatch
+from .kv_cache import pad_rows, positions
 from .sampling import SamplingParams, make_generator
 from .sequence import GenerationRequest, Sequence, TokenEvent
 from .slot_table import SlotTable
@@ -123,18 +124,6 @@ class Engine:
 
     # -- one forward over rows of different adapters ---------------------------------------------
 
-    def _padded(self, token_ids: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(len(ids) == 0 for ids in token_ids):
-            raise ValueError("empty input")
-        length = max(len(ids) for ids in token_ids)
-        ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(token_ids), length), dtype=torch.long)
-        for row, seq in enumerate(token_ids):
-            cols = slice(length - len(seq), length) if left else slice(0, len(seq))
-            ids[row, cols] = torch.tensor(seq)
-            mask[row, cols] = 1
-        return ids.to(self.base.device), mask.to(self.base.device)
-
     @torch.inference_mode()
     def logits(self, token_ids: list[list[int]], adapters: list[str | None], last_only: bool = False
                ) -> list[torch.Tensor]:
@@ -143,10 +132,9 @@ class Engine:
         if self.base.kind != "causal":
             raise WrongTask("an encoder base has no language-model head")
         slots = [0 if a is None else self._adapter(a).slot for a in adapters]
-        ids, mask = self._padded(token_ids, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device)
         self.slots.state.set_rows(slots, self.base.device)
-        out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+        out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                               logits_to_keep=1 if last_only else 0)
         if last_only:
             return [row.float() for row in out.logits]
@@ -159,12 +147,11 @@ class Engine:
         slots = [self._slot(a, "classification") for a in adapters]
         self.slots.state.set_rows(slots, self.base.device)
         if self.base.kind == "causal":
-            ids, mask = self._padded(token_ids, left=True)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.base.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+            ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device)
+            hidden = self.base.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                                 use_cache=False).last_hidden_state[:, -1]
         else:
-            ids, mask = self._padded(token_ids, left=False)
+            ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device, left=False)
             hidden = self.base.model(input_ids=ids, attention_mask=mask).pooler_output
         results = []
         for adapter, row_logits in zip(loaded, self.slots.heads.logits(hidden, slots), strict=True):

@@ -11,6 +11,26 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 
+def pad_rows(token_ids: list[list[int]], pad_id: int, device: torch.device, left: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one [B, L] id tensor and its mask (1 = real token)."""
+    if any(len(ids) == 0 for ids in token_ids):
+        raise ValueError("empty input")
+    length = max(len(ids) for ids in token_ids)
+    ids = torch.full((len(token_ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+    for row, seq in enumerate(token_ids):
+        cols = slice(length - len(seq), length) if left else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq)
+        mask[row, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position in its own row, whatever padding precedes it."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class BatchKVCache:
     def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         self.cache = cache

@@ -94,10 +94,7 @@ class SlotTable:
         for name, weights in adapter.modules.items():
             path = self._module_path(name)
             module = self.model.get_submodule(path)
-            if isinstance(module, BatchedLoraLinear):
-                shape = (module.in_features, module.out_features)
-            else:
-                shape = linear_shape(module)
+            shape = linear_shape(module)  # a wrapped layer reports its base layer's shape
             if shape is None:
                 raise AdapterFormatError(
                     f"target module {name} is a {type(module).__name__}, not a linear layer; only linear "
