@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex import Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound
 from loraplex.v1 import inference_pb2 as pb
@@ -23,7 +26,7 @@ from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.sampling import SamplingParams
 
-GEN, CLS = "gen_all_r8", "cls5_r6"
+GEN, CLS, CLS2 = "gen_all_r8", "cls5_r6", "cls3_r2"
 
 
 def free_port() -> int:
@@ -43,11 +46,12 @@ def adapter_dir(tiny, tmp_path_factory):
     return root
 
 
-def start_server(base_dir, adapter_dir, port):
+def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64):
     env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(adapter_dir),
-         "--port", str(port), "--dtype", "float32", "--device", "cpu", "--max-pending", "64"],
+         "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32", "--device", "cpu",
+         "--max-pending", str(max_pending)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = Client(f"127.0.0.1:{port}", timeout=5, retries=0)
     deadline = time.time() + 120
@@ -67,9 +71,9 @@ def start_server(base_dir, adapter_dir, port):
 @pytest.fixture(scope="module")
 def server(tiny, adapter_dir):
     base_dir, _ = tiny("llama")
-    port = free_port()
-    process, client = start_server(base_dir, adapter_dir, port)
-    yield process, client, port
+    port, metrics_port = free_port(), free_port()
+    process, client = start_server(base_dir, adapter_dir, port, metrics_port)
+    yield process, client, port, metrics_port
     client.close()
     if process.poll() is None:
         process.kill()
@@ -87,7 +91,7 @@ def reference(tiny, adapter_dir):
 
 
 def test_classify_returns_the_engine_probabilities(server, reference):
-    _, client, _ = server
+    client = server[1]
     texts = ["great movie", "awful plot, fine acting", "hello world"]
     got = client.classify(texts, adapter=CLS)
     expected = reference.classify(texts, CLS)
@@ -100,7 +104,7 @@ def test_classify_returns_the_engine_probabilities(server, reference):
 
 
 def test_generate_unary_and_stream_agree_with_the_engine(server, reference):
-    _, client, _ = server
+    client = server[1]
     prompt = "the quick brown fox"
     unary = client.generate(prompt, adapter=GEN, max_tokens=12)
     ids = reference.tokenizer(prompt)["input_ids"]
@@ -116,7 +120,7 @@ def test_generate_unary_and_stream_agree_with_the_engine(server, reference):
 
 
 def test_raw_stubs(server):
-    _, _, port = server
+    port = server[2]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         response = stub.Classify(pb.ClassifyRequest(adapter=CLS, texts=["a", "b"]), timeout=10)
@@ -151,7 +155,7 @@ def test_raw_stubs(server):
     (lambda c: c.generate("x", adapter="../etc"), InvalidArgument, "invalid adapter name"),
 ])
 def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(server, call, error, message):
-    _, client, _ = server
+    client = server[1]
     with pytest.raises(error, match=message):
         call(client)
     assert client.health() == "SERVING"
@@ -159,19 +163,101 @@ def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(server, ca
 
 
 def test_reflection_lists_the_services(server):
-    _, _, port = server
+    port = server[2]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"loraplex.v1.InferenceService", "grpc.health.v1.Health"} <= services
 
 
-def test_sigterm_drains_and_exits_zero(tiny, adapter_dir):
+def scrape(metrics_port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample as {(name, sorted labels): value}, parsed with prometheus_client's own parser."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, seconds: float = 20.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_metrics_count_requests_by_method_adapter_and_status(server):
+    client, metrics_port = server[1], server[3]
+    before = scrape(metrics_port)
+    client.classify(["one", "two"], adapter=CLS)
+    with pytest.raises(NotFound):
+        client.classify(["x"], adapter="missing")
+    client.generate("hello", adapter=GEN, max_tokens=5)
+    after = scrape(metrics_port)
+    grew = [sample(after, "loraplex_requests_total", method=m, adapter=a, code=c)
+            - sample(before, "loraplex_requests_total", method=m, adapter=a, code=c)
+            for m, a, c in (("Classify", CLS, "OK"), ("Classify", "unknown", "NOT_FOUND"), ("Generate", GEN, "OK"))]
+    assert grew == [1.0, 1.0, 1.0]
+    assert sample(after, "loraplex_generated_tokens_total", adapter=GEN) >= 5
+    assert sample(after, "loraplex_request_seconds_count", method="Generate") >= 1
+    assert sample(after, "loraplex_time_to_first_token_seconds_count") >= 1
+    assert sample(after, "loraplex_adapter_loads_total") == 5
+
+
+def test_deadline_and_client_cancel_free_the_row(server):
+    client, port, metrics_port = server[1], server[2], server[3]
+    cancelled = sample(scrape(metrics_port), "loraplex_generations_finished_total", reason="cancelled")
+    with Client(f"127.0.0.1:{port}", timeout=0.05, retries=0) as hurried:
+        with pytest.raises(LoraplexError) as failure:
+            hurried.generate("the quick brown fox", adapter=GEN, max_tokens=1000)
+    assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: sample(scrape(metrics_port), "loraplex_generations_finished_total",
+                            reason="cancelled") == cancelled + 1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.InferenceServiceStub(channel).GenerateStream(
+            pb.GenerateStreamRequest(adapter=GEN, prompt="hello", sampling=pb.SamplingParameters(max_tokens=1000)))
+        next(call)
+        call.cancel()
+    wait_for(lambda: sample(scrape(metrics_port), "loraplex_generations_finished_total",
+                            reason="cancelled") == cancelled + 2)
+    samples = wait_for(lambda: (s := scrape(metrics_port)) and sample(s, "loraplex_running_rows") == 0
+                       and sample(s, "loraplex_in_flight_requests") == 0 and s)
+    assert sample(samples, "loraplex_queue_depth") == 0
+    assert client.health() == "SERVING"
+
+
+def test_concurrent_requests_for_different_adapters_share_forward_passes(server):
+    client, metrics_port = server[1], server[3]
+    before = scrape(metrics_port)
+    stream = client.generate_stream("hello", adapter=GEN, max_tokens=60)  # keeps the engine stepping
+    next(stream)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: client.classify([f"text {i}"], adapter=(CLS, CLS2)[i % 2]), range(48)))
+    list(stream)
+    assert all(len(r) == 1 for r in results)
+    after = scrape(metrics_port)
+
+    def multi_adapter_batches(samples):
+        return (sample(samples, "loraplex_batch_adapters_count")
+                - sample(samples, "loraplex_batch_adapters_bucket", le="1.0"))
+    assert multi_adapter_batches(after) > multi_adapter_batches(before)
+
+
+def test_backpressure_then_sigterm_drains_and_exits_zero(tiny, adapter_dir):
     base_dir, _ = tiny("llama")
-    process, client = start_server(base_dir, adapter_dir, free_port())
-    stream = client.generate_stream("hello", adapter=GEN, max_tokens=40)
-    first = next(stream)
+    process, client = start_server(base_dir, adapter_dir, free_port(), max_pending=2)
+    streams = [client.generate_stream("hello", adapter=GEN, max_tokens=60) for _ in range(2)]
+    firsts = [next(s) for s in streams]  # both in flight now
+    with pytest.raises(LoraplexError) as refused:
+        client.classify(["x"], adapter=CLS)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     process.send_signal(signal.SIGTERM)
-    rest = list(stream)  # the in-flight request finishes within the grace period
-    assert first.token_ids and rest[-1].finish_reason in ("eos", "length")
+    rests = [list(s) for s in streams]  # in-flight requests finish within the grace period
+    assert all(f.token_ids for f in firsts)
+    assert all(r[-1].finish_reason in ("eos", "length") for r in rests)
     assert process.wait(timeout=30) == 0
     client.close()

@@ -11,17 +11,19 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .engine import Classification, Engine
+from .metrics import Metrics
 from .sequence import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    """More requests are waiting than the server accepts; retry later."""
+    """As many requests as the server accepts are already in flight; retry later."""
 
 
 @dataclass
@@ -29,21 +31,24 @@ class _ClassifyJob:
     token_ids: list[list[int]]
     adapter: str
     done: Callable[[list[Classification] | None, BaseException | None], None]
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
 class _SubmitJob:
     request: GenerationRequest
     done: Callable[[BaseException | None], None]
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_pending: int = 256, max_batch: int = 64) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_pending: int = 256, max_batch: int = 64) -> None:
         self.engine = engine
-        self.max_pending = max_pending
+        self.metrics = metrics
+        self.max_pending = max_pending  # requests accepted and not finished, queued or running
         self.max_batch = max_batch
         self._inbox: queue.Queue = queue.Queue()
-        self._pending = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
@@ -57,14 +62,21 @@ class Scheduler:
 
     def _put(self, job) -> None:
         with self._lock:
-            if self._pending >= self.max_pending:
-                raise QueueFull(f"{self._pending} requests are already waiting; retry later")
-            self._pending += 1
+            if self._in_flight >= self.max_pending:
+                raise QueueFull(f"{self._in_flight} requests are in flight, the server's limit; retry later")
+            self._in_flight += 1
+        self.metrics.in_flight.inc()
+        self.metrics.queue_depth.inc()
         self._inbox.put(job)
 
-    def _taken(self) -> None:
+    def _finished(self) -> None:
         with self._lock:
-            self._pending -= 1
+            self._in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     # -- asyncio side ---------------------------------------------------------------------------
 
@@ -73,6 +85,7 @@ class Scheduler:
         future = loop.create_future()
 
         def done(results, error):
+            self._finished()
             loop.call_soon_threadsafe(_resolve, future, results, error)
 
         self._put(_ClassifyJob(token_ids, adapter, done))
@@ -82,9 +95,21 @@ class Scheduler:
         """Queue a generation; returns the queue its token events arrive on."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def on_event(event: TokenEvent) -> None:
+            if event.finished:
+                self.metrics.finished.labels(event.finish_reason).inc()
+                self._finished()
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def accepted_or_not(error: BaseException | None) -> None:
+            if error is not None:
+                self._finished()
+            loop.call_soon_threadsafe(_resolve, accepted, None, error)
+
+        request.on_event = on_event
         accepted = loop.create_future()
-        self._put(_SubmitJob(request, lambda error: loop.call_soon_threadsafe(_resolve, accepted, None, error)))
+        self._put(_SubmitJob(request, accepted_or_not))
         await accepted
         return events
 
@@ -111,10 +136,12 @@ class Scheduler:
             if self.engine.has_work:
                 try:
                     self.engine.step()
+                    self.metrics.observe_batch(self.engine.slots.state.slots)
                 except Exception:
                     log.exception("engine step failed; cancelling the running batch")
                     for request_id in list(self.engine.running_request_ids()):
                         self.engine.cancel(request_id)
+                self.metrics.running_rows.set(len(self.engine.batch.running))
 
     def _drain(self, block: bool) -> list:
         jobs = []
@@ -124,9 +151,12 @@ class Scheduler:
                 jobs.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
+        now = time.perf_counter()
         for job in jobs:
             if not isinstance(job, tuple):
-                self._taken()
+                self.metrics.queue_depth.dec()
+                method = "Classify" if isinstance(job, _ClassifyJob) else "Generate"
+                self.metrics.queue_wait.labels(method).observe(now - job.arrived)
         return jobs
 
     def _classify(self, jobs: list[_ClassifyJob]) -> None:
@@ -140,6 +170,7 @@ class Scheduler:
                 continue
             try:
                 out = self.engine.classify_ids([ids for _, ids in chunk], [job.adapter for job, _ in chunk])
+                self.metrics.observe_batch(self.engine.slots.state.slots)
             except Exception:
                 # One job's bad input must not fail the others: retry them one by one.
                 out = None

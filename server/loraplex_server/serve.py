@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from loraplex_adapters.peft_folder import CONFIG_FILE, AdapterFormatError
 
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
+from .metrics import Metrics
 from .scheduler import Scheduler
 from .service import InferenceService, Limits
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
+    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
+                        help="Prometheus metrics over HTTP on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", None),
                         help="folder of PEFT adapter folders to load at start (each with an optional loraplex.json)")
     parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)))
@@ -53,19 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_adapter_dir(engine: Engine, folder: Path) -> None:
+def load_adapter_dir(engine: Engine, folder: Path, metrics: Metrics) -> None:
     """Load every adapter folder found; a bad one is reported and skipped, never fatal."""
     for path in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
         try:
+            started = time.perf_counter()
             manifest = read_manifest(path)
             engine.load_adapter(manifest.name, path, labels=manifest.labels or None, version=manifest.version)
+            metrics.adapter_loads.inc()
+            metrics.adapter_load_seconds.observe(time.perf_counter() - started)
             log.info("adapter %s@%d loaded from %s", manifest.name, manifest.version, path)
         except (AdapterFormatError, ValueError, RuntimeError) as exc:
             log.error("adapter folder %s skipped: %s", path, exc)
 
 
 async def serve(args: argparse.Namespace) -> None:
-    service = InferenceService(Limits())
+    metrics = Metrics()
+    if args.metrics_port:
+        metrics.serve_http(args.host, args.metrics_port)
+    service = InferenceService(metrics, Limits())
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
@@ -83,11 +93,11 @@ async def serve(args: argparse.Namespace) -> None:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch)
         if args.adapter_dir:
-            load_adapter_dir(engine, Path(args.adapter_dir))
+            load_adapter_dir(engine, Path(args.adapter_dir), metrics)
         return engine
 
     engine = await asyncio.get_running_loop().run_in_executor(None, load)
-    scheduler = Scheduler(engine, max_pending=args.max_pending, max_batch=args.max_batch)
+    scheduler = Scheduler(engine, metrics, max_pending=args.max_pending, max_batch=args.max_batch)
     scheduler.start()
     service.attach(engine, scheduler)
     for name in ("", SERVICE_NAME):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from loraplex_adapters.manifest import parse_reference
 from loraplex_adapters.peft_folder import AdapterFormatError
 
 from .engine import AdapterNotFound, Engine, WrongTask
+from .metrics import Metrics
 from .sampling import SamplingParams
 from .scheduler import QueueFull, Scheduler
 from .sequence import GenerationRequest
@@ -32,8 +35,56 @@ class InvalidRequest(ValueError):
     pass
 
 
+def _status(context, error: BaseException | None) -> str:
+    if error is None:
+        return "OK"
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def observed(method):
+    """Count the RPC by method, adapter and final status, and time it."""
+    name = method.__name__
+
+    async def finish(self, request, context, started, error):
+        self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        adapter_name = request.adapter.split("@")[0]
+        registered = self.engine is not None and adapter_name in self.engine.adapters
+        adapter = self.metrics.adapter_label(adapter_name) if registered or not adapter_name else "unknown"
+        self.metrics.requests.labels(name, adapter, _status(context, error)).inc()
+
+    if name == "GenerateStream":
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            started, error = time.perf_counter(), None
+            try:
+                async for message in method(self, request, context):
+                    yield message
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                await finish(self, request, context, started, error)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        started, error = time.perf_counter(), None
+        try:
+            return await method(self, request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await finish(self, request, context, started, error)
+    return unary
+
+
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, metrics: Metrics, limits: Limits | None = None) -> None:
+        self.metrics = metrics
         self.limits = limits or Limits()
         self.engine: Engine | None = None  # set once the base model is loaded
         self.scheduler: Scheduler | None = None
@@ -97,6 +148,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     # -- RPCs -----------------------------------------------------------------------------------
 
+    @observed
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         await self._ready(context)
         try:
@@ -136,16 +188,23 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     async def _events(self, generation: GenerationRequest, events: asyncio.Queue):
         """Token events until the finish; a caller that goes away (cancel, deadline) frees its row."""
-        finished = False
+        finished, started, first = False, time.perf_counter(), True
+        tokens = self.metrics.tokens.labels(self.metrics.adapter_label(generation.adapter))
         try:
             while not finished:
                 event = await events.get()
                 finished = event.finished
+                if event.token_id is not None:
+                    tokens.inc()
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - started)
+                        first = False
                 yield event
         finally:
             if not finished:
                 self.scheduler.cancel(generation.request_id)
 
+    @observed
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         generation, events = await self._start(request, context)
         text, tokens, reason = [], [], None
@@ -157,6 +216,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=FINISH_REASONS.get(reason, 0),
                                    prompt_tokens=len(generation.prompt_ids), completion_tokens=len(tokens))
 
+    @observed
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         generation, events = await self._start(request, context)

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one server, in its own registry, served over HTTP by prometheus-client.
+
+Adapter labels are bounded: the first `max_adapter_labels` adapters seen get their own label value,
+every later one is counted as "other" (and names that are not registered as "unknown"), so thousands
+of adapters or a client sending random names cannot blow up cardinality.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 50) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Finished RPCs", ["method", "adapter", "code"], registry=r)
+        self.latency = Histogram("loraplex_request_seconds", "Time from arrival to the last byte", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("loraplex_queue_wait_seconds", "Time from arrival until the engine took it",
+                                    ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram("loraplex_time_to_first_token_seconds", "Time from arrival to the first token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("loraplex_batch_rows", "Rows per engine forward pass", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_adapters = Histogram("loraplex_batch_adapters", "Distinct adapters per engine forward pass",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.finished = Counter("loraplex_generations_finished", "Generations ended, by reason (eos, stop, length, "
+                                "cancelled: client gone or deadline passed)", ["reason"], registry=r)
+        self.tokens = Counter("loraplex_generated_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.queue_depth = Gauge("loraplex_queue_depth", "Requests accepted and not yet taken by the engine",
+                                 registry=r)
+        self.in_flight = Gauge("loraplex_in_flight_requests", "Requests accepted and not finished", registry=r)
+        self.running_rows = Gauge("loraplex_running_rows", "Generation rows in the running batch", registry=r)
+        self.adapter_loads = Counter("loraplex_adapter_loads", "Adapters written into device slots", registry=r)
+        self.adapter_load_seconds = Histogram("loraplex_adapter_load_seconds", "Time to load an adapter into a slot",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self._max_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self._lock = threading.Lock()
+
+    def adapter_label(self, adapter: str | None) -> str:
+        if not adapter:
+            return "base"
+        with self._lock:
+            if adapter in self._labels:
+                return adapter
+            if len(self._labels) < self._max_labels:
+                self._labels.add(adapter)
+                return adapter
+        return "other"
+
+    def observe_batch(self, slots: tuple[int, ...]) -> None:
+        self.batch_rows.observe(len(slots))
+        self.batch_adapters.observe(len(set(slots) - {0}))
+
+    def serve_http(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
