@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,55 +12,16 @@ import pytest
 import torch
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import free_port, start_server
 
 from loraplex import Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from loraplex_adapters.manifest import Manifest, write_manifest
 from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.sampling import SamplingParams
 
 GEN, CLS, CLS2 = "gen_all_r8", "cls5_r6", "cls3_r2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny, tmp_path_factory):
-    _, adapters = tiny("llama")
-    root = tmp_path_factory.mktemp("adapters")
-    for name, (folder, spec) in adapters.items():
-        target = root / name
-        shutil.copytree(folder, target)
-        write_manifest(target, Manifest(name=name, version=2, labels=[f"{name}-{i}" for i in range(spec.num_labels)]))
-    return root
-
-
-def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64):
-    env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(adapter_dir),
-         "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32", "--device", "cpu",
-         "--max-pending", str(max_pending)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = Client(f"127.0.0.1:{port}", timeout=5, retries=0)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()}")
-        try:
-            if client.health() == "SERVING":
-                return process, client
-        except LoraplexError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become healthy")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from loraplex.v1 import inference_pb2, inference_pb2_grpc
 from loraplex_adapters.manifest import read_manifest
 from loraplex_adapters.peft_folder import CONFIG_FILE, AdapterFormatError
 
+from .auth import BearerAuth
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
 from .metrics import Metrics
@@ -54,7 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting for the engine before new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
                         help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", 4 * 1024 * 1024)),
+                        help="larger requests are refused with RESOURCE_EXHAUSTED")
+    parser.add_argument("--token", action="append", default=_split(_env("tokens", "")),
+                        help="accepted bearer token (repeatable; env LORAPLEX_TOKENS, comma separated); "
+                             "none means no authentication")
+    parser.add_argument("--admin-token", action="append", default=_split(_env("admin_tokens", "")),
+                        help="bearer token for adapter management (repeatable; env LORAPLEX_ADMIN_TOKENS)")
+    parser.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert")
     return parser
+
+
+def _split(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
 
 
 def load_adapter_dir(engine: Engine, folder: Path, metrics: Metrics) -> None:
@@ -77,12 +91,21 @@ async def serve(args: argparse.Namespace) -> None:
         metrics.serve_http(args.host, args.metrics_port)
     service = InferenceService(metrics, Limits())
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server()
+    interceptors = [BearerAuth(args.token, args.admin_token)] if args.token or args.admin_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", args.max_message_bytes)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{args.host}:{args.port}"
-    if server.add_insecure_port(address) == 0:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        credentials = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
         raise SystemExit(f"cannot listen on {address}")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -9,9 +9,11 @@ from .client import (
     InvalidArgument,
     LoraplexError,
     NotFound,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
 __version__ = "0.1.0"
 __all__ = ["Classification", "Client", "FailedPrecondition", "Generation", "GenerationChunk", "InvalidArgument",
-           "LoraplexError", "NotFound", "Unavailable"]
+           "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]

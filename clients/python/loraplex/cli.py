@@ -10,7 +10,7 @@ from .client import Client, LoraplexError
 
 
 def _client(args) -> Client:
-    return Client(args.server, token=args.token, timeout=args.timeout)
+    return Client(args.server, token=args.token, timeout=args.timeout, tls=args.tls, ca_cert=args.ca_cert)
 
 
 def _classify(args) -> int:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", "127.0.0.1:50051"))
     parser.add_argument("--token", default=os.environ.get("LORAPLEX_TOKEN"))
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--tls", action="store_true", default=bool(os.environ.get("LORAPLEX_TLS")))
+    parser.add_argument("--ca-cert", default=os.environ.get("LORAPLEX_CA_CERT"),
+                        help="PEM of a private CA (implies TLS)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the server (see `loraplex serve --help`)")
     classify = commands.add_parser("classify", help="classify texts with a classification adapter")

@@ -38,8 +38,17 @@ class Unavailable(LoraplexError):
     pass
 
 
+class Unauthenticated(LoraplexError):
+    pass
+
+
+class ResourceExhausted(LoraplexError):
+    pass
+
+
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-           grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.UNAVAILABLE: Unavailable}
+           grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.UNAVAILABLE: Unavailable,
+           grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
 
 
 def error_from(exc: grpc.RpcError) -> LoraplexError:
@@ -87,8 +96,13 @@ class Client:
     """`Client("127.0.0.1:50051").classify(["great movie"], adapter="sentiment")`"""
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float = 30.0,
-                 retries: int = 3) -> None:
-        self._channel = grpc.insecure_channel(target)
+                 retries: int = 3, tls: bool = False, ca_cert: str | None = None) -> None:
+        """tls (or a ca_cert PEM path, for a private CA) connects over TLS."""
+        if tls or ca_cert:
+            roots = open(ca_cert, "rb").read() if ca_cert else None
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout, self.retries = timeout, retries
@@ -146,7 +160,8 @@ class Client:
 
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout,
+                                  metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,73 @@
+"""Bearer tokens, TLS and message size limits on a real server process."""
+
+from __future__ import annotations
+
+import subprocess
+
+import grpc
+import pytest
+from server_process import free_port, start_server
+
+from loraplex import Client, ResourceExhausted, Unauthenticated
+
+CLS = "cls3_r2"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def secured(tiny, adapter_dir, tls_files):
+    """TLS, two user tokens and an admin token, and a 64 KiB message limit."""
+    cert, key = tls_files
+    port = free_port()
+    process, client = start_server(
+        tiny("llama")[0], adapter_dir, port,
+        extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--token", "user-1", "--token", "user-2",
+                    "--admin-token", "admin-1", "--max-message-bytes", str(64 * 1024)],
+        client_kwargs={"ca_cert": str(cert), "token": "user-1"}, target=f"localhost:{port}")
+    yield port, cert, client
+    client.close()
+    process.kill()
+    process.wait()
+
+
+def test_valid_tokens_are_accepted(secured):
+    port, cert, client = secured
+    assert len(client.classify(["hello"], adapter=CLS)) == 1
+    for token in ("user-2", "admin-1"):
+        with Client(f"localhost:{port}", token=token, ca_cert=str(cert), retries=0) as other:
+            assert other.classify(["hello"], adapter=CLS)[0].label.startswith(CLS)
+
+
+@pytest.mark.parametrize(("token", "message"), [(None, "missing bearer token"), ("user-3", "invalid bearer token"),
+                                                ("user-1x", "invalid bearer token")])
+def test_missing_or_wrong_token_is_unauthenticated(secured, token, message):
+    port, cert, _ = secured
+    with Client(f"localhost:{port}", token=token, ca_cert=str(cert), retries=0) as other:
+        with pytest.raises(Unauthenticated, match=message):
+            other.classify(["hello"], adapter=CLS)
+        with pytest.raises(Unauthenticated):
+            list(other.generate_stream("hello", max_tokens=2))
+        assert other.health() == "SERVING"  # health checking stays open
+
+
+def test_plaintext_client_cannot_talk_to_the_tls_port(secured):
+    port = secured[0]
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=2)
+
+
+def test_oversized_message_is_resource_exhausted(secured):
+    client = secured[2]
+    with pytest.raises(ResourceExhausted):
+        client.classify(["x" * (100 * 1024)], adapter=CLS)
+    assert len(client.classify(["still serving"], adapter=CLS)) == 1
