@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import urllib.request
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port, start_server
 
-from loraplex import Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound
+from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.base_model import load_base_model
@@ -217,3 +218,22 @@ def test_backpressure_then_sigterm_drains_and_exits_zero(tiny, adapter_dir):
     assert all(r[-1].finish_reason in ("eos", "length") for r in rests)
     assert process.wait(timeout=30) == 0
     client.close()
+
+
+def test_async_client_mirrors_the_client(server):
+    client, port = server[1], server[2]
+
+    async def run():
+        async with AsyncClient(f"127.0.0.1:{port}", retries=0) as aclient:
+            classified = await aclient.classify(["great movie"], adapter=CLS)
+            generated = await aclient.generate("hello", adapter=GEN, max_tokens=6)
+            chunks = [chunk async for chunk in aclient.generate_stream("hello", adapter=GEN, max_tokens=6)]
+            with pytest.raises(NotFound):
+                await aclient.generate("hello", adapter="missing")
+        return classified, generated, chunks
+
+    classified, generated, chunks = asyncio.run(run())
+    assert classified == client.classify(["great movie"], adapter=CLS)
+    assert generated == client.generate("hello", adapter=GEN, max_tokens=6)
+    assert [t for c in chunks for t in c.token_ids] == generated.token_ids
+    assert chunks[-1].finish_reason == generated.finish_reason

@@ -1,6 +1,7 @@
 """loraplex client SDK (grpc + protobuf only; no torch)."""
 
 from .client import (
+    AsyncClient,
     Classification,
     Client,
     FailedPrecondition,
@@ -15,5 +16,5 @@ from .client import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["Classification", "Client", "FailedPrecondition", "Generation", "GenerationChunk", "InvalidArgument",
-           "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]
+__all__ = ["AsyncClient", "Classification", "Client", "FailedPrecondition", "Generation", "GenerationChunk",
+           "InvalidArgument", "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]

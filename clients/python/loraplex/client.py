@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -92,19 +92,48 @@ def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop
     return params
 
 
+def _classifications(response: pb.ClassifyResponse) -> list[Classification]:
+    return [Classification(r.label, r.score, {s.label: s.score for s in r.scores}) for r in response.results]
+
+
+def _generation(r: pb.GenerateResponse) -> Generation:
+    return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
+                      r.completion_tokens)
+
+
+def _chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
+    if message.HasField("delta"):
+        return GenerationChunk(message.delta.text, list(message.delta.token_ids))
+    done = message.done
+    return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
+                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+
+def _credentials(tls: bool, ca_cert: str | None) -> grpc.ChannelCredentials | None:
+    if not (tls or ca_cert):
+        return None
+    roots = open(ca_cert, "rb").read() if ca_cert else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def _metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.1 * 2 ** attempt)
+
+
 class Client:
     """`Client("127.0.0.1:50051").classify(["great movie"], adapter="sentiment")`"""
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls: bool = False, ca_cert: str | None = None) -> None:
         """tls (or a ca_cert PEM path, for a private CA) connects over TLS."""
-        if tls or ca_cert:
-            roots = open(ca_cert, "rb").read() if ca_cert else None
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
-        else:
-            self._channel = grpc.insecure_channel(target)
+        credentials = _credentials(tls, ca_cert)
+        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._metadata = _metadata(token)
         self.timeout, self.retries = timeout, retries
 
     def close(self) -> None:
@@ -123,21 +152,18 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise error_from(exc) from None
-                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
-        response = self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts))
-        return [Classification(r.label, r.score, {s.label: s.score for s in r.scores}) for r in response.results]
+        return _classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None
                  ) -> Generation:
         request = pb.GenerateRequest(adapter=adapter or "", prompt=prompt,
                                      sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
-        r = self._call(self._stub.Generate, request)
-        return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
-                          r.completion_tokens)
+        return _generation(self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -146,12 +172,7 @@ class Client:
                                            sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
         try:
             for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
-                if message.HasField("delta"):
-                    yield GenerationChunk(message.delta.text, list(message.delta.token_ids))
-                else:
-                    done = message.done
-                    yield GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
-                                          prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+                yield _chunk(message)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
 
@@ -165,3 +186,60 @@ class Client:
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class AsyncClient:
+    """The asyncio twin of Client: `await c.classify(...)`, `async for chunk in c.generate_stream(...)`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, tls: bool = False, ca_cert: str | None = None) -> None:
+        credentials = _credentials(tls, ca_cert)
+        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                         else grpc.aio.insecure_channel(target))
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._metadata = _metadata(token)
+        self.timeout, self.retries = timeout, retries
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method, request):
+        import asyncio
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise error_from(exc) from None
+                await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def classify(self, texts: list[str], adapter: str) -> list[Classification]:
+        return _classifications(await self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter,
+                                                                                          texts=texts)))
+
+    async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+                       seed: int | None = None) -> Generation:
+        request = pb.GenerateRequest(adapter=adapter or "", prompt=prompt,
+                                     sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+        return _generation(await self._call(self._stub.Generate, request))
+
+    async def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
+                              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                              stop: list[str] | None = None, seed: int | None = None
+                              ) -> AsyncIterator[GenerationChunk]:
+        request = pb.GenerateStreamRequest(adapter=adapter or "", prompt=prompt,
+                                           sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+        try:
+            async for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+                yield _chunk(message)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
