@@ -33,6 +33,7 @@ protos: setup
 
 bench: setup
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,159 @@
+"""Serving benchmark: closed-loop gRPC load against `loraplex serve`, against the engine alone.
+
+    python -m bench.serve [--clients 64] [--adapters 16] [--seconds 20]
+
+The server runs on the embedded default base (SmolLM2-135M, bf16, CPU) with random rank-8
+classification adapters. `--clients` closed loops (asyncio, in this process) each send one short
+Classify at a time to a random adapter. Then, in the same run with the server stopped, the engine
+classifies the same texts in batches of the size the server actually formed (from its metrics).
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from loraplex import AsyncClient, Client, LoraplexError
+from loraplex_adapters.manifest import Manifest, write_manifest
+from loraplex_server.base_model import load_base_model
+from loraplex_server.embedded import embedded_default_path
+from loraplex_server.engine import Engine
+
+TEXTS = ["great movie", "awful plot", "fine acting, slow start", "I loved it", "never again", "ok I guess",
+         "the music was lovely", "what a waste of time"]
+
+
+def make_classifiers(base_dir: Path, out: Path, count: int, labels: int = 3) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=labels, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+                                                  target_modules=["q_proj", "v_proj"]))
+    template = out / ".template"
+    peft_model.save_pretrained(template)
+    tensors = load_file(template / "adapter_model.safetensors")
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        folder = out / f"cls{i:02d}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
+        save_file({k: (torch.randn(v.shape, generator=gen) * 0.05).to(torch.bfloat16) for k, v in tensors.items()},
+                  folder / "adapter_model.safetensors")
+        write_manifest(folder, Manifest(name=folder.name, labels=["neg", "neu", "pos"]))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch_rows_mean(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return values["loraplex_batch_rows_sum"] / max(1.0, values["loraplex_batch_rows_count"])
+
+
+def load(target: str, adapters: list[str], clients: int, seconds: float) -> list[float]:
+    """`clients` concurrent closed loops on one asyncio thread (cheaper on the shared CPU than threads)."""
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+        async with AsyncClient(target, timeout=60, retries=0) as client:
+
+            async def loop(seed: int) -> None:
+                rng = random.Random(seed)
+                while time.perf_counter() < stop_at:
+                    start = time.perf_counter()
+                    try:
+                        await client.classify([rng.choice(TEXTS)], adapter=rng.choice(adapters))
+                    except LoraplexError as exc:
+                        print(f"request failed: {exc}", file=sys.stderr)
+                        continue
+                    latencies.append(time.perf_counter() - start)
+
+            await asyncio.gather(*(loop(i) for i in range(clients)))
+        return latencies
+
+    return asyncio.run(run())
+
+
+def engine_rows_per_s(adapter_dir: Path, adapters: list[str], batch: int, rows: int) -> float:
+    engine = Engine(load_base_model(None, quantize="none", dtype="bfloat16", device="cpu"), max_adapters=len(adapters))
+    for name in adapters:
+        engine.load_adapter(name, adapter_dir / name, labels=["neg", "neu", "pos"])
+    rng = random.Random(0)
+    ids = [engine.tokenizer(t)["input_ids"] for t in TEXTS]
+    work = [(rng.choice(ids), rng.choice(adapters)) for _ in range(rows)]
+    engine.classify_ids([w[0] for w in work[:batch]], [w[1] for w in work[:batch]])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, rows, batch):
+        chunk = work[i:i + batch]
+        engine.classify_ids([w[0] for w in chunk], [w[1] for w in chunk])
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    adapter_dir = Path(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
+    make_classifiers(embedded_default_path(), adapter_dir, args.adapters)
+    adapters = [f"cls{i:02d}" for i in range(args.adapters)]
+    port, metrics_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
+                               str(metrics_port), "--adapter-dir", str(adapter_dir), "--max-pending", "1024"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:
+            for _ in range(600):
+                try:
+                    if probe.health() == "SERVING":
+                        break
+                except LoraplexError:
+                    pass
+                time.sleep(0.2)
+        load(f"127.0.0.1:{port}", adapters, args.clients, 2.0)  # warm-up
+        start = time.perf_counter()
+        latencies = load(f"127.0.0.1:{port}", adapters, args.clients, args.seconds)
+        elapsed = time.perf_counter() - start
+        mean_batch = batch_rows_mean(metrics_port)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    requests_per_s = len(latencies) / elapsed
+    batch = max(1, round(mean_batch))
+    engine_rps = engine_rows_per_s(adapter_dir, adapters, batch, rows=max(batch * 20, 640))
+    cuts = statistics.quantiles(latencies, n=100)
+    result = {"grpc_vs_engine": requests_per_s / engine_rps, "requests_per_s": requests_per_s,
+              "p50_ms": cuts[49] * 1000, "p99_ms": cuts[98] * 1000}
+    print(f"{args.clients} clients, {args.adapters} adapters, {len(latencies)} requests in {elapsed:.1f} s")
+    print(f"gRPC: {requests_per_s:.1f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+          f"mean batch {mean_batch:.1f} rows")
+    print(f"engine alone, batches of {batch}: {engine_rps:.1f} rows/s")
+    print(f"grpc_vs_engine {result['grpc_vs_engine']:.3f} (target >= 0.8: "
+          f"{'met' if result['grpc_vs_engine'] >= 0.8 else 'NOT met'})")
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
