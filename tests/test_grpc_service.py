@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port, start_server
 
-from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound
+from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound, Unavailable
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.base_model import load_base_model
@@ -213,6 +216,7 @@ def test_backpressure_then_sigterm_drains_and_exits_zero(tiny, adapter_dir):
         client.classify(["x"], adapter=CLS)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     process.send_signal(signal.SIGTERM)
+    wait_for(lambda: client.health() == "NOT_SERVING")  # draining, while both streams are still running
     rests = [list(s) for s in streams]  # in-flight requests finish within the grace period
     assert all(f.token_ids for f in firsts)
     assert all(r[-1].finish_reason in ("eos", "length") for r in rests)
@@ -237,3 +241,33 @@ def test_async_client_mirrors_the_client(server):
     assert generated == client.generate("hello", adapter=GEN, max_tokens=6)
     assert [t for c in chunks for t in c.token_ids] == generated.token_ids
     assert chunks[-1].finish_reason == generated.finish_reason
+
+
+def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
+    """A fresh cache makes the embedded default convert its GGUF first: seconds of NOT_SERVING."""
+    port = free_port()
+    env = {**os.environ, "LORAPLEX_CACHE_DIR": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port),
+                                "--metrics-port", "0", "--device", "cpu"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=2, retries=0) as client:
+            deadline = time.time() + 180
+            while time.time() < deadline and "SERVING" not in seen:
+                try:
+                    status = client.health()
+                except LoraplexError:
+                    time.sleep(0.05)
+                    continue
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == "NOT_SERVING":
+                    with pytest.raises(Unavailable, match="still loading"):
+                        client.generate("hello", max_tokens=2)
+                time.sleep(0.05)
+            assert seen == ["NOT_SERVING", "SERVING"]
+            assert client.generate("The capital of France is", max_tokens=4).completion_tokens == 4
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0

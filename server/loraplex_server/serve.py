@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting for the engine before new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
                         help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--drain-delay", type=float, default=float(_env("drain_delay", 1.0)),
+                        help="seconds health reports NOT_SERVING before the server stops taking requests on SIGTERM")
     parser.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", 4 * 1024 * 1024)),
                         help="larger requests are refused with RESOURCE_EXHAUSTED")
     parser.add_argument("--token", action="append", default=_split(_env("tokens", "")),
@@ -133,9 +135,11 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining: no new requests, %.0f s for the ones in flight", args.grace)
+    log.info("draining: NOT_SERVING for %.1f s, then no new requests and %.0f s for the ones in flight",
+             args.drain_delay, args.grace)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await asyncio.sleep(args.drain_delay)  # lets load balancers see NOT_SERVING and steer away first
     await server.stop(args.grace)
     scheduler.stop()
     log.info("stopped")
