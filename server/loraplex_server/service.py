@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,14 +49,14 @@ def observed(method):
     """Count the RPC by method, adapter and final status, and time it."""
     name = method.__name__
 
-    async def finish(self, request, context, started, error):
+    def finish(self, request, context, started, error):
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
         adapter_name = request.adapter.split("@")[0]
         registered = self.engine is not None and adapter_name in self.engine.adapters
         adapter = self.metrics.adapter_label(adapter_name) if registered or not adapter_name else "unknown"
         self.metrics.requests.labels(name, adapter, _status(context, error)).inc()
 
-    if name == "GenerateStream":
+    if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             started, error = time.perf_counter(), None
@@ -66,7 +67,7 @@ def observed(method):
                 error = exc
                 raise
             finally:
-                await finish(self, request, context, started, error)
+                finish(self, request, context, started, error)
         return stream
 
     @functools.wraps(method)
@@ -78,7 +79,7 @@ def observed(method):
             error = exc
             raise
         finally:
-            await finish(self, request, context, started, error)
+            finish(self, request, context, started, error)
     return unary
 
 
