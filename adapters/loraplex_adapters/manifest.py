@@ -1,7 +1,7 @@
 """The loraplex manifest beside a PEFT folder (`loraplex.json`): what PEFT's config does not say.
 
-Today: the adapter's name, version and label names. The registry (issue 4) extends it with
-checksums, base fingerprint and training metrics.
+The adapter's name, version and label names; the store adds in `extra` the task, rank, target
+modules, size, creation time, sha256 of each file, base-model fingerprint and training metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class Manifest:
     name: str
     version: int = 1
     labels: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
 
 def check_name(name: str) -> str:
@@ -57,9 +58,10 @@ def read_manifest(folder: Path) -> Manifest:
     version = data.get("version", 1)
     if not isinstance(version, int) or version < 1:
         raise AdapterFormatError(f"{path}: version must be a positive integer")
-    return Manifest(name=check_name(str(data.get("name", folder.name))), version=version, labels=labels)
+    extra = {k: v for k, v in data.items() if k not in ("name", "version", "labels")}
+    return Manifest(name=check_name(str(data.get("name", folder.name))), version=version, labels=labels, extra=extra)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    (folder / MANIFEST_FILE).write_text(json.dumps(
-        {"name": manifest.name, "version": manifest.version, "labels": manifest.labels}, indent=2) + "\n")
+    data = {"name": manifest.name, "version": manifest.version, "labels": manifest.labels, **manifest.extra}
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")

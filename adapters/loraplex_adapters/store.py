@@ -1,0 +1,199 @@
+"""The on-disk adapter store: versioned PEFT folders with manifests, published atomically.
+
+Layout: `<root>/adapters/<name>/<version>/` holds the PEFT files and `loraplex.json`;
+`<root>/staging/` holds uploads in progress. A version becomes visible only by one `rename` of a
+complete, fsynced folder, so a crash at any point leaves either the old state or the new one; what
+is left in staging is swept at the next start. The index is rebuilt by scanning the folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .manifest import MANIFEST_FILE, Manifest, check_name, read_manifest, write_manifest
+from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, load_peft_folder
+
+ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+
+
+class AdapterNotInStore(KeyError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def extract_archive(archive: Path, target: Path, max_bytes: int) -> Path:
+    """Unpack a .tar/.tar.gz of one PEFT folder, refusing links, special files, paths that leave the
+    folder and archives that unpack past max_bytes. Returns the folder holding adapter_config.json."""
+    total = 0
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            name = member.name
+            if member.issym() or member.islnk():
+                raise AdapterFormatError(f"archive member {name!r} is a link; links are refused")
+            if not (member.isfile() or member.isdir()):
+                raise AdapterFormatError(f"archive member {name!r} is not a regular file or folder")
+            parts = Path(name).parts
+            if name.startswith("/") or ".." in parts:
+                raise AdapterFormatError(f"archive member {name!r} escapes the adapter folder")
+            total += member.size
+            if total > max_bytes:
+                raise AdapterFormatError(f"archive unpacks to more than the {max_bytes} byte limit")
+        tar.extractall(target, filter="data")
+    configs = sorted(target.rglob(CONFIG_FILE))
+    if len(configs) != 1:
+        raise AdapterFormatError(f"the archive must hold exactly one {CONFIG_FILE}, found {len(configs)}")
+    return configs[0].parent
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path, base_fingerprint: str | None = None, max_rank: int = 256,
+                 max_bytes: int = 512 * 1024 * 1024, allow_base_mismatch: bool = False) -> None:
+        self.root = Path(root)
+        self.adapters_dir = self.root / "adapters"
+        self.staging = self.root / "staging"
+        self.base_fingerprint = base_fingerprint
+        self.max_rank, self.max_bytes = max_rank, max_bytes
+        self.allow_base_mismatch = allow_base_mismatch
+        self._lock = threading.Lock()
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)  # half uploads from before a crash
+        self.staging.mkdir(parents=True)
+        self._index: dict[str, dict[int, Manifest]] = {}
+        self.rebuild_index()
+
+    def rebuild_index(self) -> None:
+        index: dict[str, dict[int, Manifest]] = {}
+        for version_dir in self.adapters_dir.glob("*/*"):
+            if not version_dir.name.isdigit() or not (version_dir / MANIFEST_FILE).is_file():
+                continue
+            try:
+                manifest = read_manifest(version_dir)
+            except AdapterFormatError:
+                continue  # not a committed version
+            if manifest.name == version_dir.parent.name and manifest.version == int(version_dir.name):
+                index.setdefault(manifest.name, {})[manifest.version] = manifest
+        self._index = index
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def list(self) -> list[Manifest]:
+        return [m for versions in sorted(self._index.items()) for _, m in sorted(versions[1].items())]
+
+    def resolve(self, name: str, version: int | None = None) -> tuple[Manifest, Path]:
+        versions = self._index.get(name)
+        if not versions:
+            raise AdapterNotInStore(f"adapter {name!r} is not registered")
+        if version is None:
+            version = max(versions)
+        if version not in versions:
+            raise AdapterNotInStore(f"adapter {name!r} has no version {version}")
+        return versions[version], self.adapters_dir / name / str(version)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _validate(self, folder: Path, manifest: Manifest) -> None:
+        for path in folder.iterdir():
+            if path.name.endswith(PICKLE_SUFFIXES):
+                raise AdapterFormatError(f"pickle file {path.name} refused; save with safetensors")
+            if path.is_symlink() or not path.is_file() or path.name not in ALLOWED_FILES:
+                raise AdapterFormatError(f"unexpected entry {path.name!r}; a PEFT folder holds "
+                                         f"{', '.join(sorted(ALLOWED_FILES))}")
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        if size > self.max_bytes:
+            raise AdapterFormatError(f"adapter is {size} bytes, over the {self.max_bytes} byte limit")
+        adapter = load_peft_folder(folder)
+        if adapter.max_rank > self.max_rank:
+            raise AdapterFormatError(f"rank {adapter.max_rank} is above the server's max rank {self.max_rank}")
+        if adapter.head is not None:
+            if not manifest.labels:
+                raise AdapterFormatError("a classification adapter needs label names")
+            if len(manifest.labels) != adapter.head.num_labels:
+                raise AdapterFormatError(f"{len(manifest.labels)} label names for a head with "
+                                         f"{adapter.head.num_labels} outputs")
+        fingerprint = manifest.extra.get("base_fingerprint")
+        if (self.base_fingerprint and fingerprint and fingerprint != self.base_fingerprint
+                and not self.allow_base_mismatch):
+            raise AdapterFormatError(f"adapter was trained on base {fingerprint}, this server runs "
+                                     f"{self.base_fingerprint} (start with --allow-base-mismatch to accept)")
+        manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
+                              size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              sha256={p.name: _sha256(p) for p in sorted(folder.iterdir())})
+
+    def publish(self, source: str | Path, name: str, labels: list[str] | None = None,
+                base_fingerprint: str | None = None, metrics: dict | None = None) -> Manifest:
+        """Validate a PEFT folder (or .tar/.tar.gz of one) and commit it as the next version of `name`."""
+        check_name(name)
+        source = Path(source)
+        work = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
+        try:
+            if source.is_file():
+                source = extract_archive(source, work / "unpacked", self.max_bytes)
+            folder = work / "adapter"
+            folder.mkdir()
+            for path in source.iterdir():
+                if path.name == MANIFEST_FILE:
+                    continue
+                if path.is_symlink() or not path.is_file():
+                    raise AdapterFormatError(f"unexpected entry {path.name!r} in the adapter folder")
+                shutil.copyfile(path, folder / path.name)
+            manifest = Manifest(name=name, labels=list(labels or []))
+            manifest.extra["base_fingerprint"] = base_fingerprint or self.base_fingerprint
+            if metrics:
+                manifest.extra["metrics"] = metrics
+            self._validate(folder, manifest)
+            with self._lock:
+                versions = self._index.get(name, {})
+                manifest.version = max(versions, default=0) + 1
+                write_manifest(folder, manifest)
+                _fsync_tree(folder)
+                target = self.adapters_dir / name / str(manifest.version)
+                target.parent.mkdir(exist_ok=True)
+                os.rename(folder, target)  # the commit point
+                _fsync_tree(target.parent)
+                self._index.setdefault(name, {})[manifest.version] = manifest
+            return manifest
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def delete(self, name: str, version: int | None = None) -> list[int]:
+        """Delete one version, or all of them; returns the versions removed."""
+        with self._lock:
+            versions = self._index.get(name)
+            if not versions or (version is not None and version not in versions):
+                raise AdapterNotInStore(f"adapter {name!r}{'' if version is None else f'@{version}'} "
+                                        "is not registered")
+            doomed = [version] if version is not None else sorted(versions)
+            for v in doomed:
+                # Rename out of the tree first: the version disappears atomically, then is removed.
+                trash = self.staging / f"deleted-{name}-{v}-{time.monotonic_ns()}"
+                os.rename(self.adapters_dir / name / str(v), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                del versions[v]
+            if not versions:
+                del self._index[name]
+                shutil.rmtree(self.adapters_dir / name, ignore_errors=True)
+            return doomed
