@@ -23,7 +23,8 @@ def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, ex
     env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(adapter_dir),
-         "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32", "--device", TEST_DEVICE,
+         "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32", "--quantize", "none",
+         "--device", TEST_DEVICE,
          "--max-pending", str(max_pending), *extra_args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = Client(target or f"127.0.0.1:{port}", timeout=5, retries=0, **(client_kwargs or {}))

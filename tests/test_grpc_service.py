@@ -24,6 +24,7 @@ from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.sampling import SamplingParams
+from tiny_models import TEST_DEVICE
 
 GEN, CLS, CLS2 = "gen_all_r8", "cls5_r6", "cls3_r2"
 
@@ -44,7 +45,7 @@ def server(tiny, adapter_dir):
 def reference(tiny, adapter_dir):
     """The same base and adapters in-process, to compare what the server returns."""
     base_dir, _ = tiny("llama")
-    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device="cpu"), max_adapters=8)
+    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=8)
     for name in (GEN, CLS):
         engine.load_adapter(name, adapter_dir / name, labels=[f"{CLS}-{i}" for i in range(5)] if name == CLS else None)
     return engine
@@ -55,11 +56,11 @@ def test_classify_returns_the_engine_probabilities(server, reference):
     texts = ["great movie", "awful plot, fine acting", "hello world"]
     got = client.classify(texts, adapter=CLS)
     expected = reference.classify(texts, CLS)
-    assert [g.label for g in got] == [e.label for e in expected]
     for g, e in zip(got, expected, strict=True):
         assert list(g.scores) == list(e.scores)
         torch.testing.assert_close(torch.tensor(list(g.scores.values())), torch.tensor(list(e.scores.values())),
                                    atol=1e-5, rtol=0)
+        assert g.label == e.label and g.score == pytest.approx(e.score, abs=1e-5)
     assert client.classify(texts, adapter=f"{CLS}@2")[0].label == got[0].label
 
 
