@@ -143,7 +143,16 @@ class BatchedLoraLinear(nn.Module):
         if a_t.shape[-1] == 0:  # no row's adapter touches this layer
             return result
         h = self.shared_shrink.shrink(self, x) if self.shared_shrink else project(x, a_t)
-        result += project(h, b_t).reshape(result.shape)  # in place: one op fewer on the hot path
+        if result.dtype != b_t.dtype or not result.is_contiguous():  # e.g. an int8 base's float16 output
+            result += project(h, b_t).reshape(result.shape)
+            return result
+        # The expand fused with the add into the base output (addmm_/baddbmm_): a separate add of
+        # two [tokens, out] tensors costs twice the expand itself on CPU.
+        if b_t.dim() == 2:
+            result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b_t)
+        else:
+            rows = b_t.shape[0]
+            result.view(rows, -1, self.out_features).baddbmm_(h.reshape(rows, -1, h.shape[-1]), b_t)
         return result
 
 
