@@ -109,6 +109,8 @@ def test_raw_stubs(server):
     (lambda c: c.generate(""), InvalidArgument, "prompt is empty"),
     (lambda c: c.generate("x", max_tokens=5000), InvalidArgument, "max_tokens"),
     (lambda c: c.generate("x", max_tokens=-1), InvalidArgument, "max_tokens"),
+    (lambda c: c.generate("x", max_tokens=0), InvalidArgument, "max_tokens"),
+    (lambda c: c.generate("x", top_p=0.0), InvalidArgument, "top_p"),
     (lambda c: c.generate("x", temperature=-0.5), InvalidArgument, "temperature"),
     (lambda c: c.generate("x", top_p=1.5), InvalidArgument, "top_p"),
     (lambda c: c.generate("x", top_k=-2), InvalidArgument, "top_k"),

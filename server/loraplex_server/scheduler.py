@@ -110,7 +110,11 @@ class Scheduler:
         request.on_event = on_event
         accepted = loop.create_future()
         self._put(_SubmitJob(request, accepted_or_not))
-        await accepted
+        try:
+            await accepted
+        except asyncio.CancelledError:  # the caller left before the engine took the request
+            self.cancel(request.request_id)
+            raise
         return events
 
     def cancel(self, request_id: str) -> None:

@@ -133,14 +133,12 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return ids
 
     def _sampling(self, sampling: pb.SamplingParameters) -> SamplingParams:
-        max_tokens = sampling.max_tokens or self.limits.default_max_tokens
-        if sampling.max_tokens < 0 or max_tokens > self.limits.max_tokens:
-            raise InvalidRequest(f"max_tokens must be in 1..{self.limits.max_tokens}, got {sampling.max_tokens}")
+        max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else self.limits.default_max_tokens
+        if not 1 <= max_tokens <= self.limits.max_tokens:
+            raise InvalidRequest(f"max_tokens must be in 1..{self.limits.max_tokens}, got {max_tokens}")
         params = SamplingParams(max_new_tokens=max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p or 1.0, top_k=sampling.top_k, stop=list(sampling.stop),
-                                seed=sampling.seed if sampling.HasField("seed") else None)
-        if not 0 <= sampling.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+                                top_p=sampling.top_p if sampling.HasField("top_p") else 1.0, top_k=sampling.top_k,
+                                stop=list(sampling.stop), seed=sampling.seed if sampling.HasField("seed") else None)
         try:
             params.validate()
         except ValueError as exc:
