@@ -1,5 +1,4 @@
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from loraplex_adapters.manifest import Manifest, write_manifest  # noqa: E402
+from loraplex.cli import main as cli_main  # noqa: E402
 from tiny_models import BERT_ADAPTERS, GPT2_ADAPTERS, LLAMA_ADAPTERS, make_adapter, make_base  # noqa: E402
 
 SPECS = {"llama": LLAMA_ADAPTERS, "gpt2": GPT2_ADAPTERS, "bert": BERT_ADAPTERS}
@@ -35,11 +34,13 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def adapter_dir(tiny, tmp_path_factory):
-    """The tiny Llama adapters as a server's --adapter-dir, each with a manifest (version 2, labels)."""
-    _, adapters = tiny("llama")
-    root = tmp_path_factory.mktemp("adapters")
+    """A store holding the tiny Llama adapters, published twice each (so the latest is version 2),
+    through the real `loraplex adapters publish` command."""
+    base, adapters = tiny("llama")
+    root = tmp_path_factory.mktemp("store")
     for name, (folder, spec) in adapters.items():
-        target = root / name
-        shutil.copytree(folder, target)
-        write_manifest(target, Manifest(name=name, version=2, labels=[f"{name}-{i}" for i in range(spec.num_labels)]))
+        labels = ",".join(f"{name}-{i}" for i in range(spec.num_labels))
+        for _ in range(2):
+            assert cli_main(["adapters", "publish", str(folder), "--name", name, "--store", str(root),
+                             "--labels", labels, "--base", str(base)]) == 0
     return root

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port, start_server
 
 from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, LoraplexError, NotFound, Unavailable
+from loraplex.cli import main as cli_main
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.base_model import load_base_model
@@ -47,7 +48,8 @@ def reference(tiny, adapter_dir):
     base_dir, _ = tiny("llama")
     engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=8)
     for name in (GEN, CLS):
-        engine.load_adapter(name, adapter_dir / name, labels=[f"{CLS}-{i}" for i in range(5)] if name == CLS else None)
+        engine.load_adapter(name, adapter_dir / "adapters" / name / "2",
+                            labels=[f"{CLS}-{i}" for i in range(5)] if name == CLS else None)
     return engine
 
 
@@ -278,3 +280,29 @@ def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
+
+
+def test_store_adapters_for_another_base_are_skipped_unless_allowed(tiny, tmp_path, capsys):
+    base_dir, adapters = tiny("llama")
+    gpt2_base, _ = tiny("gpt2")
+    store = tmp_path / "store"
+    publish = ["adapters", "publish", str(adapters[GEN][0]), "--store", str(store)]
+    assert cli_main([*publish, "--name", "native", "--base", str(base_dir)]) == 0
+    assert cli_main([*publish, "--name", "foreign", "--base", str(gpt2_base)]) == 0
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["adapters", "publish", str(tmp_path / "empty"), "--name", "broken", "--store", str(store)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    for allow, expect_foreign in ((False, False), (True, True)):
+        process, client = start_server(base_dir, store, free_port(),
+                                       extra_args=["--allow-base-mismatch"] if allow else [])
+        try:
+            assert client.generate("hi", adapter="native", max_tokens=2).completion_tokens == 2
+            if expect_foreign:
+                assert client.generate("hi", adapter="foreign", max_tokens=2).completion_tokens == 2
+            else:
+                with pytest.raises(NotFound):
+                    client.generate("hi", adapter="foreign", max_tokens=2)
+        finally:
+            client.close()
+            process.terminate()
+            process.wait(timeout=30)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from loraplex_adapters.fingerprint import model_fingerprint
 
 from .embedded import embedded_default_path
 
@@ -74,22 +74,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16
     return getattr(torch, dtype)
-
-
-def model_fingerprint(folder: Path) -> str:
-    """Identifies the base an adapter was trained on: config plus tensor names, shapes and dtypes."""
-    digest = hashlib.sha256()
-    config = json.loads((folder / "config.json").read_text())
-    for volatile in ("transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
-        config.pop(volatile, None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    from safetensors import safe_open
-
-    for weights in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(weights), framework="pt") as f:
-            for key in sorted(f.keys()):
-                digest.update(f"{key}:{f.get_slice(key).get_shape()}".encode())
-    return "sha256:" + digest.hexdigest()[:32]
 
 
 def _is_encoder(config) -> bool:

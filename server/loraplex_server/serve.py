@@ -18,8 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
-from loraplex_adapters.manifest import read_manifest
-from loraplex_adapters.peft_folder import CONFIG_FILE, AdapterFormatError
+from loraplex_adapters.peft_folder import AdapterFormatError
+from loraplex_adapters.store import AdapterStore
 
 from .auth import BearerAuth
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
                         help="Prometheus metrics over HTTP on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", None),
-                        help="folder of PEFT adapter folders to load at start (each with an optional loraplex.json)")
+                        help="the adapter store (`loraplex adapters publish ... --store DIR`); the latest version "
+                             "of each adapter is loaded at start")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        default=bool(_env("allow_base_mismatch", "")),
+                        help="serve adapters whose manifest names another base model fingerprint")
     parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)))
     parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)))
     parser.add_argument("--max-pending", type=int, default=int(_env("max_pending", 256)),
@@ -73,18 +77,25 @@ def _split(value: str) -> list[str]:
     return [item for item in value.split(",") if item]
 
 
-def load_adapter_dir(engine: Engine, folder: Path, metrics: Metrics) -> None:
-    """Load every adapter folder found; a bad one is reported and skipped, never fatal."""
-    for path in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
+def load_store(engine: Engine, store: AdapterStore, metrics: Metrics) -> None:
+    """Load the latest version of every adapter in the store; one that does not fit this base is
+    reported and skipped, never fatal (it stays in the store)."""
+    latest = {m.name: m for m in store.list()}  # list() is ordered by version
+    for name, manifest in sorted(latest.items()):
+        _, path = store.resolve(name, manifest.version)
+        trained_on = manifest.extra.get("base_fingerprint")
+        if trained_on and trained_on != engine.base.fingerprint and not store.allow_base_mismatch:
+            log.error("adapter %s@%d skipped: trained on base %s, this server runs %s (--allow-base-mismatch "
+                      "serves it anyway)", name, manifest.version, trained_on, engine.base.fingerprint)
+            continue
         try:
             started = time.perf_counter()
-            manifest = read_manifest(path)
-            engine.load_adapter(manifest.name, path, labels=manifest.labels or None, version=manifest.version)
+            engine.load_adapter(name, path, labels=manifest.labels or None, version=manifest.version)
             metrics.adapter_loads.inc()
             metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-            log.info("adapter %s@%d loaded from %s", manifest.name, manifest.version, path)
+            log.info("adapter %s@%d loaded", name, manifest.version)
         except (AdapterFormatError, ValueError, RuntimeError) as exc:
-            log.error("adapter folder %s skipped: %s", path, exc)
+            log.error("adapter %s@%d skipped: %s", name, manifest.version, exc)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -118,7 +129,9 @@ async def serve(args: argparse.Namespace) -> None:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch)
         if args.adapter_dir:
-            load_adapter_dir(engine, Path(args.adapter_dir), metrics)
+            store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint,
+                                 allow_base_mismatch=args.allow_base_mismatch)
+            load_store(engine, store, metrics)
         return engine
 
     engine = await asyncio.get_running_loop().run_in_executor(None, load)

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(argv[1:])
         return 0
+    if argv[:2] == ["adapters", "publish"]:  # validation reads the weights: torch again
+        from loraplex_adapters.publish_cli import main as publish
+
+        return publish(argv[2:])
     parser = argparse.ArgumentParser(prog="loraplex", description="loraplex client; `loraplex serve --help` for "
                                      "the server")
     parser.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", "127.0.0.1:50051"))
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEM of a private CA (implies TLS)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the server (see `loraplex serve --help`)")
+    adapters = commands.add_parser("adapters", help="manage adapters")
+    adapters.add_subparsers(dest="action", required=True).add_parser(
+        "publish", help="add an adapter to a local store (see `loraplex adapters publish --help`)")
     classify = commands.add_parser("classify", help="classify texts with a classification adapter")
     classify.add_argument("--adapter", required=True)
     classify.add_argument("texts", nargs="+")
