@@ -62,24 +62,29 @@ def speedup(seconds: dict[str, list[float]], ours: str, baseline: str) -> float:
     return statistics.median(b / o for o, b in zip(seconds[ours], seconds[baseline], strict=True))
 
 
-def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> list[Path]:
-    """One adapter saved by PEFT, then `count` copies with their own random weights."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                                  init_lora_weights=False))
-    template = out / "template"
+def random_copies(peft_model, out: Path, count: int, prefix: str, scale: float) -> list[Path]:
+    """Save the PEFT model once as a template, then `count` adapters of its shape with their own
+    random weights (N(0, scale), bf16) - many distinct adapters without training or PEFT per copy."""
+    template = out / f".{prefix}-template"
     peft_model.save_pretrained(template)
     tensors = load_file(template / "adapter_model.safetensors")
     folders = []
     for i in range(count):
         gen = torch.Generator().manual_seed(i)
-        folder = out / f"adapter{i:02d}"
-        folder.mkdir()
+        folder = out / f"{prefix}{i:02d}"
+        folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
-        save_file({k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16) for k, v in tensors.items()},
+        save_file({k: (torch.randn(v.shape, generator=gen) * scale).to(torch.bfloat16) for k, v in tensors.items()},
                   folder / "adapter_model.safetensors")
         folders.append(folder)
     return folders
+
+
+def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> list[Path]:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                  init_lora_weights=False))
+    return random_copies(peft_model, out, count, "adapter", 0.02)
 
 
 class Bench:

@@ -26,34 +26,30 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
+from bench.engine import random_copies
 from loraplex import AsyncClient, Client, LoraplexError
-from loraplex_adapters.manifest import Manifest, write_manifest
+from loraplex_adapters.store import AdapterStore
 from loraplex_server.base_model import load_base_model
 from loraplex_server.embedded import embedded_default_path
 from loraplex_server.engine import Engine
 
+LABELS = ["neg", "neu", "pos"]
 TEXTS = ["great movie", "awful plot", "fine acting, slow start", "I loved it", "never again", "ok I guess",
          "the music was lovely", "what a waste of time"]
 
 
-def make_classifiers(base_dir: Path, out: Path, count: int, labels: int = 3) -> None:
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=labels, dtype=torch.bfloat16)
+def make_classifiers(base_dir: Path, store: AdapterStore, count: int) -> list[str]:
+    """`count` random 3-label classifiers published into the store the server will serve."""
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(LABELS),
+                                                               dtype=torch.bfloat16)
     peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
                                                   target_modules=["q_proj", "v_proj"]))
-    template = out / ".template"
-    peft_model.save_pretrained(template)
-    tensors = load_file(template / "adapter_model.safetensors")
-    for i in range(count):
-        gen = torch.Generator().manual_seed(i)
-        folder = out / f"cls{i:02d}"
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
-        save_file({k: (torch.randn(v.shape, generator=gen) * 0.05).to(torch.bfloat16) for k, v in tensors.items()},
-                  folder / "adapter_model.safetensors")
-        write_manifest(folder, Manifest(name=folder.name, labels=["neg", "neu", "pos"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        for folder in random_copies(peft_model, Path(scratch), count, "cls", 0.05):
+            store.publish(folder, folder.name, labels=LABELS)
+    return [f"cls{i:02d}" for i in range(count)]
 
 
 def free_port() -> int:
@@ -95,10 +91,10 @@ def load(target: str, adapters: list[str], clients: int, seconds: float) -> list
     return asyncio.run(run())
 
 
-def engine_rows_per_s(adapter_dir: Path, adapters: list[str], batch: int, rows: int) -> float:
+def engine_rows_per_s(store: AdapterStore, adapters: list[str], batch: int, rows: int) -> float:
     engine = Engine(load_base_model(None, quantize="none", dtype="bfloat16", device="cpu"), max_adapters=len(adapters))
     for name in adapters:
-        engine.load_adapter(name, adapter_dir / name, labels=["neg", "neu", "pos"])
+        engine.load_adapter(name, store.resolve(name)[1], labels=LABELS)
     rng = random.Random(0)
     ids = [engine.tokenizer(t)["input_ids"] for t in TEXTS]
     work = [(rng.choice(ids), rng.choice(adapters)) for _ in range(rows)]
@@ -116,12 +112,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    adapter_dir = Path(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
-    make_classifiers(embedded_default_path(), adapter_dir, args.adapters)
-    adapters = [f"cls{i:02d}" for i in range(args.adapters)]
+    store = AdapterStore(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
+    adapters = make_classifiers(embedded_default_path(), store, args.adapters)
     port, metrics_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
-                               str(metrics_port), "--adapter-dir", str(adapter_dir), "--max-pending", "1024"],
+                               str(metrics_port), "--adapter-dir", str(store.root), "--max-pending", "1024"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:
@@ -142,7 +137,7 @@ def main() -> None:
         server.wait(timeout=60)
     requests_per_s = len(latencies) / elapsed
     batch = max(1, round(mean_batch))
-    engine_rps = engine_rows_per_s(adapter_dir, adapters, batch, rows=max(batch * 20, 640))
+    engine_rps = engine_rows_per_s(store, adapters, batch, rows=max(batch * 20, 640))
     cuts = statistics.quantiles(latencies, n=100)
     result = {"grpc_vs_engine": requests_per_s / engine_rps, "requests_per_s": requests_per_s,
               "p50_ms": cuts[49] * 1000, "p99_ms": cuts[98] * 1000}

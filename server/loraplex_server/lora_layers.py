@@ -6,8 +6,8 @@ the engine sets each row's slot once per forward, and the per-batch work (which 
 row slots on the right device) is done once there instead of in every layer.
 
 Paths: all rows on one adapter -> two plain matmuls; mixed rows -> per-row weights gathered once per
-batch composition and two bmm; mixed decode on CPU in bf16 -> the fused kernel of cpu_kernel.py,
-which reads the tables in place (decode there is bound by the bytes of 32 adapters' weights).
+batch composition and two bmm; in both, the expand is fused into the base output. Decode (one token
+per row) on CPU in bf16 -> the fused kernel of cpu_kernel.py, which reads the tables in place.
 """
 
 from __future__ import annotations
