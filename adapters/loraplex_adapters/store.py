@@ -113,13 +113,23 @@ class AdapterStore:
             raise AdapterNotInStore(f"adapter {name!r} has no version {version}")
         return versions[version], self.adapters_dir / name / str(version)
 
+    def base_mismatch(self, manifest: Manifest) -> str | None:
+        """Why an adapter may not be served on this store's base (None when it may)."""
+        trained_on = manifest.extra.get("base_fingerprint")
+        if not (self.base_fingerprint and trained_on) or trained_on == self.base_fingerprint:
+            return None
+        if self.allow_base_mismatch:
+            return None
+        return (f"adapter was trained on base {trained_on}, this server runs {self.base_fingerprint} "
+                "(start with --allow-base-mismatch to accept)")
+
     # -- writing --------------------------------------------------------------------------------
 
     def _validate(self, folder: Path, manifest: Manifest) -> None:
-        for path in folder.iterdir():
+        for path in folder.iterdir():  # regular files only: publish copied nothing else
             if path.name.endswith(PICKLE_SUFFIXES):
                 raise AdapterFormatError(f"pickle file {path.name} refused; save with safetensors")
-            if path.is_symlink() or not path.is_file() or path.name not in ALLOWED_FILES:
+            if path.name not in ALLOWED_FILES:
                 raise AdapterFormatError(f"unexpected entry {path.name!r}; a PEFT folder holds "
                                          f"{', '.join(sorted(ALLOWED_FILES))}")
         size = sum(p.stat().st_size for p in folder.iterdir())
@@ -134,11 +144,9 @@ class AdapterStore:
             if len(manifest.labels) != adapter.head.num_labels:
                 raise AdapterFormatError(f"{len(manifest.labels)} label names for a head with "
                                          f"{adapter.head.num_labels} outputs")
-        fingerprint = manifest.extra.get("base_fingerprint")
-        if (self.base_fingerprint and fingerprint and fingerprint != self.base_fingerprint
-                and not self.allow_base_mismatch):
-            raise AdapterFormatError(f"adapter was trained on base {fingerprint}, this server runs "
-                                     f"{self.base_fingerprint} (start with --allow-base-mismatch to accept)")
+        mismatch = self.base_mismatch(manifest)
+        if mismatch:
+            raise AdapterFormatError(mismatch)
         manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
                               size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               sha256={p.name: _sha256(p) for p in sorted(folder.iterdir())})

@@ -143,7 +143,7 @@ class Scheduler:
                     self.metrics.observe_batch(self.engine.slots.state.slots)
                 except Exception:
                     log.exception("engine step failed; cancelling the running batch")
-                    for request_id in list(self.engine.running_request_ids()):
+                    for request_id in self.engine.running_request_ids():
                         self.engine.cancel(request_id)
                 self.metrics.running_rows.set(len(self.engine.batch.running))
 

@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
-from loraplex_adapters.peft_folder import AdapterFormatError
 from loraplex_adapters.store import AdapterStore
 
 from .auth import BearerAuth
@@ -83,10 +82,9 @@ def load_store(engine: Engine, store: AdapterStore, metrics: Metrics) -> None:
     latest = {m.name: m for m in store.list()}  # list() is ordered by version
     for name, manifest in sorted(latest.items()):
         _, path = store.resolve(name, manifest.version)
-        trained_on = manifest.extra.get("base_fingerprint")
-        if trained_on and trained_on != engine.base.fingerprint and not store.allow_base_mismatch:
-            log.error("adapter %s@%d skipped: trained on base %s, this server runs %s (--allow-base-mismatch "
-                      "serves it anyway)", name, manifest.version, trained_on, engine.base.fingerprint)
+        mismatch = store.base_mismatch(manifest)
+        if mismatch:
+            log.error("adapter %s@%d skipped: %s", name, manifest.version, mismatch)
             continue
         try:
             started = time.perf_counter()
@@ -94,7 +92,7 @@ def load_store(engine: Engine, store: AdapterStore, metrics: Metrics) -> None:
             metrics.adapter_loads.inc()
             metrics.adapter_load_seconds.observe(time.perf_counter() - started)
             log.info("adapter %s@%d loaded", name, manifest.version)
-        except (AdapterFormatError, ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError) as exc:  # AdapterFormatError, SlotsFullError, ...
             log.error("adapter %s@%d skipped: %s", name, manifest.version, exc)
 
 

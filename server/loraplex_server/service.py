@@ -14,7 +14,6 @@ import grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_adapters.manifest import parse_reference
-from loraplex_adapters.peft_folder import AdapterFormatError
 
 from .engine import AdapterNotFound, Engine, WrongTask
 from .metrics import Metrics
@@ -96,12 +95,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     # -- helpers --------------------------------------------------------------------------------
 
     async def _abort_for(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        codes = [
-            ((InvalidRequest, AdapterFormatError), grpc.StatusCode.INVALID_ARGUMENT),
+        codes = [  # first match wins: WrongTask is a ValueError too
             ((AdapterNotFound,), grpc.StatusCode.NOT_FOUND),
             ((WrongTask,), grpc.StatusCode.FAILED_PRECONDITION),
             ((QueueFull,), grpc.StatusCode.RESOURCE_EXHAUSTED),
-            ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),
+            ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),  # InvalidRequest, AdapterFormatError, ...
         ]
         for types, code in codes:
             if isinstance(exc, types):
