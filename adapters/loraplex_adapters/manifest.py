@@ -25,6 +25,9 @@ class Manifest:
     labels: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "labels": self.labels, **self.extra}
+
 
 def check_name(name: str) -> str:
     if not _NAME.match(name) or ".." in name:
@@ -63,5 +66,4 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    data = {"name": manifest.name, "version": manifest.version, "labels": manifest.labels, **manifest.extra}
-    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")

@@ -15,16 +15,25 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .manifest import MANIFEST_FILE, Manifest, check_name, read_manifest, write_manifest
-from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, load_peft_folder
+from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, LoraAdapter, load_peft_folder
 
 ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 
 
 class AdapterNotInStore(KeyError):
     pass
+
+
+class AdapterTooLarge(AdapterFormatError):
+    """Past the store's size limit (an upload or archive that is too big)."""
+
+
+class BaseMismatch(AdapterFormatError):
+    """The adapter was trained on another base model."""
 
 
 def _sha256(path: Path) -> str:
@@ -48,7 +57,11 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> Path:
     """Unpack a .tar/.tar.gz of one PEFT folder, refusing links, special files, paths that leave the
     folder and archives that unpack past max_bytes. Returns the folder holding adapter_config.json."""
     total = 0
-    with tarfile.open(archive) as tar:
+    try:
+        tar = tarfile.open(archive)
+    except tarfile.TarError as exc:
+        raise AdapterFormatError(f"not a .tar or .tar.gz archive ({exc})") from None
+    with tar:
         members = tar.getmembers()
         for member in members:
             name = member.name
@@ -61,7 +74,7 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> Path:
                 raise AdapterFormatError(f"archive member {name!r} escapes the adapter folder")
             total += member.size
             if total > max_bytes:
-                raise AdapterFormatError(f"archive unpacks to more than the {max_bytes} byte limit")
+                raise AdapterTooLarge(f"archive unpacks to more than the {max_bytes} byte limit")
         tar.extractall(target, filter="data")
     configs = sorted(target.rglob(CONFIG_FILE))
     if len(configs) != 1:
@@ -71,8 +84,12 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> Path:
 
 class AdapterStore:
     def __init__(self, root: str | Path, base_fingerprint: str | None = None, max_rank: int = 256,
-                 max_bytes: int = 512 * 1024 * 1024, allow_base_mismatch: bool = False) -> None:
+                 max_bytes: int = 512 * 1024 * 1024, allow_base_mismatch: bool = False,
+                 check_fits: Callable[[LoraAdapter], None] | None = None) -> None:
+        """check_fits raises AdapterFormatError when an adapter does not fit the served base (target
+        modules, shapes); the server passes its slot table's check."""
         self.root = Path(root)
+        self.check_fits = check_fits
         self.adapters_dir = self.root / "adapters"
         self.staging = self.root / "staging"
         self.base_fingerprint = base_fingerprint
@@ -99,6 +116,9 @@ class AdapterStore:
         self._index = index
 
     # -- reading --------------------------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self._index
 
     def list(self) -> list[Manifest]:
         return [m for versions in sorted(self._index.items()) for _, m in sorted(versions[1].items())]
@@ -134,7 +154,7 @@ class AdapterStore:
                                          f"{', '.join(sorted(ALLOWED_FILES))}")
         size = sum(p.stat().st_size for p in folder.iterdir())
         if size > self.max_bytes:
-            raise AdapterFormatError(f"adapter is {size} bytes, over the {self.max_bytes} byte limit")
+            raise AdapterTooLarge(f"adapter is {size} bytes, over the {self.max_bytes} byte limit")
         adapter = load_peft_folder(folder)
         if adapter.max_rank > self.max_rank:
             raise AdapterFormatError(f"rank {adapter.max_rank} is above the server's max rank {self.max_rank}")
@@ -146,7 +166,9 @@ class AdapterStore:
                                          f"{adapter.head.num_labels} outputs")
         mismatch = self.base_mismatch(manifest)
         if mismatch:
-            raise AdapterFormatError(mismatch)
+            raise BaseMismatch(mismatch)
+        if self.check_fits is not None:
+            self.check_fits(adapter)
         manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
                               size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               sha256={p.name: _sha256(p) for p in sorted(folder.iterdir())})

@@ -37,16 +37,28 @@ class Metrics:
                                  registry=r)
         self.in_flight = Gauge("loraplex_in_flight_requests", "Requests accepted and not finished", registry=r)
         self.running_rows = Gauge("loraplex_running_rows", "Generation rows in the running batch", registry=r)
-        self.adapter_loads = Counter("loraplex_adapter_loads", "Adapters written into device slots", registry=r)
-        self.adapter_load_seconds = Histogram("loraplex_adapter_load_seconds", "Time to load an adapter into a slot",
-                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_lookups = Counter(
+            "loraplex_adapter_lookups", "Adapter lookups by the tier that had it: device (slot hit), host (copied "
+            "into a slot), disk (read from the store first)", ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram(
+            "loraplex_adapter_load_seconds", "Adapter load time: from host memory into a slot, or from disk into "
+            "host memory", ["source"], buckets=(0.001, 0.0025, *LATENCY_BUCKETS), registry=r)
+        self.adapter_evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from device slots",
+                                         registry=r)
+        self.device_adapters = Gauge("loraplex_device_adapters", "Adapters in device slots", registry=r)
+        self.device_adapter_bytes = Gauge("loraplex_device_adapter_bytes", "Bytes of adapters in device slots",
+                                          registry=r)
+        self.host_adapter_bytes = Gauge("loraplex_host_adapter_bytes", "Bytes of adapters in host memory",
+                                        registry=r)
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
 
     def adapter_label(self, adapter: str | None) -> str:
+        """The bounded label of an adapter name (a `name@version` key counts under its name)."""
         if not adapter:
             return "base"
+        adapter = adapter.split("@")[0]
         with self._lock:
             if adapter in self._labels:
                 return adapter

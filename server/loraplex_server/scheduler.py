@@ -1,8 +1,9 @@
-"""One thread owns the engine; asyncio handlers hand it work and await results.
+"""One thread owns the engine and its adapter cache; asyncio handlers hand it work and await results.
 
 Between engine steps the thread drains everything that arrived: all pending classify requests,
-whatever their adapters, go through one forward pass (split only by `max_batch` rows); new
-generation requests join the running batch; cancelled ones leave it.
+whatever their adapters, go through shared forward passes (split by `max_batch` rows and by device
+room); new generation requests join the running batch; cancelled ones leave it. A request whose
+adapter is only on disk waits, without holding anyone up, until the loader thread has read it.
 """
 
 from __future__ import annotations
@@ -15,39 +16,60 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .adapter_cache import AdapterCache
 from .engine import Classification, Engine
 from .metrics import Metrics
 from .sequence import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
+Done = Callable[[object, BaseException | None], None]
+
 
 class QueueFull(RuntimeError):
     """As many requests as the server accepts are already in flight; retry later."""
 
 
-@dataclass
-class _ClassifyJob:
+@dataclass(kw_only=True)
+class _Job:
+    key: str | None  # the adapter as `name@version`; None for the base model
+    done: Done
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(kw_only=True)
+class _ClassifyJob(_Job):
     token_ids: list[list[int]]
-    adapter: str
-    done: Callable[[list[Classification] | None, BaseException | None], None]
-    arrived: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class _SubmitJob:
+@dataclass(kw_only=True)
+class _SubmitJob(_Job):
     request: GenerationRequest
-    done: Callable[[BaseException | None], None]
-    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(kw_only=True)
+class _WarmJob(_Job):
+    """Load an adapter into a device slot (and maybe pin it) once it is in memory."""
+
+    pin: bool
+
+
+@dataclass(kw_only=True)
+class _CallJob(_Job):
+    """Run a function on the engine thread (adapter management)."""
+
+    fn: Callable[[], object]
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_pending: int = 256, max_batch: int = 64) -> None:
-        self.engine = engine
-        self.metrics = metrics
+    def __init__(self, engine: Engine, cache: AdapterCache, metrics: Metrics, max_pending: int = 256,
+                 max_batch: int = 64) -> None:
+        self.engine, self.cache, self.metrics = engine, cache, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running
         self.max_batch = max_batch
         self._inbox: queue.Queue = queue.Queue()
+        self._pending: list[_Job] = []  # taken from the inbox, waiting for device room
+        self._waiting: dict[str, list[_Job]] = {}  # adapter key -> jobs waiting for its disk read
         self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -59,8 +81,9 @@ class Scheduler:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=30)
+        self.cache.close()
 
-    def _put(self, job) -> None:
+    def _put(self, job: _Job) -> None:
         with self._lock:
             if self._in_flight >= self.max_pending:
                 raise QueueFull(f"{self._in_flight} requests are in flight, the server's limit; retry later")
@@ -80,19 +103,31 @@ class Scheduler:
 
     # -- asyncio side ---------------------------------------------------------------------------
 
-    async def classify(self, token_ids: list[list[int]], adapter: str) -> list[Classification]:
+    async def _job(self, make: Callable[[Done], _Job]):
+        """Queue a job and await its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
-        def done(results, error):
+        def done(result, error):
             self._finished()
-            loop.call_soon_threadsafe(_resolve, future, results, error)
+            loop.call_soon_threadsafe(_resolve, future, result, error)
 
-        self._put(_ClassifyJob(token_ids, adapter, done))
+        self._put(make(done))
         return await future
 
+    async def classify(self, token_ids: list[list[int]], key: str) -> list[Classification]:
+        return await self._job(lambda done: _ClassifyJob(key=key, done=done, token_ids=token_ids))
+
+    async def warm(self, key: str, pin: bool) -> None:
+        await self._job(lambda done: _WarmJob(key=key, done=done, pin=pin))
+
+    async def call(self, fn: Callable[[], object]):
+        """Run fn on the engine thread, between steps."""
+        return await self._job(lambda done: _CallJob(key=None, done=done, fn=fn))
+
     async def submit(self, request: GenerationRequest) -> asyncio.Queue[TokenEvent]:
-        """Queue a generation; returns the queue its token events arrive on."""
+        """Queue a generation (request.adapter is a `name@version` key); returns the queue its token
+        events arrive on."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
@@ -102,14 +137,14 @@ class Scheduler:
                 self._finished()
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def accepted_or_not(error: BaseException | None) -> None:
+        def accepted_or_not(_, error: BaseException | None) -> None:
             if error is not None:
                 self._finished()
             loop.call_soon_threadsafe(_resolve, accepted, None, error)
 
         request.on_event = on_event
         accepted = loop.create_future()
-        self._put(_SubmitJob(request, accepted_or_not))
+        self._put(_SubmitJob(key=request.adapter, done=accepted_or_not, request=request))
         try:
             await accepted
         except asyncio.CancelledError:  # the caller left before the engine took the request
@@ -124,19 +159,12 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            jobs = self._drain(block=not self.engine.has_work)
-            classify = [job for job in jobs if isinstance(job, _ClassifyJob)]
-            for job in jobs:
-                if isinstance(job, _SubmitJob):
-                    try:
-                        self.engine.submit(job.request)
-                        job.done(None)
-                    except Exception as exc:  # bad request: reported to its caller only
-                        job.done(exc)
-                elif isinstance(job, tuple):
-                    self.engine.cancel(job[1])
-            if classify:
-                self._classify(classify)
+            for job in self._drain(block=not self.engine.has_work):
+                if isinstance(job, tuple):
+                    self._control(*job)
+                else:
+                    self._pending.append(job)
+            self._dispatch()
             if self.engine.has_work:
                 try:
                     self.engine.step()
@@ -146,6 +174,21 @@ class Scheduler:
                     for request_id in self.engine.running_request_ids():
                         self.engine.cancel(request_id)
                 self.metrics.running_rows.set(len(self.engine.batch.running))
+
+    def _control(self, kind: str, arg) -> None:
+        if kind == "cancel":
+            self.engine.cancel(arg)
+            for jobs in (self._pending, *self._waiting.values()):
+                for job in [j for j in jobs if isinstance(j, _SubmitJob) and j.request.request_id == arg]:
+                    jobs.remove(job)
+                    job.done(None, asyncio.CancelledError())
+        elif kind == "arrived":  # a disk read finished: its jobs go on, or fail with its error
+            error = self.cache.arrived(arg)
+            for job in self._waiting.pop(arg, []):
+                if error is None:
+                    self._pending.append(job)
+                else:
+                    job.done(None, error)
 
     def _drain(self, block: bool) -> list:
         jobs = []
@@ -159,11 +202,72 @@ class Scheduler:
         for job in jobs:
             if not isinstance(job, tuple):
                 self.metrics.queue_depth.dec()
-                method = "Classify" if isinstance(job, _ClassifyJob) else "Generate"
+                method = {_ClassifyJob: "Classify", _SubmitJob: "Generate"}.get(type(job), "AdapterService")
                 self.metrics.queue_wait.labels(method).observe(now - job.arrived)
         return jobs
 
+    def _dispatch(self) -> None:
+        """Start every pending job whose adapter can be put on the device now; the others keep waiting
+        (for their disk read, or for device room that running generations hold)."""
+        jobs, self._pending = self._pending, []
+        classify = []
+        for job in jobs:
+            if job.key is not None and not self.cache.in_memory(job.key):
+                self._await_disk(job)
+            elif isinstance(job, _ClassifyJob):
+                classify.append(job)
+            else:
+                self._start(job)
+        if classify:
+            self._classify(classify)
+
+    def _await_disk(self, job: _Job) -> None:
+        self._waiting.setdefault(job.key, []).append(job)
+        future = self.cache.fetch(job.key)
+        if future is not None:
+            key = job.key
+            future.add_done_callback(lambda _: self._inbox.put(("arrived", key)))
+
+    def _start(self, job: _Job) -> None:
+        try:
+            if job.key is not None and not self.cache.ensure(job.key, protect=set()):
+                self._pending.append(job)
+                return
+            if isinstance(job, _SubmitJob):
+                self.engine.submit(job.request)
+                result = None
+            elif isinstance(job, _WarmJob):
+                if job.pin:
+                    self.cache.pin(job.key)
+                result = None
+            else:
+                result = job.fn()
+        except Exception as exc:  # bad request: reported to its caller only
+            job.done(None, exc)
+            return
+        job.done(result, None)
+
     def _classify(self, jobs: list[_ClassifyJob]) -> None:
+        """Group jobs whose adapters fit on the device together, and run each group's rows."""
+        group: list[_ClassifyJob] = []
+        for job in jobs:
+            try:
+                placed = self.cache.ensure(job.key, {j.key for j in group})
+                if not placed and group:
+                    self._run_classify(group)
+                    group = []
+                    placed = self.cache.ensure(job.key, set())
+            except Exception as exc:
+                job.done(None, exc)
+                continue
+            if placed:
+                group.append(job)
+            else:
+                self._pending.append(job)
+        if group:
+            self._run_classify(group)
+
+    def _run_classify(self, jobs: list[_ClassifyJob]) -> None:
         """All jobs' rows in shared forward passes of at most max_batch rows."""
         rows = [(job, ids) for job in jobs for ids in job.token_ids]
         results: dict[int, list[Classification]] = {id(job): [] for job in jobs}
@@ -173,7 +277,7 @@ class Scheduler:
             if not chunk:
                 continue
             try:
-                out = self.engine.classify_ids([ids for _, ids in chunk], [job.adapter for job, _ in chunk])
+                out = self.engine.classify_ids([ids for _, ids in chunk], [job.key for job, _ in chunk])
                 self.metrics.observe_batch(self.engine.slots.state.slots)
             except Exception:
                 # One job's bad input must not fail the others: retry them one by one.
@@ -186,7 +290,7 @@ class Scheduler:
                 if id(job) in failed:
                     continue
                 try:
-                    results[id(job)].extend(self.engine.classify_ids([ids], [job.adapter]))
+                    results[id(job)].extend(self.engine.classify_ids([ids], [job.key]))
                 except Exception as exc:
                     failed[id(job)] = exc
         for job in jobs:

@@ -10,16 +10,17 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraplex.v1 import inference_pb2, inference_pb2_grpc
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraplex_adapters.store import AdapterStore
 
+from .adapter_cache import AdapterCache
+from .admin_service import AdapterAdminService
 from .auth import BearerAuth
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
@@ -29,6 +30,24 @@ from .service import InferenceService, Limits
 
 log = logging.getLogger("loraplex.serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ADMIN_SERVICE_NAME = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '1G', '2GiB', '1048576' -> bytes (binary units)."""
+    value = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)") from None
+    return int(number * _UNITS[unit])
+
+
+def default_adapter_dir() -> str:
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return str(Path(data) / "loraplex" / "adapters")
 
 
 def _env(name: str, default):
@@ -46,13 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
                         help="Prometheus metrics over HTTP on --host; 0 turns it off")
-    parser.add_argument("--adapter-dir", default=_env("adapter_dir", None),
-                        help="the adapter store (`loraplex adapters publish ... --store DIR`); the latest version "
-                             "of each adapter is loaded at start")
+    parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
+                        help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         default=bool(_env("allow_base_mismatch", "")),
                         help="serve adapters whose manifest names another base model fingerprint")
-    parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)))
+    parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)),
+                        help="device slots: adapters on the device at once")
+    parser.add_argument("--adapter-memory", type=parse_bytes, default=_env("adapter_memory", "1G"),
+                        help="device bytes for adapter weights; least recently used idle adapters are evicted")
+    parser.add_argument("--host-adapter-memory", type=parse_bytes, default=_env("host_adapter_memory", "4G"),
+                        help="host bytes for adapters kept in memory, ready to swap into a slot")
+    parser.add_argument("--max-rank", type=int, default=int(_env("max_rank", 256)),
+                        help="uploads with a higher LoRA rank are refused")
+    parser.add_argument("--max-upload-bytes", type=parse_bytes, default=_env("max_upload_bytes", "512M"),
+                        help="uploads (and the adapters they unpack to) past this size are refused")
     parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)))
     parser.add_argument("--max-pending", type=int, default=int(_env("max_pending", 256)),
                         help="requests waiting for the engine before new ones get RESOURCE_EXHAUSTED")
@@ -76,38 +103,21 @@ def _split(value: str) -> list[str]:
     return [item for item in value.split(",") if item]
 
 
-def load_store(engine: Engine, store: AdapterStore, metrics: Metrics) -> None:
-    """Load the latest version of every adapter in the store; one that does not fit this base is
-    reported and skipped, never fatal (it stays in the store)."""
-    latest = {m.name: m for m in store.list()}  # list() is ordered by version
-    for name, manifest in sorted(latest.items()):
-        _, path = store.resolve(name, manifest.version)
-        mismatch = store.base_mismatch(manifest)
-        if mismatch:
-            log.error("adapter %s@%d skipped: %s", name, manifest.version, mismatch)
-            continue
-        try:
-            started = time.perf_counter()
-            engine.load_adapter(name, path, labels=manifest.labels or None, version=manifest.version)
-            metrics.adapter_loads.inc()
-            metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-            log.info("adapter %s@%d loaded", name, manifest.version)
-        except (ValueError, RuntimeError) as exc:  # AdapterFormatError, SlotsFullError, ...
-            log.error("adapter %s@%d skipped: %s", name, manifest.version, exc)
-
-
 async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve_http(args.host, args.metrics_port)
     service = InferenceService(metrics, Limits())
+    admin = AdapterAdminService(metrics, args.max_upload_bytes)
     health_servicer = health.aio.HealthServicer()
     interceptors = [BearerAuth(args.token, args.admin_token)] if args.token or args.admin_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", args.max_message_bytes)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{args.host}:{args.port}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
@@ -123,23 +133,23 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     log.info("listening on %s; loading the base model", address)
 
-    def load() -> Engine:
+    def load() -> tuple[Engine, AdapterCache]:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch)
-        if args.adapter_dir:
-            store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint,
-                                 allow_base_mismatch=args.allow_base_mismatch)
-            load_store(engine, store, metrics)
-        return engine
+        store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
+                             max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
+                             check_fits=engine.slots.validate)
+        return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
-    engine = await asyncio.get_running_loop().run_in_executor(None, load)
-    scheduler = Scheduler(engine, metrics, max_pending=args.max_pending, max_batch=args.max_batch)
+    engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)
+    scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending, max_batch=args.max_batch)
     scheduler.start()
-    service.attach(engine, scheduler)
+    service.attach(engine, scheduler, cache)
+    admin.attach(cache, scheduler)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%s, quantize=%s) with %d adapters on %s", engine.base.path.name, engine.base.device,
-             engine.base.quantize, len(engine.adapters), address)
+    log.info("serving %s (%s, quantize=%s) with %d adapter versions in %s on %s", engine.base.path.name,
+             engine.base.device, engine.base.quantize, len(cache.store.list()), args.adapter_dir, address)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,13 +13,14 @@ import grpc
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from loraplex_adapters.manifest import parse_reference
 
-from .engine import AdapterNotFound, Engine, WrongTask
+from .adapter_cache import AdapterCache
+from .engine import Engine, WrongTask
 from .metrics import Metrics
 from .sampling import SamplingParams
-from .scheduler import QueueFull, Scheduler
+from .scheduler import Scheduler
 from .sequence import GenerationRequest
+from .status import abort_for
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -50,9 +51,13 @@ def observed(method):
 
     def finish(self, request, context, started, error):
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
-        adapter_name = request.adapter.split("@")[0]
-        registered = self.engine is not None and adapter_name in self.engine.adapters
-        adapter = self.metrics.adapter_label(adapter_name) if registered or not adapter_name else "unknown"
+        reference = getattr(request, "adapter", None)  # None: an RPC about no single adapter (List, Upload)
+        adapter_name = (reference or "").split("@")[0]
+        registered = self.cache is not None and self.cache.store.has(adapter_name)
+        if reference is None:
+            adapter = "none"
+        else:
+            adapter = self.metrics.adapter_label(adapter_name) if registered or not adapter_name else "unknown"
         self.metrics.requests.labels(name, adapter, _status(context, error)).inc()
 
     if inspect.isasyncgenfunction(method):
@@ -88,38 +93,26 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.limits = limits or Limits()
         self.engine: Engine | None = None  # set once the base model is loaded
         self.scheduler: Scheduler | None = None
+        self.cache: AdapterCache | None = None
 
-    def attach(self, engine: Engine, scheduler: Scheduler) -> None:
-        self.engine, self.scheduler = engine, scheduler
+    def attach(self, engine: Engine, scheduler: Scheduler, cache: AdapterCache) -> None:
+        self.engine, self.scheduler, self.cache = engine, scheduler, cache
 
     # -- helpers --------------------------------------------------------------------------------
-
-    async def _abort_for(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        codes = [  # first match wins: WrongTask is a ValueError too
-            ((AdapterNotFound,), grpc.StatusCode.NOT_FOUND),
-            ((WrongTask,), grpc.StatusCode.FAILED_PRECONDITION),
-            ((QueueFull,), grpc.StatusCode.RESOURCE_EXHAUSTED),
-            ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),  # InvalidRequest, AdapterFormatError, ...
-        ]
-        for types, code in codes:
-            if isinstance(exc, types):
-                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-                await context.abort(code, message)
-        raise exc
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
         return self.engine
 
-    def _adapter_name(self, reference: str) -> str:
-        name, version = parse_reference(reference)
-        loaded = self.engine.adapters.get(name)
-        if loaded is None:
-            raise AdapterNotFound(f"adapter {name!r} is not registered")
-        if version is not None and version != loaded.version:
-            raise AdapterNotFound(f"adapter {name!r} has no version {version} (serving version {loaded.version})")
-        return name
+    def _adapter_key(self, reference: str, task: str) -> str:
+        """The `name@version` key of a registered adapter for `task`."""
+        key, manifest = self.cache.resolve(reference)
+        actual = manifest.extra.get("task")
+        if actual != task:
+            other = "Classify" if actual == "classification" else "Generate"
+            raise WrongTask(f"adapter {key} is a {actual} adapter; use {other}")
+        return key
 
     def _tokens(self, text: str, what: str) -> list[int]:
         ids = self.engine.tokenizer(text)["input_ids"]
@@ -151,17 +144,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         try:
             if not request.adapter:
                 raise WrongTask("classification needs a classification adapter; set `adapter`")
-            name = self._adapter_name(request.adapter)
-            if self.engine.adapters[name].task != "classification":
-                raise WrongTask(f"adapter {name!r} is a generation adapter; use Generate")
+            key = self._adapter_key(request.adapter, "classification")
             if not request.texts:
                 raise InvalidRequest("texts is empty; send at least one text")
             if len(request.texts) > self.limits.max_texts:
                 raise InvalidRequest(f"{len(request.texts)} texts; at most {self.limits.max_texts} per request")
             ids = [self._tokens(text, f"texts[{i}]") for i, text in enumerate(request.texts)]
-            results = await self.scheduler.classify(ids, name)
+            results = await self.scheduler.classify(ids, key)
         except Exception as exc:
-            await self._abort_for(context, exc)
+            await abort_for(context, exc)
         return pb.ClassifyResponse(results=[
             pb.Classification(label=r.label, score=r.score,
                               scores=[pb.LabelScore(label=k, score=v) for k, v in r.scores.items()])
@@ -171,16 +162,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def _start(self, request, context) -> tuple[GenerationRequest, asyncio.Queue]:
         await self._ready(context)
         try:
-            name = self._adapter_name(request.adapter) if request.adapter else None
-            if name is not None and self.engine.adapters[name].task != "generation":
-                raise WrongTask(f"adapter {name!r} is a classification adapter; use Classify")
+            key = self._adapter_key(request.adapter, "generation") if request.adapter else None
             if not request.prompt:
                 raise InvalidRequest("prompt is empty")
-            generation = GenerationRequest(self._tokens(request.prompt, "prompt"), name,
+            generation = GenerationRequest(self._tokens(request.prompt, "prompt"), key,
                                            self._sampling(request.sampling))
             events = await self.scheduler.submit(generation)
         except Exception as exc:
-            await self._abort_for(context, exc)
+            await abort_for(context, exc)
         return generation, events
 
     async def _events(self, generation: GenerationRequest, events: asyncio.Queue):

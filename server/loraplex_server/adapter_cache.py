@@ -1,0 +1,208 @@
+"""Adapter cache tiers: device slots (bounded in bytes) <- host-memory LRU (bounded in bytes) <- the store.
+
+Adapters live in the engine under the key `name@version`, so a new version never overwrites the one
+running requests use: both sit in slots until the old one is idle and evicted. Eviction takes the
+least recently used device adapter that no running request uses (the engine's `in_flight`), that
+is not pinned and that the batch being built does not need.
+
+The engine thread owns this object; other threads only call `resolve` and `residency`, which read.
+Disk reads run on a loader thread, so a cold adapter never stalls the forward passes of resident ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from loraplex_adapters.manifest import Manifest, parse_reference
+from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
+from loraplex_adapters.store import AdapterNotInStore, AdapterStore, AdapterTooLarge
+
+from .engine import AdapterInUse, AdapterNotFound, Engine
+from .metrics import Metrics
+
+
+class WrongBase(RuntimeError):
+    """The adapter is registered but was trained on another base model."""
+
+
+class PinRefused(RuntimeError):
+    """Pinning this adapter would leave no room for the others."""
+
+
+@dataclass
+class HostEntry:
+    adapter: LoraAdapter
+    manifest: Manifest
+    host_bytes: int  # as held in host memory
+    device_bytes: int  # once written into device slots
+
+
+def adapter_key(name: str, version: int) -> str:
+    return f"{name}@{version}"
+
+
+def split_key(key: str) -> tuple[str, int]:
+    name, version = key.rsplit("@", 1)
+    return name, int(version)
+
+
+def _bytes(adapter: LoraAdapter, element_size: int | None = None) -> int:
+    tensors = [t for m in adapter.modules.values() for t in (m.A, m.B)]
+    if adapter.head is not None:
+        tensors += [t for t in (adapter.head.weight, adapter.head.bias) if t is not None]
+    return sum(t.numel() * (element_size or t.element_size()) for t in tensors)
+
+
+class AdapterCache:
+    def __init__(self, engine: Engine, store: AdapterStore, device_bytes: int, host_bytes: int,
+                 metrics: Metrics) -> None:
+        self.engine, self.store, self.metrics = engine, store, metrics
+        self.device_bytes, self.host_bytes = device_bytes, host_bytes
+        self.device: OrderedDict[str, int] = OrderedDict()  # key -> device bytes, least recently used first
+        self.host: OrderedDict[str, HostEntry] = OrderedDict()
+        self.pinned: set[str] = set()
+        self.loading: dict[str, tuple[Future, float]] = {}
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="loraplex-loader")
+        self._element_size = torch.empty(0, dtype=engine.base.dtype).element_size()
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # -- any thread ------------------------------------------------------------------------------
+
+    def resolve(self, reference: str) -> tuple[str, Manifest]:
+        """'name' (latest) or 'name@N' -> (key, manifest); NOT_FOUND / wrong-base errors say why."""
+        name, version = parse_reference(reference)
+        try:
+            manifest, _ = self.store.resolve(name, version)
+        except AdapterNotInStore as exc:
+            raise AdapterNotFound(exc.args[0]) from None
+        mismatch = self.store.base_mismatch(manifest)
+        if mismatch:
+            raise WrongBase(f"adapter {manifest.name}@{manifest.version}: {mismatch}")
+        return adapter_key(manifest.name, manifest.version), manifest
+
+    def residency(self, key: str) -> str:
+        if key in self.device:
+            return "device"
+        return "host" if key in self.host else "disk"
+
+    @property
+    def used_device_bytes(self) -> int:
+        return sum(self.device.values())
+
+    # -- engine thread ---------------------------------------------------------------------------
+
+    def in_memory(self, key: str) -> bool:
+        return key in self.device or key in self.host
+
+    def fetch(self, key: str) -> Future | None:
+        """Start reading `key` from disk on the loader thread; returns the future when a read was
+        started now (the caller hands its completion to `arrived`), None when one is already running."""
+        if key in self.loading:
+            return None
+        self.metrics.adapter_lookups.labels("disk").inc()
+        future = self._loader.submit(self._read, key)
+        self.loading[key] = (future, time.perf_counter())
+        return future
+
+    def _read(self, key: str) -> HostEntry:  # loader thread
+        name, version = split_key(key)
+        try:
+            manifest, folder = self.store.resolve(name, version)
+            adapter = load_peft_folder(folder)
+        except (AdapterNotInStore, FileNotFoundError):  # deleted since the request resolved it
+            raise AdapterNotFound(f"adapter {key} was deleted") from None
+        return HostEntry(adapter, manifest, _bytes(adapter), _bytes(adapter, self._element_size))
+
+    def arrived(self, key: str) -> BaseException | None:
+        """Take a finished disk read into the host tier; returns its error, if it failed."""
+        future, started = self.loading.pop(key)
+        try:
+            entry = future.result()
+        except Exception as exc:
+            return exc
+        self.metrics.adapter_load_seconds.labels("disk").observe(time.perf_counter() - started)
+        self.host[key] = entry
+        self._trim_host(keep=key)
+        return None
+
+    def _trim_host(self, keep: str) -> None:
+        total = sum(e.host_bytes for e in self.host.values())
+        for key in list(self.host):
+            if total <= self.host_bytes:
+                break
+            if key != keep and key not in self.device:  # device adapters stay, so eviction is a warm swap
+                total -= self.host.pop(key).host_bytes
+        self.metrics.host_adapter_bytes.set(total)
+
+    def ensure(self, key: str, protect: set[str]) -> bool:
+        """Put an in-memory adapter into a device slot, evicting idle ones that are not pinned or in
+        `protect`. False when there is no room now (running requests or pins hold it)."""
+        if key in self.device:
+            self.device.move_to_end(key)
+            self.metrics.adapter_lookups.labels("device").inc()
+            return True
+        entry = self.host[key]
+        if entry.device_bytes > self.device_bytes:
+            raise AdapterTooLarge(f"adapter {key} needs {entry.device_bytes} bytes on the device, more than "
+                                  f"the server's --adapter-memory of {self.device_bytes}")
+        while self.engine.slots.free_slots == 0 or self.used_device_bytes + entry.device_bytes > self.device_bytes:
+            victim = next((k for k in self.device if k not in protect and k not in self.pinned
+                           and self.engine.adapters[k].in_flight == 0), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        started = time.perf_counter()
+        self.engine.load_adapter(key, entry.adapter, labels=entry.manifest.labels or None,
+                                 version=entry.manifest.version)
+        self.device[key] = entry.device_bytes
+        self.host.move_to_end(key)
+        self.metrics.adapter_lookups.labels("host").inc()
+        self.metrics.adapter_load_seconds.labels("host").observe(time.perf_counter() - started)
+        self._gauge()
+        return True
+
+    def _evict(self, key: str) -> None:
+        self.engine.unload_adapter(key)
+        del self.device[key]
+        self.pinned.discard(key)
+        self.metrics.adapter_evictions.inc()
+        self._gauge()
+
+    def _gauge(self) -> None:
+        self.metrics.device_adapters.set(len(self.device))
+        self.metrics.device_adapter_bytes.set(self.used_device_bytes)
+
+    def pin(self, key: str) -> None:
+        """Keep a device adapter from eviction; at least one slot and half the bytes stay unpinned."""
+        if key in self.pinned:
+            return
+        pinned_bytes = sum(self.device[k] for k in self.pinned) + self.device[key]
+        if len(self.pinned) + 2 > self.engine.slots.num_slots - 1 or pinned_bytes > self.device_bytes // 2:
+            raise PinRefused(f"pinning {key} would leave too little device room for other adapters "
+                             f"({len(self.pinned)} pinned; unpin one or raise --adapter-memory/--max-adapters)")
+        self.pinned.add(key)
+
+    def unload(self, key: str) -> None:
+        """Drop a device adapter now (it stays in the host tier and the store)."""
+        if key not in self.device:
+            return
+        in_flight = self.engine.adapters[key].in_flight
+        if in_flight:
+            raise AdapterInUse(f"adapter {key} is used by {in_flight} running request(s); retry when they finish")
+        self._evict(key)
+
+    def forget(self, key: str) -> None:
+        """The version was deleted from the store: drop its copies, except a slot still in use, which
+        the LRU takes once idle (no new request can resolve it any more)."""
+        self.host.pop(key, None)
+        self.pinned.discard(key)
+        if key in self.device and not self.engine.adapters[key].in_flight:
+            self._evict(key)
+        self._trim_host(keep="")

@@ -1,0 +1,164 @@
+"""gRPC AdapterService: upload into the store, list, get, delete, load and unload adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from loraplex.v1 import adapters_pb2 as pb
+from loraplex.v1 import adapters_pb2_grpc as pb_grpc
+from loraplex_adapters.manifest import Manifest, check_name, parse_reference
+from loraplex_adapters.store import AdapterStore, AdapterTooLarge
+
+from .adapter_cache import AdapterCache, adapter_key
+from .scheduler import Scheduler
+from .service import InvalidRequest, observed
+from .status import abort_for
+
+RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AdapterAdminService(pb_grpc.AdapterServiceServicer):
+    def __init__(self, metrics, max_upload_bytes: int) -> None:
+        self.metrics = metrics
+        self.max_upload_bytes = max_upload_bytes
+        self.cache: AdapterCache | None = None  # set once the base model is loaded
+        self.scheduler: Scheduler | None = None
+
+    def attach(self, cache: AdapterCache, scheduler: Scheduler) -> None:
+        self.cache, self.scheduler = cache, scheduler
+
+    @property
+    def store(self) -> AdapterStore:
+        return self.cache.store
+
+    async def _ready(self, context) -> None:
+        if self.cache is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
+
+    def _info(self, manifest: Manifest) -> pb.AdapterInfo:
+        extra, key = manifest.extra, adapter_key(manifest.name, manifest.version)
+        return pb.AdapterInfo(
+            name=manifest.name, version=manifest.version, task=extra.get("task", ""), labels=manifest.labels,
+            rank=extra.get("rank", 0), target_modules=extra.get("target_modules", []),
+            size_bytes=extra.get("size", 0), created=extra.get("created", ""),
+            base_fingerprint=extra.get("base_fingerprint") or "", residency=RESIDENCY[self.cache.residency(key)],
+            pinned=key in self.cache.pinned, manifest_json=json.dumps(manifest.to_dict(), sort_keys=True))
+
+    # -- upload ---------------------------------------------------------------------------------
+
+    def _check_metadata(self, message: pb.UploadRequest) -> tuple[pb.UploadMetadata, dict]:
+        if not message.HasField("metadata"):
+            raise InvalidRequest("the first upload message must carry the metadata, then the archive's chunks")
+        meta = message.metadata
+        check_name(meta.name)
+        if meta.size_bytes <= 0:
+            raise InvalidRequest("size_bytes must be the archive's size, > 0")
+        if meta.size_bytes > self.max_upload_bytes:
+            raise AdapterTooLarge(f"upload of {meta.size_bytes} bytes is over the server's limit of "
+                                  f"{self.max_upload_bytes} bytes")
+        if not _SHA256.match(meta.sha256):
+            raise InvalidRequest("sha256 must be the archive's hex sha256 (64 lowercase hex digits)")
+        try:
+            metrics = json.loads(meta.metrics_json) if meta.metrics_json else {}
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"metrics_json is not valid JSON ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise InvalidRequest("metrics_json must be a JSON object")
+        return meta, metrics
+
+    async def _receive(self, requests, meta: pb.UploadMetadata, path: Path) -> None:
+        """Write the chunks to `path`, checking the size as they come and the checksum at the end."""
+        digest, received = hashlib.sha256(), 0
+        with path.open("wb") as f:
+            async for message in requests:
+                if not message.HasField("chunk"):
+                    raise InvalidRequest("metadata may only come once, in the first message")
+                received += len(message.chunk)
+                if received > meta.size_bytes:
+                    raise InvalidRequest(f"received more than the declared {meta.size_bytes} bytes")
+                digest.update(message.chunk)
+                f.write(message.chunk)
+        if received != meta.size_bytes:
+            raise InvalidRequest(f"upload ended after {received} of the declared {meta.size_bytes} bytes")
+        if digest.hexdigest() != meta.sha256:
+            raise InvalidRequest(f"checksum mismatch: the archive's sha256 is {digest.hexdigest()}, the metadata "
+                                 f"says {meta.sha256}")
+
+    @observed
+    async def Upload(self, requests, context) -> pb.UploadResponse:
+        await self._ready(context)
+        path = None
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None:
+                raise InvalidRequest("empty upload: send the metadata, then the archive's chunks")
+            meta, metrics = self._check_metadata(first)
+            fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.store.staging)
+            os.close(fd)
+            path = Path(name)
+            await self._receive(requests, meta, path)
+            manifest = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.store.publish(path, meta.name, labels=list(meta.labels),
+                                                 base_fingerprint=meta.base_fingerprint or None, metrics=metrics))
+        except Exception as exc:
+            await abort_for(context, exc)
+        finally:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        return pb.UploadResponse(adapter=self._info(manifest))
+
+    # -- the rest -------------------------------------------------------------------------------
+
+    @observed
+    async def List(self, request: pb.ListRequest, context) -> pb.ListResponse:
+        await self._ready(context)
+        return pb.ListResponse(adapters=[self._info(m) for m in self.store.list()])
+
+    @observed
+    async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
+        await self._ready(context)
+        try:
+            manifest, _ = self.store.resolve(*parse_reference(request.adapter))
+        except Exception as exc:
+            await abort_for(context, exc)
+        return pb.GetResponse(adapter=self._info(manifest))
+
+    @observed
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        await self._ready(context)
+        try:
+            name, version = parse_reference(request.adapter)
+            versions = await asyncio.get_running_loop().run_in_executor(None, self.store.delete, name, version)
+            await self.scheduler.call(lambda: [self.cache.forget(adapter_key(name, v)) for v in versions])
+        except Exception as exc:
+            await abort_for(context, exc)
+        return pb.DeleteResponse(versions=versions)
+
+    @observed
+    async def Load(self, request: pb.LoadRequest, context) -> pb.LoadResponse:
+        await self._ready(context)
+        try:
+            key, manifest = self.cache.resolve(request.adapter)
+            await self.scheduler.warm(key, request.pin)
+        except Exception as exc:
+            await abort_for(context, exc)
+        return pb.LoadResponse(adapter=self._info(manifest))
+
+    @observed
+    async def Unload(self, request: pb.UnloadRequest, context) -> pb.UnloadResponse:
+        await self._ready(context)
+        try:
+            key, manifest = self.cache.resolve(request.adapter)
+            await self.scheduler.call(lambda: self.cache.unload(key))
+        except Exception as exc:
+            await abort_for(context, exc)
+        return pb.UnloadResponse(adapter=self._info(manifest))
