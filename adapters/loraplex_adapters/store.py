@@ -158,6 +158,9 @@ class AdapterStore:
         adapter = load_peft_folder(folder)
         if adapter.max_rank > self.max_rank:
             raise AdapterFormatError(f"rank {adapter.max_rank} is above the server's max rank {self.max_rank}")
+        if adapter.head is None and manifest.labels:
+            raise AdapterFormatError("label names given, but the adapter has no classification head (save it "
+                                     "with the task's head in modules_to_save)")
         if adapter.head is not None:
             if not manifest.labels:
                 raise AdapterFormatError("a classification adapter needs label names")

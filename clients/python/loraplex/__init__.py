@@ -1,12 +1,9 @@
 """loraplex client SDK (grpc + protobuf only; no torch)."""
 
-from .client import (
-    AsyncClient,
-    Classification,
-    Client,
+from .adapters import AdapterInfo
+from .client import AsyncClient, Classification, Client, Generation, GenerationChunk
+from .errors import (
     FailedPrecondition,
-    Generation,
-    GenerationChunk,
     InvalidArgument,
     LoraplexError,
     NotFound,
@@ -16,5 +13,6 @@ from .client import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["AsyncClient", "Classification", "Client", "FailedPrecondition", "Generation", "GenerationChunk",
-           "InvalidArgument", "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]
+__all__ = ["AdapterInfo", "AsyncClient", "Classification", "Client", "FailedPrecondition", "Generation",
+           "GenerationChunk", "InvalidArgument", "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated",
+           "Unavailable"]

@@ -1,12 +1,15 @@
-"""The `loraplex` command: serve, classify, generate, health."""
+"""The `loraplex` command: serve, classify, generate, health, and `adapters ...` management."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from .client import Client, LoraplexError
+from .adapters import AdapterInfo, ProgressBar
+from .client import Client
+from .errors import LoraplexError
 
 
 def _client(args) -> Client:
@@ -39,6 +42,81 @@ def _health(args) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def _upload(args) -> int:
+    show = args.progress or (args.progress is None and sys.stderr.isatty())
+    progress = ProgressBar(f"upload {args.name}", sys.stderr) if show else None
+    with _client(args) as client:
+        info = client.adapters.upload(args.path, name=args.name, labels=[x for x in args.labels.split(",") if x],
+                                      metrics=json.loads(args.metrics) if args.metrics else None, progress=progress)
+    print(f"uploaded {info.reference} ({info.task}, rank {info.rank}, {info.size_bytes} bytes)")
+    return 0
+
+
+def _row(info: AdapterInfo) -> str:
+    return (f"{info.reference:<32} {info.task:<15} {info.rank:>4} {info.size_bytes:>12} {info.residency:<7} "
+            f"{'pinned' if info.pinned else '':<6} {info.created}")
+
+
+def _list(args) -> int:
+    with _client(args) as client:
+        adapters = client.adapters.list()
+    print(f"{'ADAPTER':<32} {'TASK':<15} {'RANK':>4} {'BYTES':>12} {'WHERE':<7} {'':<6} CREATED")
+    for info in adapters:
+        print(_row(info))
+    return 0
+
+
+def _show(args) -> int:
+    with _client(args) as client:
+        info = client.adapters.get(args.adapter)
+    print(json.dumps({**info.manifest, "residency": info.residency, "pinned": info.pinned}, indent=2))
+    return 0
+
+
+def _rm(args) -> int:
+    with _client(args) as client:
+        versions = client.adapters.delete(args.adapter)
+    name = args.adapter.split("@")[0]
+    print("deleted " + ", ".join(f"{name}@{v}" for v in versions))
+    return 0
+
+
+def _load(args) -> int:
+    with _client(args) as client:
+        print(_row(client.adapters.load(args.adapter, pin=args.pin)))
+    return 0
+
+
+def _unload(args) -> int:
+    with _client(args) as client:
+        print(_row(client.adapters.unload(args.adapter)))
+    return 0
+
+
+def _adapter_commands(commands) -> None:
+    adapters = commands.add_parser("adapters", help="manage a server's adapters (admin token)")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    actions.add_parser("publish", help="add an adapter to a local store (see `loraplex adapters publish --help`)")
+    upload = actions.add_parser("upload", help="upload a PEFT folder or .tar/.tar.gz as the next version of NAME")
+    upload.add_argument("path")
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--labels", default="", help="comma-separated label names of a classification adapter")
+    upload.add_argument("--metrics", default=None, help="training metrics to keep in the manifest, as JSON")
+    upload.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when stderr is a terminal)")
+    upload.set_defaults(run=_upload)
+    actions.add_parser("list", help="every registered version").set_defaults(run=_list)
+    for action, run, text in (("show", _show, "print a version's manifest (NAME is the latest)"),
+                              ("rm", _rm, "delete NAME@VERSION, or every version of NAME"),
+                              ("load", _load, "put an adapter into a device slot now"),
+                              ("unload", _unload, "drop an adapter from the device (it stays registered)")):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("adapter", help="NAME or NAME@VERSION")
+        command.set_defaults(run=run)
+        if action == "load":
+            command.add_argument("--pin", action="store_true", help="never evict it")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the server needs torch; the rest of the CLI must not import it
@@ -60,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEM of a private CA (implies TLS)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the server (see `loraplex serve --help`)")
-    adapters = commands.add_parser("adapters", help="manage adapters")
-    adapters.add_subparsers(dest="action", required=True).add_parser(
-        "publish", help="add an adapter to a local store (see `loraplex adapters publish --help`)")
+    _adapter_commands(commands)
     classify = commands.add_parser("classify", help="classify texts with a classification adapter")
     classify.add_argument("--adapter", required=True)
     classify.add_argument("texts", nargs="+")
@@ -78,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except LoraplexError as exc:
+    except (LoraplexError, OSError, ValueError) as exc:  # ValueError: bad --metrics JSON
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

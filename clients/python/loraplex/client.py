@@ -11,49 +11,10 @@ import grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
+from .adapters import Adapters
+from .errors import error_from
+
 FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-
-
-class LoraplexError(Exception):
-    """A failed call; `code` is the gRPC status code, `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
-
-
-class NotFound(LoraplexError):
-    pass
-
-
-class InvalidArgument(LoraplexError):
-    pass
-
-
-class FailedPrecondition(LoraplexError):
-    pass
-
-
-class Unavailable(LoraplexError):
-    pass
-
-
-class Unauthenticated(LoraplexError):
-    pass
-
-
-class ResourceExhausted(LoraplexError):
-    pass
-
-
-_ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-           grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.UNAVAILABLE: Unavailable,
-           grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
-
-
-def error_from(exc: grpc.RpcError) -> LoraplexError:
-    code = exc.code()
-    return _ERRORS.get(code, LoraplexError)(code, exc.details() or "")
 
 
 @dataclass
@@ -135,6 +96,7 @@ class Client:
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(token)
         self.timeout, self.retries = timeout, retries
+        self.adapters = Adapters(self._channel, self._metadata, timeout, self._call)
 
     def close(self) -> None:
         self._channel.close()
