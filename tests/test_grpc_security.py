@@ -71,3 +71,17 @@ def test_oversized_message_is_resource_exhausted(secured):
     with pytest.raises(ResourceExhausted):
         client.classify(["x" * (100 * 1024)], adapter=CLS)
     assert len(client.classify(["still serving"], adapter=CLS)) == 1
+
+
+def test_adapter_management_needs_an_admin_token(secured, tiny):
+    port, cert, user = secured
+    folder = tiny("llama")[1][CLS][0]
+    with pytest.raises(Unauthenticated, match="admin token"):
+        user.adapters.list()
+    with pytest.raises(Unauthenticated, match="admin token"):
+        user.adapters.upload(folder, name="by-user", labels=["a", "b", "c"])
+    with Client(f"localhost:{port}", token="admin-1", ca_cert=str(cert), retries=0) as admin:
+        assert admin.adapters.upload(folder, name="by-admin", labels=["a", "b", "c"]).version == 1
+        assert user.classify(["hello"], adapter="by-admin")[0].label in {"a", "b", "c"}
+        assert admin.adapters.delete("by-admin") == [1]
+        assert "by-user" not in {info.name for info in admin.adapters.list()}
