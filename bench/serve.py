@@ -40,16 +40,17 @@ TEXTS = ["great movie", "awful plot", "fine acting, slow start", "I loved it", "
          "the music was lovely", "what a waste of time"]
 
 
-def make_classifiers(base_dir: Path, store: AdapterStore, count: int) -> list[str]:
-    """`count` random 3-label classifiers published into the store the server will serve."""
+def make_classifiers(base_dir: Path, store: AdapterStore, count: int, rank: int = 8) -> list[str]:
+    """`count` random 3-label rank-`rank` classifiers on q/v published into the store the server will serve."""
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(LABELS),
                                                                dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank,
                                                   target_modules=["q_proj", "v_proj"]))
     with tempfile.TemporaryDirectory() as scratch:
-        for folder in random_copies(peft_model, Path(scratch), count, "cls", 0.05):
+        folders = random_copies(peft_model, Path(scratch), count, "cls", 0.05)
+        for folder in folders:
             store.publish(folder, folder.name, labels=LABELS)
-    return [f"cls{i:02d}" for i in range(count)]
+    return [folder.name for folder in folders]
 
 
 def free_port() -> int:
@@ -58,6 +59,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(store_root: Path, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int, int]:
+    """`loraplex serve` on the embedded base and this store; returns once it reports SERVING."""
+    port, metrics_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
+                               str(metrics_port), "--adapter-dir", str(store_root), "--max-pending", "1024",
+                               *extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:
+        for _ in range(600):
+            try:
+                if probe.health() == "SERVING":
+                    return server, port, metrics_port
+            except LoraplexError:
+                pass
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the server did not become healthy")
 
 
 def batch_rows_mean(metrics_port: int) -> float:
@@ -114,19 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     store = AdapterStore(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
     adapters = make_classifiers(embedded_default_path(), store, args.adapters)
-    port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
-                               str(metrics_port), "--adapter-dir", str(store.root), "--max-pending", "1024"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, metrics_port = start_server(store.root)
     try:
-        with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:
-            for _ in range(600):
-                try:
-                    if probe.health() == "SERVING":
-                        break
-                except LoraplexError:
-                    pass
-                time.sleep(0.2)
         load(f"127.0.0.1:{port}", adapters, args.clients, 2.0)  # warm-up
         start = time.perf_counter()
         latencies = load(f"127.0.0.1:{port}", adapters, args.clients, args.seconds)

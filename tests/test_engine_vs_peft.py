@@ -144,3 +144,22 @@ def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize):
             expected = model.generate(prompt, max_new_tokens=max_new[i], do_sample=False)[0, prompt.shape[1]:]
             assert finished[request.request_id].finish_reason in ("eos", "length")
             assert streamed[request.request_id] == expected.tolist(), f"request {i} adapter {request.adapter}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_reused_slot_keeps_nothing_of_its_previous_adapter(tiny, dtype):
+    """Freeing a slot leaves its weights in place; the next write must overwrite or clear all of them,
+    and a prepared (host tier) adapter must write exactly what its folder does."""
+    from loraplex_adapters.peft_folder import load_peft_folder
+
+    base_dir, adapters = tiny("llama")
+    small, big = adapters["gen_qv_r4"][0], adapters["gen_all_r8"][0]
+    fresh = Engine(load_base_model(base_dir, quantize="none", dtype=dtype, device=TEST_DEVICE), max_adapters=1)
+    fresh.load_adapter("small", small)
+    want = fresh.logits(PROMPTS, ["small"] * len(PROMPTS))
+    reused = Engine(load_base_model(base_dir, quantize="none", dtype=dtype, device=TEST_DEVICE), max_adapters=1)
+    reused.load_adapter("big", big)
+    reused.unload_adapter("big")
+    reused.load_adapter("small", reused.slots.prepare(load_peft_folder(small)))
+    for got, expected in zip(reused.logits(PROMPTS, ["small"] * len(PROMPTS)), want, strict=True):
+        assert torch.equal(got, expected)

@@ -40,6 +40,7 @@ class HostEntry:
     manifest: Manifest
     host_bytes: int  # as held in host memory
     device_bytes: int  # once written into device slots
+    validated: bool = False  # fits this base: checked on its first slot write
 
 
 def adapter_key(name: str, version: int) -> str:
@@ -115,7 +116,7 @@ class AdapterCache:
         name, version = split_key(key)
         try:
             manifest, folder = self.store.resolve(name, version)
-            adapter = load_peft_folder(folder)
+            adapter = self.engine.slots.prepare(load_peft_folder(folder))
         except (AdapterNotInStore, FileNotFoundError):  # deleted since the request resolved it
             raise AdapterNotFound(f"adapter {key} was deleted") from None
         return HostEntry(adapter, manifest, _bytes(adapter), _bytes(adapter, self._element_size))
@@ -160,7 +161,8 @@ class AdapterCache:
             self._evict(victim)
         started = time.perf_counter()
         self.engine.load_adapter(key, entry.adapter, labels=entry.manifest.labels or None,
-                                 version=entry.manifest.version)
+                                 version=entry.manifest.version, validate=not entry.validated)
+        entry.validated = True
         self.device[key] = entry.device_bytes
         self.host.move_to_end(key)
         self.metrics.adapter_lookups.labels("host").inc()

@@ -85,7 +85,9 @@ class Engine:
     # -- adapters -------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
-                     version: int = 1) -> LoadedAdapter:
+                     version: int = 1, validate: bool = True) -> LoadedAdapter:
+        """Write an adapter into a free slot; validate=False skips the fit check for an adapter this
+        engine has already loaded once (a swap back in from the host tier)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
         adapter = source if isinstance(source, LoraAdapter) else load_peft_folder(source)
@@ -95,7 +97,7 @@ class Engine:
                 raise ValueError(f"{len(labels)} label names for a head with {adapter.head.num_labels} outputs")
         elif self.base.kind != "causal":
             raise ValueError("an encoder base serves classification adapters only (this one has no head)")
-        slot = self.slots.allocate(adapter)
+        slot = self.slots.allocate(adapter, validate)
         loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [], rank=adapter.max_rank,
                                target_modules=adapter.target_modules, version=version)
         self.adapters[name] = loaded

@@ -82,22 +82,23 @@ class BatchedLoraLinear(nn.Module):
         self.lora_A = torch.nn.functional.pad(self.lora_A, (0, 0, 0, pad))
         self.lora_B_t = torch.nn.functional.pad(self.lora_B_t, (0, 0, 0, pad))
 
-    def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
-        """Put an adapter's matrices into a slot (None clears it). The caller invalidates the batch
-        state afterwards, which drops every cached gathered copy."""
+    def slot_writes(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Put an adapter's matrices into a slot (None clears it), as (destinations, sources, regions to
+        zero), so the slot table can do all layers' copies in one batched call. Ranks past the
+        adapter's are zeroed. The caller invalidates the batch state afterwards."""
         if A is None:
-            self.lora_A[slot].zero_()
-            self.lora_B_t[slot].zero_()
             self.slot_ranks[slot] = 0
-            return
+            return [], [], [self.lora_A[slot], self.lora_B_t[slot]]
         rank = int(A.shape[0])
         if rank > self.max_rank:
             self._grow_rank(rank)
-        self.lora_A[slot].zero_()
-        self.lora_B_t[slot].zero_()
-        self.lora_A[slot, :rank].copy_(A)
-        self.lora_B_t[slot, :rank].copy_(B.to(torch.float32).t() * scaling)
         self.slot_ranks[slot] = rank
+        lora_A, lora_B_t = self.lora_A, self.lora_B_t  # buffers: each attribute read costs a module lookup
+        # A prepared adapter (SlotTable.prepare) has the scaling folded in already: a plain copy.
+        b_t = B.t() if scaling == 1.0 else B.to(torch.float32).t() * scaling
+        zero = [lora_A[slot, rank:], lora_B_t[slot, rank:]] if rank < lora_A.shape[1] else []
+        return [lora_A[slot, :rank], lora_B_t[slot, :rank]], [A, b_t], zero
 
     def _batch_rank(self) -> int:
         state = self.state

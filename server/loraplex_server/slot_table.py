@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter
+from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter, LoraModuleWeights
 
 from .cpu_kernel import bgmv_kernel
 from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink, linear_shape
@@ -17,6 +17,11 @@ from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink, linear_sha
 # Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and
 # MLP, BERT self-attention): their shrinks are fused into one matmul.
 SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
+
+
+def _transposed_storage(matrix: torch.Tensor) -> torch.Tensor:
+    """The same [out, r] values laid out as a contiguous [r, out]: `.t()` of it is what a slot holds."""
+    return matrix.t().contiguous().t()
 
 
 class SlotsFullError(RuntimeError):
@@ -71,6 +76,7 @@ class SlotTable:
         self.hidden_size = hidden_size
         self._free = list(range(num_slots - 1, 0, -1))
         self._prefix = getattr(model, "base_model_prefix", "") or ""
+        self._paths: dict[str, str] = {}  # PEFT module name -> path in this model
 
     @property
     def free_slots(self) -> int:
@@ -78,15 +84,18 @@ class SlotTable:
 
     def _module_path(self, name: str) -> str:
         """PEFT keys name modules inside the task model (`bert.encoder...`); a bare encoder lacks the prefix."""
+        if name in self._paths:
+            return self._paths[name]
         candidates = [name]
         if self._prefix and name.startswith(self._prefix + "."):
             candidates.append(name[len(self._prefix) + 1:])
         for path in candidates:
             try:
                 self.model.get_submodule(path)
-                return path
             except AttributeError:
                 continue
+            self._paths[name] = path
+            return path
         raise AdapterFormatError(f"target module {name} does not exist in the base model")
 
     def validate(self, adapter: LoraAdapter) -> None:
@@ -142,9 +151,18 @@ class SlotTable:
                 for member in members:
                     member.shared_shrink = shared
 
-    def allocate(self, adapter: LoraAdapter) -> int:
-        """Validate, take a free slot and write the adapter into every layer; returns the slot."""
-        self.validate(adapter)
+    def prepare(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The same adapter in the table's dtype with the scaling folded into B (in fp32, as a slot write
+        would), so writing it into a slot is plain copies: what the host tier keeps."""
+        modules = {name: LoraModuleWeights(w.A.to(self.dtype).contiguous(), _transposed_storage(
+            (w.B.to(torch.float32) * w.scaling).to(self.dtype)), 1.0) for name, w in adapter.modules.items()}
+        return LoraAdapter(modules, adapter.head, adapter.config)
+
+    def allocate(self, adapter: LoraAdapter, validate: bool = True) -> int:
+        """Validate (unless done before), take a free slot and write the adapter into every layer;
+        returns the slot."""
+        if validate:
+            self.validate(adapter)
         if not self._free:
             raise SlotsFullError(f"all {self.num_slots - 1} adapter slots are in use")
         slot = self._free.pop()
@@ -152,27 +170,32 @@ class SlotTable:
         return slot
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        touched = set()
+        destinations, sources, zero, touched = [], [], [], set()
         with torch.no_grad():
             for name, w in adapter.modules.items():
                 layer = self._wrapped(name)
-                layer.write_slot(slot, w.A.to(self.device, self.dtype), w.B.to(self.device), w.scaling)
+                writes = layer.slot_writes(slot, w.A.to(self.device), w.B.to(self.device), w.scaling)
+                destinations += writes[0]
+                sources += writes[1]
+                zero += writes[2]
                 touched.add(id(layer))
             for layer in self.layers.values():
                 if id(layer) not in touched and layer.slot_ranks[slot]:
-                    layer.write_slot(slot, None, None, 0.0)
+                    zero += layer.slot_writes(slot, None, None, 0.0)[2]
+            # One batched call each instead of a copy per tensor: a swap touches hundreds of them.
+            if destinations:
+                torch._foreach_copy_(destinations, sources)
+            if zero:
+                torch._foreach_zero_(zero)
             head = adapter.head
             self.heads.write(slot, None if head is None else head.weight.to(self.device),
                              None if head is None or head.bias is None else head.bias.to(self.device))
         self.state.invalidate()
 
     def release(self, slot: int) -> None:
+        """Free a slot. Its weights stay until the next write, which overwrites or clears every layer
+        the slot has a rank in: no row points at a free slot, so they are never read."""
         if slot <= 0 or slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
-        with torch.no_grad():
-            for layer in self.layers.values():
-                if layer.slot_ranks[slot]:
-                    layer.write_slot(slot, None, None, 0.0)
-            self.heads.write(slot, None, None)
         self._free.append(slot)
         self.state.invalidate()
