@@ -163,3 +163,20 @@ def test_a_reused_slot_keeps_nothing_of_its_previous_adapter(tiny, dtype):
     reused.load_adapter("small", reused.slots.prepare(load_peft_folder(small)))
     for got, expected in zip(reused.logits(PROMPTS, ["small"] * len(PROMPTS)), want, strict=True):
         assert torch.equal(got, expected)
+
+
+def test_slot_tables_grow_as_adapters_arrive(tiny):
+    """Tables start small and double; adapters written before a growth keep their outputs."""
+    from loraplex_server import slot_table
+
+    base_dir, adapters = tiny("llama")
+    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=40)
+    folder = adapters["gen_qv_r4"][0]
+    engine.load_adapter("first", folder)
+    before = engine.logits(PROMPTS[:2], ["first", None])
+    for i in range(slot_table.INITIAL_SLOTS + 5):
+        engine.load_adapter(f"copy{i}", folder)
+    assert engine.slots.capacity == 2 * slot_table.INITIAL_SLOTS
+    after = engine.logits(PROMPTS[:2], ["first", None])
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert torch.allclose(engine.logits(PROMPTS[:1], [f"copy{i}"])[0], before[0], atol=1e-5)  # batch of 1

@@ -77,6 +77,12 @@ class BatchedLoraLinear(nn.Module):
     def max_rank(self) -> int:
         return int(self.lora_A.shape[1])
 
+    def grow_slots(self, num_slots: int) -> None:
+        pad = num_slots - self.lora_A.shape[0]
+        self.lora_A = torch.nn.functional.pad(self.lora_A, (0, 0, 0, 0, 0, pad))
+        self.lora_B_t = torch.nn.functional.pad(self.lora_B_t, (0, 0, 0, 0, 0, pad))
+        self.slot_ranks += [0] * pad
+
     def _grow_rank(self, rank: int) -> None:
         pad = rank - self.max_rank
         self.lora_A = torch.nn.functional.pad(self.lora_A, (0, 0, 0, pad))

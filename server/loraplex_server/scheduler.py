@@ -251,6 +251,9 @@ class Scheduler:
         """Group jobs whose adapters fit on the device together, and run each group's rows."""
         group: list[_ClassifyJob] = []
         for job in jobs:
+            if not self.cache.in_memory(job.key):  # deleted by an admin call dispatched since
+                self._await_disk(job)
+                continue
             try:
                 placed = self.cache.ensure(job.key, {j.key for j in group})
                 if not placed and group:

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         default=bool(_env("allow_base_mismatch", "")),
                         help="serve adapters whose manifest names another base model fingerprint")
-    parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 64)),
-                        help="device slots: adapters on the device at once")
+    parser.add_argument("--max-adapters", type=int, default=int(_env("max_adapters", 1024)),
+                        help="most adapters on the device at once (slot tables grow to it as adapters arrive; "
+                             "--adapter-memory bounds the bytes)")
     parser.add_argument("--adapter-memory", type=parse_bytes, default=_env("adapter_memory", "1G"),
                         help="device bytes for adapter weights; least recently used idle adapters are evicted")
     parser.add_argument("--host-adapter-memory", type=parse_bytes, default=_env("host_adapter_memory", "4G"),

@@ -14,6 +14,7 @@ from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter, LoraM
 from .cpu_kernel import bgmv_kernel
 from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink, linear_shape
 
+INITIAL_SLOTS = 16  # the tables start this big and double as adapters arrive
 # Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and
 # MLP, BERT self-attention): their shrinks are fused into one matmul.
 SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
@@ -35,6 +36,12 @@ class HeadTable:
         self.weight = torch.zeros(num_slots, 0, hidden, dtype=dtype, device=device)
         self.bias = torch.zeros(num_slots, 0, dtype=dtype, device=device)
         self.num_labels = [0] * num_slots
+
+    def grow_slots(self, num_slots: int) -> None:
+        pad = num_slots - self.weight.shape[0]
+        self.weight = nn.functional.pad(self.weight, (0, 0, 0, 0, 0, pad))
+        self.bias = nn.functional.pad(self.bias, (0, 0, 0, pad))
+        self.num_labels += [0] * pad
 
     def write(self, slot: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         self.weight[slot].zero_()
@@ -67,20 +74,31 @@ class SlotTable:
         if num_slots < 2:
             raise ValueError("need at least 2 slots (slot 0 means no adapter)")
         self.model = model
-        self.num_slots = num_slots
+        self.num_slots = num_slots  # the most the tables may grow to
+        self.capacity = min(num_slots, INITIAL_SLOTS)  # slots the tables hold now
         self.dtype, self.device = dtype, device
         self.state = BatchState()
         self.layers: dict[str, BatchedLoraLinear] = {}
-        self.heads = HeadTable(num_slots, hidden_size, dtype, device)
+        self.heads = HeadTable(self.capacity, hidden_size, dtype, device)
         self.head_module = head_module
         self.hidden_size = hidden_size
-        self._free = list(range(num_slots - 1, 0, -1))
+        self._free = list(range(self.capacity - 1, 0, -1))
         self._prefix = getattr(model, "base_model_prefix", "") or ""
         self._paths: dict[str, str] = {}  # PEFT module name -> path in this model
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_slots - self.capacity
+
+    def _grow(self) -> None:
+        """Double the tables (up to num_slots): memory follows the adapters loaded, not the limit."""
+        new = min(self.num_slots, 2 * self.capacity)
+        for layer in self.layers.values():
+            layer.grow_slots(new)
+        self.heads.grow_slots(new)
+        self._free = list(range(new - 1, self.capacity - 1, -1)) + self._free
+        self.capacity = new
+        self.state.invalidate()
 
     def _module_path(self, name: str) -> str:
         """PEFT keys name modules inside the task model (`bert.encoder...`); a bare encoder lacks the prefix."""
@@ -134,7 +152,7 @@ class SlotTable:
         if layer is None:
             parent_path, _, attr = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layer = BatchedLoraLinear(getattr(parent, attr), self.state, self.num_slots, self.dtype, self.device)
+            layer = BatchedLoraLinear(getattr(parent, attr), self.state, self.capacity, self.dtype, self.device)
             if self.device.type == "cpu" and self.dtype == torch.bfloat16:
                 layer.kernel = bgmv_kernel()
             setattr(parent, attr, layer)
@@ -163,6 +181,8 @@ class SlotTable:
         returns the slot."""
         if validate:
             self.validate(adapter)
+        if not self._free and self.capacity < self.num_slots:
+            self._grow()
         if not self._free:
             raise SlotsFullError(f"all {self.num_slots - 1} adapter slots are in use")
         slot = self._free.pop()
