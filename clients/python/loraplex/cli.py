@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(argv[1:])
         return 0
+    if argv[:1] == ["train"]:  # fine-tuning: torch, transformers, peft (the `train` extra)
+        from loraplex_adapters.train_cli import main as train
+
+        return train(argv[1:])
     if argv[:2] == ["adapters", "publish"]:  # validation reads the weights: torch again
         from loraplex_adapters.publish_cli import main as publish
 
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEM of a private CA (implies TLS)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the server (see `loraplex serve --help`)")
+    commands.add_parser("train", help="fine-tune a LoRA adapter (see `loraplex train --help`)")
     _adapter_commands(commands)
     classify = commands.add_parser("classify", help="classify texts with a classification adapter")
     classify.add_argument("--adapter", required=True)
