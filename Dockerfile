@@ -1,5 +1,6 @@
 # loraplex server on a CUDA GPU: the embedded SmolLM2-135M base, nf4-quantized, gRPC on 50051,
-# Prometheus metrics on 9400.  docker build -t loraplex . && docker run --gpus all -p 50051:50051 loraplex
+# Prometheus metrics on 9400, adapters stored in the volume /data/adapters.
+#   docker build -t loraplex . && docker run --gpus all -p 50051:50051 -v loraplex-adapters:/data/adapters loraplex
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
@@ -25,6 +26,7 @@ RUN pip install --no-deps . \
     && python -c "from loraplex_server.embedded import embedded_default_path; embedded_default_path()"
 
 EXPOSE 50051 9400
-ENV LORAPLEX_HOST=0.0.0.0 LORAPLEX_QUANTIZE=nf4 LORAPLEX_DEVICE=cuda
+ENV LORAPLEX_HOST=0.0.0.0 LORAPLEX_QUANTIZE=nf4 LORAPLEX_DEVICE=cuda LORAPLEX_ADAPTER_DIR=/data/adapters
+VOLUME /data/adapters
 HEALTHCHECK CMD ["loraplex", "health"]
 ENTRYPOINT ["loraplex", "serve"]

