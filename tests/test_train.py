@@ -51,7 +51,8 @@ def config(tmp_path, base, **overrides) -> TrainConfig:
 def test_classification_learns_loads_in_peft_and_serves_the_trainers_predictions(tiny, tmp_path):
     base, _ = tiny("llama")
     eval_rows = sentences(1, 40)
-    cfg = config(tmp_path, base, eval_data=write_jsonl(tmp_path / "eval.jsonl", eval_rows))
+    # Training truncates to max_length; evaluation must not, or it would not see what a server sees.
+    cfg = config(tmp_path, base, eval_data=write_jsonl(tmp_path / "eval.jsonl", eval_rows), max_length=7)
     result = train(cfg, progress=False)
     assert result.after["accuracy"] >= 0.9 > result.before["accuracy"]
     assert result.manifest.labels == ["neg", "pos"]
@@ -75,7 +76,8 @@ def test_classification_learns_loads_in_peft_and_serves_the_trainers_predictions
         assert cli_main(["train", "classification", "--data", cfg.data, "--eval-data", cfg.eval_data, "--output",
                          str(tmp_path / "cli-out"), "--name", "served", "--base", str(base), "--rank", "4",
                          "--alpha", "8", "--learning-rate", "3e-3", "--epochs", "4", "--dtype", "float32",
-                         "--dropout", "0", "--no-progress", "--register", f"127.0.0.1:{port}"]) == 0
+                         "--dropout", "0", "--max-length", "7", "--no-progress", "--register",
+                         f"127.0.0.1:{port}"]) == 0
         served = [r.label for r in client.classify(texts, adapter="served")]
         info = client.adapters.get("served")
     finally:

@@ -152,12 +152,12 @@ def _load_model(config: TrainConfig, base_dir: Path, num_labels: int):
 
 # -- batches ----------------------------------------------------------------------------------------
 
-def _classification_batches(tokenizer, data: ClassificationData, order: list[int], size: int, max_length: int,
-                            device):
+def _classification_batches(tokenizer, data: ClassificationData, order: list[int], size: int,
+                            max_length: int | None, device):
     for start in range(0, len(order), size):
         rows = order[start:start + size]
-        encoded = tokenizer([data.texts[i] for i in rows], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt")
+        encoded = tokenizer([data.texts[i] for i in rows], truncation=max_length is not None, max_length=max_length,
+                            padding=True, return_tensors="pt")
         yield {**{k: v.to(device) for k, v in encoded.items()},
                "labels": torch.tensor([data.labels[i] for i in rows], device=device)}
 
@@ -178,7 +178,8 @@ def _completion_end(tokenizer, prompt) -> str:
     return tokenizer.eos_token
 
 
-def _generation_batches(tokenizer, data: GenerationData, order: list[int], size: int, max_length: int, device):
+def _generation_batches(tokenizer, data: GenerationData, order: list[int], size: int, max_length: int | None,
+                        device):
     """Prompt + completion tokens; the loss sees the completion only (prompt labels are -100)."""
     for start in range(0, len(order), size):
         rows, labels = [], []
@@ -187,8 +188,7 @@ def _generation_batches(tokenizer, data: GenerationData, order: list[int], size:
             prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=True)["input_ids"]
             completion_ids = tokenizer(data.completions[i] + _completion_end(tokenizer, prompt),
                                        add_special_tokens=False)["input_ids"]
-            ids = (prompt_ids + completion_ids)[:max_length]
-            rows.append(ids)
+            rows.append((prompt_ids + completion_ids)[:max_length])
             labels.append(([-100] * len(prompt_ids) + completion_ids)[:max_length])
         width = max(map(len, rows))
         pad = tokenizer.pad_token_id
@@ -210,9 +210,10 @@ def _bucketed_order(data, batch_size: int, seed: int) -> list[int]:
     return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
 
 
-def _batches(config, tokenizer, data, order, device):
+def _batches(config, tokenizer, data, order, device, truncate: bool = True):
+    """Training truncates to max_length to bound its cost; evaluation sees whole rows, as a server does."""
     make = _classification_batches if config.task == "classification" else _generation_batches
-    return make(tokenizer, data, order, config.batch_size, config.max_length, device)
+    return make(tokenizer, data, order, config.batch_size, config.max_length if truncate else None, device)
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -235,14 +236,14 @@ def evaluate(model, tokenizer, config: TrainConfig, data, device) -> dict:
     order = list(range(len(data)))
     if config.task == "classification":
         predicted = []
-        for batch in _batches(config, tokenizer, data, order, device):
+        for batch in _batches(config, tokenizer, data, order, device, truncate=False):
             predicted += model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1).tolist()
         accuracy = sum(p == g for p, g in zip(predicted, data.labels, strict=True)) / len(data)
         result = {"accuracy": accuracy, "macro_f1": macro_f1(data.labels, predicted, len(data.label_names)),
                   "examples": len(data)}
     else:
         total, tokens = 0.0, 0
-        for batch in _batches(config, tokenizer, data, order, device):
+        for batch in _batches(config, tokenizer, data, order, device, truncate=False):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,

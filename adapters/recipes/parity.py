@@ -35,7 +35,10 @@ def served_accuracy(store: str, names: list[str], trained: Path, quantize: str) 
                     if client.health() == "SERVING":
                         break
                 except LoraplexError:
-                    time.sleep(0.5)
+                    pass  # not listening yet
+                time.sleep(0.5)
+            else:
+                raise SystemExit("the server did not become healthy in 5 minutes")
             result = {}
             for name in names:
                 rows = [json.loads(line) for line in (trained / name / "data" / "eval.jsonl").open(encoding="utf-8")]
