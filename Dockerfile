@@ -23,7 +23,7 @@ COPY server ./server
 COPY adapters ./adapters
 COPY clients ./clients
 RUN pip install --no-deps . \
-    && python -c "from loraplex_server.embedded import embedded_default_path; embedded_default_path()"
+    && python -c "from loraplex_adapters.embedded_base import embedded_default_path; embedded_default_path()"
 
 EXPOSE 50051 9400
 ENV LORAPLEX_HOST=0.0.0.0 LORAPLEX_QUANTIZE=nf4 LORAPLEX_DEVICE=cuda LORAPLEX_ADAPTER_DIR=/data/adapters

@@ -27,10 +27,10 @@ from pathlib import Path
 from bench.engine import make_adapters
 from bench.serve import TEXTS, load, make_classifiers, start_server
 from loraplex import AsyncClient
+from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
 from loraplex_server.adapter_cache import AdapterCache, adapter_key
 from loraplex_server.base_model import load_base_model
-from loraplex_server.embedded import embedded_default_path
 from loraplex_server.engine import Engine
 from loraplex_server.metrics import Metrics
 

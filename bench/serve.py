@@ -30,9 +30,9 @@ from transformers import AutoModelForSequenceClassification
 
 from bench.engine import random_copies
 from loraplex import AsyncClient, Client, LoraplexError
+from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
 from loraplex_server.base_model import load_base_model
-from loraplex_server.embedded import embedded_default_path
 from loraplex_server.engine import Engine
 
 LABELS = ["neg", "neu", "pos"]

@@ -207,3 +207,35 @@ def test_kill_9_mid_upload_then_restart_serves_every_earlier_adapter(tiny, tmp_p
         release.set()
         client.close()
         stop(process)
+
+
+def test_pins_leave_room_and_pinned_or_running_adapters_are_never_evicted(tiny, tmp_path):
+    """In-process: the cache on the engine thread's side, with device room for 2 adapters."""
+    from loraplex_server.adapter_cache import AdapterCache, PinRefused
+    from loraplex_server.metrics import Metrics
+    from loraplex_server.sequence import GenerationRequest
+
+    base_dir, adapters = tiny("llama")
+    store = AdapterStore(tmp_path / "store")
+    for i, folder in enumerate(random_copies(adapters[CLS][0], tmp_path / "src", 2)):
+        store.publish(folder, f"c{i}", labels=LABELS)
+    store.publish(adapters[GEN_V1][0], "g")
+    engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=8)
+    cache = AdapterCache(engine, store, device_bytes=1 << 30, host_bytes=1 << 30, metrics=Metrics())
+    keys = {name: cache.resolve(name)[0] for name in ("c0", "c1", "g")}
+    for key in keys.values():
+        cache.fetch(key).result()
+        assert cache.arrived(key) is None
+    size = {name: cache.host[key].device_bytes for name, key in keys.items()}
+    cache.device_bytes = size["c0"] + size["g"] + 64  # room for c0 and g, or c0 and c1, not all three
+    assert cache.ensure(keys["c0"], set()) and cache.ensure(keys["c1"], set())
+    cache.pin(keys["c0"])
+    with pytest.raises(PinRefused):
+        cache.pin(keys["c1"])  # over half the device bytes pinned would starve the rest
+    assert cache.ensure(keys["g"], set())  # evicts c1, the unpinned one
+    assert set(cache.device) == {keys["c0"], keys["g"]}
+    prompt = engine.tokenizer("hello")["input_ids"]
+    engine.submit(GenerationRequest(prompt, keys["g"], SamplingParams(max_new_tokens=50)))
+    assert not cache.ensure(keys["c1"], set())  # c0 pinned, g running: no room, and nothing torn
+    assert set(cache.device) == {keys["c0"], keys["g"]}
+    cache.close()

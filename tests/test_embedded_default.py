@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from loraplex_server import embedded
+from loraplex_adapters import embedded_base as embedded
 from loraplex_server.base_model import load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.sampling import SamplingParams

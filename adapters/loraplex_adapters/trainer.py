@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .embedded_base import embedded_default_path
 from .fingerprint import model_fingerprint
 from .manifest import Manifest, write_manifest
 from .training_batches import batches, bucketed_order
@@ -103,12 +104,7 @@ def load_data(config: TrainConfig):
 # -- model ------------------------------------------------------------------------------------------
 
 def _base_dir(base: str | None) -> Path:
-    if base:
-        return Path(base)
-    # The embedded default base is converted and cached by the server package (same distribution).
-    from loraplex_server.embedded import embedded_default_path
-
-    return embedded_default_path()
+    return Path(base) if base else embedded_default_path()
 
 
 def _load_model(config: TrainConfig, base_dir: Path, num_labels: int):

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.fingerprint import model_fingerprint
-
-from .embedded import embedded_default_path
 
 QUANTIZE_CHOICES = ("auto", "nf4", "int8", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
