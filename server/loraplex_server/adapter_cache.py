@@ -161,7 +161,7 @@ class AdapterCache:
             self._evict(victim)
         started = time.perf_counter()
         self.engine.load_adapter(key, entry.adapter, labels=entry.manifest.labels or None,
-                                 version=entry.manifest.version, validate=not entry.validated)
+                                 validate=not entry.validated)
         entry.validated = True
         self.device[key] = entry.device_bytes
         self.host.move_to_end(key)

@@ -38,9 +38,6 @@ class LoadedAdapter:
     slot: int
     task: str
     labels: list[str]
-    rank: int
-    target_modules: list[str]
-    version: int = 1
     in_flight: int = 0
 
 
@@ -85,7 +82,7 @@ class Engine:
     # -- adapters -------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
-                     version: int = 1, validate: bool = True) -> LoadedAdapter:
+                     validate: bool = True) -> LoadedAdapter:
         """Write an adapter into a free slot; validate=False skips the fit check for an adapter this
         engine has already loaded once (a swap back in from the host tier)."""
         if name in self.adapters:
@@ -98,8 +95,7 @@ class Engine:
         elif self.base.kind != "causal":
             raise ValueError("an encoder base serves classification adapters only (this one has no head)")
         slot = self.slots.allocate(adapter, validate)
-        loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [], rank=adapter.max_rank,
-                               target_modules=adapter.target_modules, version=version)
+        loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [])
         self.adapters[name] = loaded
         return loaded
 
