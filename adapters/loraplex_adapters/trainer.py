@@ -20,6 +20,7 @@ import torch
 from .embedded_base import embedded_default_path
 from .fingerprint import model_fingerprint
 from .manifest import Manifest, write_manifest
+from .quantization import quantization_config
 from .training_batches import batches, bucketed_order
 from .training_data import (
     DataError,
@@ -116,11 +117,7 @@ def _load_model(config: TrainConfig, base_dir: Path, num_labels: int):
     dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
     kwargs: dict = {"dtype": dtype}
     if quantize != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quantize == "nf4", load_in_8bit=quantize == "int8", bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = quantization_config(quantize, dtype)
         kwargs["device_map"] = {"": 0}
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.fingerprint import model_fingerprint
+from loraplex_adapters.quantization import quantization_config
 
 QUANTIZE_CHOICES = ("auto", "nf4", "int8", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -77,17 +78,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _is_encoder(config) -> bool:
     return not any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in (config.architectures or []))
-
-
-def quantization_config(quantize: str, dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
-    # Keep the output projections unquantized: PEFT's reference does the same.
-    skip = ["lm_head", "score", "classifier", "pooler"]
-    if quantize == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                                  llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def fix_bnb_cpu_fast_path(model: nn.Module) -> None:
