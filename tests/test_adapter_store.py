@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex_adapters.fingerprint import file_sha256
 from loraplex_adapters.peft_folder import AdapterFormatError
-from loraplex_adapters.store import AdapterNotInStore, AdapterStore, _sha256
+from loraplex_adapters.store import AdapterNotInStore, AdapterStore
 
 GEN, CLS = "gen_qv_r4", "cls3_r2"
 
@@ -47,7 +48,7 @@ def test_publish_versions_resolve_and_manifest(store, sources):
     extra = manifest.extra
     assert extra["task"] == "generation" and extra["rank"] == 4 and extra["target_modules"] == ["q_proj", "v_proj"]
     assert extra["base_fingerprint"] == "sha256:base" and extra["metrics"] == {"perplexity": 12.5}
-    assert extra["sha256"]["adapter_model.safetensors"] == _sha256(folder / "adapter_model.safetensors")
+    assert extra["sha256"]["adapter_model.safetensors"] == file_sha256(folder / "adapter_model.safetensors")
     assert extra["size"] == sum(p.stat().st_size for p in folder.iterdir() if p.name != "loraplex.json")
     labelled = store.publish(sources[CLS], "sentiment", labels=["neg", "neu", "pos"])
     assert labelled.extra["task"] == "classification" and labelled.labels == ["neg", "neu", "pos"]

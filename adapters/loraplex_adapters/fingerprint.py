@@ -1,4 +1,5 @@
-"""The base-model fingerprint adapters are checked against: config plus tensor names and shapes."""
+"""Hashes: the base-model fingerprint adapters are checked against (config plus tensor names and
+shapes), and the sha256 of a file."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def model_fingerprint(folder: Path) -> str:
             for key in sorted(f.keys()):
                 digest.update(f"{key}:{f.get_slice(key).get_shape()}".encode())
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ is left in staging is swept at the next start. The index is rebuilt by scanning 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -18,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .fingerprint import file_sha256
 from .manifest import MANIFEST_FILE, Manifest, check_name, read_manifest, write_manifest
 from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, LoraAdapter, load_peft_folder
 
@@ -34,14 +34,6 @@ class AdapterTooLarge(AdapterFormatError):
 
 class BaseMismatch(AdapterFormatError):
     """The adapter was trained on another base model."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -174,7 +166,7 @@ class AdapterStore:
             self.check_fits(adapter)
         manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
                               size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              sha256={p.name: _sha256(p) for p in sorted(folder.iterdir())})
+                              sha256={p.name: file_sha256(p) for p in sorted(folder.iterdir())})
 
     def publish(self, source: str | Path, name: str, labels: list[str] | None = None,
                 base_fingerprint: str | None = None, metrics: dict | None = None) -> Manifest:

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 from .embedded_base import embedded_default_path
-from .fingerprint import model_fingerprint
+from .fingerprint import file_sha256, model_fingerprint
 from .manifest import Manifest, write_manifest
 from .quantization import quantization_config
 from .training_batches import batches, bucketed_order
 from .training_data import (
     DataError,
     classification_data,
-    file_sha256,
     generation_data,
     read_records,
     split,
@@ -268,7 +267,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                                "metrics": {"before": state["before"], "after": state["best"],
                                            "best_epoch": state["best_epoch"], "history": state["history"],
                                            "training": {**asdict(config), "quantize": quantize,
-                                                        "data_sha256": file_sha256(Path(config.data))}}})
+                                                        "data_sha256": "sha256:" + file_sha256(Path(config.data))}}})
     write_manifest(adapter_dir, manifest)
     return TrainResult(adapter_dir, manifest, state["before"], state["best"], state["best_epoch"], state["history"])
 

@@ -7,7 +7,6 @@ Classification: a text column and a label column. Generation: prompt + completio
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -42,10 +41,6 @@ class GenerationData:
 
     def subset(self, index: list[int]) -> GenerationData:
         return GenerationData([self.prompts[i] for i in index], [self.completions[i] for i in index])
-
-
-def file_sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_records(path: str | Path) -> list[dict]:
