@@ -38,8 +38,8 @@ class Metrics:
         self.in_flight = Gauge("loraplex_in_flight_requests", "Requests accepted and not finished", registry=r)
         self.running_rows = Gauge("loraplex_running_rows", "Generation rows in the running batch", registry=r)
         self.adapter_lookups = Counter(
-            "loraplex_adapter_lookups", "Adapter lookups by the tier that had it: device (slot hit), host (copied "
-            "into a slot), disk (read from the store first)", ["tier"], registry=r)
+            "loraplex_adapter_lookups", "Adapter lookups by tier: device (slot hit), host (copied into a slot from "
+            "host memory, also right after a disk read), disk (a read from the store started)", ["tier"], registry=r)
         self.adapter_load_seconds = Histogram(
             "loraplex_adapter_load_seconds", "Adapter load time: from host memory into a slot, or from disk into "
             "host memory", ["source"], buckets=(0.001, 0.0025, *LATENCY_BUCKETS), registry=r)
