@@ -93,9 +93,8 @@ def requests_per_s(store_root: Path, adapters: list[str], clients: int, seconds:
     try:
         touch_all(target, adapters, clients)
         result = {}
-        for label, names in (("uniform", adapters), ("single", adapters[:1])):
-            if label == "single" and not single:
-                continue
+        runs = {"uniform": adapters, "single": adapters[:1]} if single else {"uniform": adapters}
+        for label, names in runs.items():
             load(target, names, clients, 2.0)  # warm-up
             start = time.perf_counter()
             done = len(load(target, names, clients, seconds))
