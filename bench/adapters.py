@@ -1,8 +1,9 @@
 """Adapter cache benchmark: load latencies per tier, and serving many adapters against one.
 
-    python -m bench.adapters [--adapters 1000] [--clients 64] [--seconds 15]
+    python -m bench.adapters [--adapters 1000] [--clients 64] [--seconds 15] [--dtype auto]
 
-1. Latency, in-process on the embedded base (SmolLM2-135M, bf16, CPU), random adapters on q/k/v/o of
+Everything runs at `--dtype` (auto: bf16 where the CPU has native bf16, else fp32), servers included.
+1. Latency, in-process on the embedded base (SmolLM2-135M, CPU), random adapters on q/k/v/o of
    rank 8, 16 and 64 in a store: cold load = disk -> host -> device slot (the store's files are in the
    OS page cache, as right after an upload); warm swap = host -> device slot, evicting the least
    recently used adapter (4 slots, cycling through 16 adapters, so every swap evicts one).
@@ -24,13 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.engine import make_adapters
+from bench.engine import announce_dtype, make_adapters
 from bench.serve import TEXTS, load, make_classifiers, start_server
 from loraplex import AsyncClient
+from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
 from loraplex_server.adapter_cache import AdapterCache, adapter_key
-from loraplex_server.base_model import load_base_model
+from loraplex_server.base_model import DTYPE_CHOICES, load_base_model
 from loraplex_server.engine import Engine
 from loraplex_server.metrics import Metrics
 
@@ -110,9 +112,12 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bf16 on CPUs with native bf16, else fp32")
     args = parser.parse_args()
+    dtype = announce_dtype(args.dtype, "cpu")
 
-    base = load_base_model(None, quantize="none", dtype="bfloat16", device="cpu")
+    base = load_base_model(None, quantize="none", dtype=args.dtype, device="cpu")
     result: dict[str, float] = {}
     for rank in RANKS:
         result |= load_latencies(base, rank)
@@ -125,8 +130,9 @@ def main() -> None:
     started = time.perf_counter()
     adapters = make_classifiers(embedded_default_path(), store, args.adapters)
     print(f"published {len(adapters)} rank-8 classifiers in {time.perf_counter() - started:.0f} s")
-    served = requests_per_s(store.root, adapters, args.clients, args.seconds, single=True)
-    swapping = requests_per_s(store.root, adapters, args.clients, args.seconds, extra_args=("--max-adapters", "1"))
+    served = requests_per_s(store.root, adapters, args.clients, args.seconds, ("--dtype", args.dtype), single=True)
+    swapping = requests_per_s(store.root, adapters, args.clients, args.seconds,
+                              ("--dtype", args.dtype, "--max-adapters", "1"))
     result |= {"many_vs_single": served["uniform"] / served["single"],
                "many_vs_swapping": served["uniform"] / swapping["uniform"],
                "many_requests_per_s": served["uniform"], "single_requests_per_s": served["single"],
@@ -137,7 +143,7 @@ def main() -> None:
         print(f"{key} {result[key]:.2f} (target <= {target}: {'met' if result[key] <= target else 'NOT met'})")
     for key, target in (("many_vs_single", 0.7), ("many_vs_swapping", 10.0)):
         print(f"{key} {result[key]:.3f} (target >= {target}: {'met' if result[key] >= target else 'NOT met'})")
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    print(json.dumps({"dtype": dtype, "cpu": cpu_description(), **{k: round(v, 4) for k, v in result.items()}}))
 
 
 if __name__ == "__main__":

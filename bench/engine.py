@@ -1,8 +1,9 @@
 """Engine benchmark: batched multi-adapter LoRA against single-adapter, base and PEFT, in one run.
 
-    python -m bench.engine [--batch 32] [--prompt-len 32] [--decode-steps 32] [--device cpu]
+    python -m bench.engine [--batch 32] [--prompt-len 32] [--decode-steps 32] [--device cpu] [--dtype auto]
 
-SmolLM2-135M (embedded default), bf16, rank 16 on q/k/v/o. Every figure is a ratio of two timings
+SmolLM2-135M (embedded default) at the `auto` dtype (bf16 on CUDA and on CPUs with native bf16, else
+fp32; PEFT runs at the same one), rank 16 on q/k/v/o. Every figure is a ratio of two timings
 taken in this same process (the machines are shared and noisy): variants run round-robin after a
 warm-up, and each ratio is the median of back-to-back pairs. Ends with one JSON line.
 """
@@ -22,11 +23,27 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraplex_server.base_model import fix_bnb_cpu_fast_path, load_base_model, quantization_config
+from loraplex_adapters.compute_dtype import cpu_description
+from loraplex_server.base_model import (
+    DTYPE_CHOICES,
+    fix_bnb_cpu_fast_path,
+    load_base_model,
+    quantization_config,
+    resolve_device,
+    resolve_dtype,
+)
 from loraplex_server.engine import Engine, GenerationRequest
 from loraplex_server.sampling import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def announce_dtype(dtype: str, device: str) -> str:
+    """Resolve `--dtype` as the server does and print it with the CPU's bf16 support (ratios taken
+    at bf16 and at fp32 are not comparable); returns the dtype's name for the JSON line."""
+    name = str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+    print(f"{cpu_description()}; dtype {name}", flush=True)
+    return name
 
 
 def synchronize() -> None:
@@ -91,7 +108,7 @@ class Bench:
     def __init__(self, args) -> None:
         torch.manual_seed(0)
         self.args = args
-        self.base = load_base_model(args.base, quantize=args.quantize, dtype="bfloat16", device=args.device)
+        self.base = load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device)
         self.tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
         self.folders = make_adapters(self.base.path, self.tmp, args.batch, args.rank)
         self.engine = Engine(self.base, max_adapters=args.batch)
@@ -142,9 +159,9 @@ class Bench:
 
     def peft_model(self) -> PeftModel:
         """PEFT on the same base, dtype and quantization as ours."""
-        kwargs = {"dtype": torch.bfloat16, "device_map": {"": self.base.device}}
+        kwargs = {"dtype": self.base.dtype, "device_map": {"": self.base.device}}
         if self.base.quantize != "none":
-            kwargs["quantization_config"] = quantization_config(self.base.quantize, torch.bfloat16)
+            kwargs["quantization_config"] = quantization_config(self.base.quantize, self.base.dtype)
         base = AutoModelForCausalLM.from_pretrained(self.base.path, **kwargs).eval()
         fix_bnb_cpu_fast_path(base)
         model = PeftModel.from_pretrained(base, self.folders[0], adapter_name=self.names[0],
@@ -202,10 +219,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--base", default=None, help="a local HF model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     args = parser.parse_args()
+    dtype = announce_dtype(args.dtype, args.device)
     bench = Bench(args)
     device = torch.cuda.get_device_name() if bench.base.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"{bench.base.path.name} bf16 quantize={args.quantize} on {device}, batch={args.batch}, "
+    print(f"{bench.base.path.name} {dtype} quantize={args.quantize} on {device}, batch={args.batch}, "
           f"prompt={args.prompt_len}, rank={args.rank} on {'/'.join(TARGETS)}", flush=True)
 
     peft_model = bench.peft_model()
@@ -225,7 +245,7 @@ def main() -> None:
     seq_tps, seq_out = bench.peft_sequential(peft_model, eight, args.gen_tokens)
     same = sum(a == b for a, b in zip(cont_out, seq_out, strict=True))
     print(f"{args.batch} requests on 8 adapters: continuous {cont_tps:.1f} tok/s, PEFT one at a time "
-          f"{seq_tps:.1f} tok/s ({same}/{len(cont_out)} greedy outputs identical in bf16)", flush=True)
+          f"{seq_tps:.1f} tok/s ({same}/{len(cont_out)} greedy outputs identical in {dtype})", flush=True)
 
     ratios = {
         "prefill_mixed_vs_single": speedup(prefill, "mixed", "single"),
@@ -242,7 +262,7 @@ def main() -> None:
     print(f"\n{'ratio':28s} {'measured':>9s} {'target':>7s}")
     for key, value in ratios.items():
         print(f"{key:28s} {value:9.3f} {targets[key]:7.2f}  {'met' if value >= targets[key] else 'NOT met'}")
-    print(json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+    print(json.dumps({"dtype": dtype, "cpu": cpu_description(), **{k: round(v, 4) for k, v in ratios.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Serving benchmark: closed-loop gRPC load against `loraplex serve`, against the engine alone.
 
-    python -m bench.serve [--clients 64] [--adapters 16] [--seconds 20]
+    python -m bench.serve [--clients 64] [--adapters 16] [--seconds 20] [--dtype auto]
 
-The server runs on the embedded default base (SmolLM2-135M, bf16, CPU) with random rank-8
+The server runs on the embedded default base (SmolLM2-135M, CPU, at the `auto` dtype: bf16 where the CPU
+has native bf16, else fp32; the engine baseline uses the same) with random rank-8
 classification adapters. `--clients` closed loops (asyncio, in this process) each send one short
 Classify at a time to a random adapter. Then, in the same run with the server stopped, the engine
 classifies the same texts in batches of the size the server actually formed (from its metrics).
@@ -28,11 +29,12 @@ from peft import LoraConfig, TaskType, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForSequenceClassification
 
-from bench.engine import random_copies
+from bench.engine import announce_dtype, random_copies
 from loraplex import AsyncClient, Client, LoraplexError
+from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
-from loraplex_server.base_model import load_base_model
+from loraplex_server.base_model import DTYPE_CHOICES, load_base_model
 from loraplex_server.engine import Engine
 
 LABELS = ["neg", "neu", "pos"]
@@ -110,8 +112,8 @@ def load(target: str, adapters: list[str], clients: int, seconds: float) -> list
     return asyncio.run(run())
 
 
-def engine_rows_per_s(store: AdapterStore, adapters: list[str], batch: int, rows: int) -> float:
-    engine = Engine(load_base_model(None, quantize="none", dtype="bfloat16", device="cpu"), max_adapters=len(adapters))
+def engine_rows_per_s(store: AdapterStore, adapters: list[str], batch: int, rows: int, dtype: str = "auto") -> float:
+    engine = Engine(load_base_model(None, quantize="none", dtype=dtype, device="cpu"), max_adapters=len(adapters))
     for name in adapters:
         engine.load_adapter(name, store.resolve(name)[1], labels=LABELS)
     rng = random.Random(0)
@@ -130,10 +132,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bf16 on CPUs with native bf16, else fp32")
     args = parser.parse_args()
+    dtype = announce_dtype(args.dtype, "cpu")
     store = AdapterStore(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
     adapters = make_classifiers(embedded_default_path(), store, args.adapters)
-    server, port, metrics_port = start_server(store.root)
+    server, port, metrics_port = start_server(store.root, ("--dtype", args.dtype))
     try:
         load(f"127.0.0.1:{port}", adapters, args.clients, 2.0)  # warm-up
         start = time.perf_counter()
@@ -145,7 +150,7 @@ def main() -> None:
         server.wait(timeout=60)
     requests_per_s = len(latencies) / elapsed
     batch = max(1, round(mean_batch))
-    engine_rps = engine_rows_per_s(store, adapters, batch, rows=max(batch * 20, 640))
+    engine_rps = engine_rows_per_s(store, adapters, batch, rows=max(batch * 20, 640), dtype=args.dtype)
     cuts = statistics.quantiles(latencies, n=100)
     result = {"grpc_vs_engine": requests_per_s / engine_rps, "requests_per_s": requests_per_s,
               "p50_ms": cuts[49] * 1000, "p99_ms": cuts[98] * 1000}
@@ -155,7 +160,7 @@ def main() -> None:
     print(f"engine alone, batches of {batch}: {engine_rps:.1f} rows/s")
     print(f"grpc_vs_engine {result['grpc_vs_engine']:.3f} (target >= 0.8: "
           f"{'met' if result['grpc_vs_engine'] >= 0.8 else 'NOT met'})")
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    print(json.dumps({"dtype": dtype, "cpu": cpu_description(), **{k: round(v, 4) for k, v in result.items()}}))
 
 
 if __name__ == "__main__":

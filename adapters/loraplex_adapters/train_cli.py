@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
     parser.add_argument("--seed", type=int, default=defaults["seed"])
-    parser.add_argument("--dtype", default=defaults["dtype"], choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default=defaults["dtype"], choices=["auto", "bfloat16", "float32"],
+                        help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else float32")
     parser.add_argument("--quantize", default=defaults["quantize"], choices=["auto", "nf4", "int8", "none"],
                         help="auto: nf4 (QLoRA) on CUDA, none on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")

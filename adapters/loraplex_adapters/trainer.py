@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .compute_dtype import auto_dtype
 from .embedded_base import embedded_default_path
 from .fingerprint import file_sha256, model_fingerprint
 from .manifest import Manifest, write_manifest
@@ -66,7 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 128
     seed: int = 0
-    dtype: str = "auto"  # auto: bfloat16 (nf4 base with QLoRA on CUDA)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA (nf4 base, QLoRA) and on CPUs with native bf16, else float32
     quantize: str = "auto"  # auto: nf4 on CUDA, none on CPU
     resume: bool = False
 
@@ -113,7 +114,7 @@ def _load_model(config: TrainConfig, base_dir: Path, num_labels: int):
 
     cuda = torch.cuda.is_available()
     quantize = ("nf4" if cuda else "none") if config.quantize == "auto" else config.quantize
-    dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
+    dtype = auto_dtype("cuda" if cuda else "cpu") if config.dtype == "auto" else getattr(torch, config.dtype)
     kwargs: dict = {"dtype": dtype}
     if quantize != "none":
         kwargs["quantization_config"] = quantization_config(quantize, dtype)

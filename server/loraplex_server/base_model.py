@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraplex_adapters.compute_dtype import auto_dtype
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.fingerprint import model_fingerprint
 from loraplex_adapters.quantization import quantization_config
@@ -72,7 +73,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPE_CHOICES:
         raise BaseModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == "auto":
-        return torch.bfloat16
+        return auto_dtype(device)  # bf16 only where the hardware has it
     return getattr(torch, dtype)
 
 
