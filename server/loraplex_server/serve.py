@@ -139,7 +139,7 @@ async def serve(args: argparse.Namespace) -> None:
                         max_adapters=args.max_adapters, max_batch=args.max_batch)
         store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
                              max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
-                             check_fits=engine.slots.validate)
+                             check_fits=engine.slots.shapes.validate)
         return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
     engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)

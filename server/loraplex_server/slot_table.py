@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter, LoraModuleWeights
+from loraplex_adapters.peft_folder import LoraAdapter, LoraModuleWeights
 
+from .base_shapes import BaseShapes
 from .cpu_kernel import bgmv_kernel
-from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink, linear_shape
+from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink
 
 INITIAL_SLOTS = 16  # the tables start this big and double as adapters arrive
 # Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and
@@ -83,8 +84,8 @@ class SlotTable:
         self.head_module = head_module
         self.hidden_size = hidden_size
         self._free = list(range(self.capacity - 1, 0, -1))
-        self._prefix = getattr(model, "base_model_prefix", "") or ""
-        self._paths: dict[str, str] = {}  # PEFT module name -> path in this model
+        # Taken before any layer is wrapped; upload validation reads it from other threads.
+        self.shapes = BaseShapes.capture(model, head_module, hidden_size)
 
     @property
     def free_slots(self) -> int:
@@ -101,50 +102,11 @@ class SlotTable:
         self.state.invalidate()
 
     def _module_path(self, name: str) -> str:
-        """PEFT keys name modules inside the task model (`bert.encoder...`); a bare encoder lacks the prefix."""
-        if name in self._paths:
-            return self._paths[name]
-        candidates = [name]
-        if self._prefix and name.startswith(self._prefix + "."):
-            candidates.append(name[len(self._prefix) + 1:])
-        for path in candidates:
-            try:
-                self.model.get_submodule(path)
-            except AttributeError:
-                continue
-            self._paths[name] = path
-            return path
-        raise AdapterFormatError(f"target module {name} does not exist in the base model")
+        return self.shapes.path(name)
 
     def validate(self, adapter: LoraAdapter) -> None:
         """Raise AdapterFormatError if the adapter does not fit this base; changes nothing."""
-        for name, weights in adapter.modules.items():
-            path = self._module_path(name)
-            module = self.model.get_submodule(path)
-            shape = linear_shape(module)  # a wrapped layer reports its base layer's shape
-            if shape is None:
-                raise AdapterFormatError(
-                    f"target module {name} is a {type(module).__name__}, not a linear layer; only linear "
-                    "layers can carry LoRA here"
-                )
-            expected = ((weights.rank, shape[0]), (shape[1], weights.rank))
-            got = (tuple(weights.A.shape), tuple(weights.B.shape))
-            if got != expected:
-                raise AdapterFormatError(
-                    f"shape mismatch at {name}: lora_A {got[0]}, lora_B {got[1]}; the base layer is "
-                    f"{shape[0]}->{shape[1]}, so expected {expected[0]} and {expected[1]}"
-                )
-        head = adapter.head
-        if head is not None:
-            if head.module != self.head_module:
-                raise AdapterFormatError(
-                    f"classification head `{head.module}` does not fit this base, which uses `{self.head_module}`"
-                )
-            if head.weight.shape[1] != self.hidden_size:
-                raise AdapterFormatError(
-                    f"shape mismatch at {head.module}: head input {head.weight.shape[1]}, "
-                    f"base hidden size {self.hidden_size}"
-                )
+        self.shapes.validate(adapter)
 
     def _wrapped(self, name: str) -> BatchedLoraLinear:
         path = self._module_path(name)
