@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .kv_cache import BatchKVCache, pad_rows, positions
-from .sampling import choose_tokens
+from .sampling import sample
 from .sequence import Sequence, TokenEvent
 from .slot_table import SlotTable
 
@@ -94,7 +94,7 @@ class ContinuousBatch:
         return self._sample(logits, rows, tokenizer)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence], tokenizer) -> list[TokenEvent]:
-        tokens = choose_tokens(logits, [s.params for s in rows], [s.generator for s in rows])
+        tokens = sample(logits, [s.params for s in rows], [s.seed for s in rows], [len(s.output_ids) for s in rows])
         events = [seq.append(tok, tokenizer) for seq, tok in zip(rows, tokens, strict=True)]
         if any(s.finished for s in rows):
             self._keep_unfinished()

@@ -15,7 +15,7 @@ from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from .base_model import BaseModel
 from .continuous_batch import ContinuousBatch
 from .kv_cache import pad_rows, positions
-from .sampling import SamplingParams, make_generator
+from .sampling import SamplingParams
 from .sequence import GenerationRequest, Sequence, TokenEvent
 from .slot_table import SlotTable
 
@@ -175,8 +175,7 @@ class Engine:
             raise ValueError(f"prompt has {len(request.prompt_ids)} tokens; the model's context is "
                              f"{self.base.max_positions}")
         slot = self._slot(request.adapter, "generation")
-        seq = Sequence(request, slot, make_generator(request.params, self.base.device), self.eos_ids,
-                       self.base.max_positions)
+        seq = Sequence(request, slot, self.eos_ids, self.base.max_positions)
         if request.adapter is not None:
             self.adapters[request.adapter].in_flight += 1
         self._sequences[request.request_id] = seq

@@ -6,8 +6,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
+from .detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
 from .sampling import SamplingParams
 
 _ids = itertools.count(1)
@@ -31,27 +30,16 @@ class GenerationRequest:
     on_event: Callable[[TokenEvent], None] | None = None
 
 
-def _pending_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that could still grow into a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
 class Sequence:
-    def __init__(self, request: GenerationRequest, slot: int, generator: torch.Generator | None,
-                 eos_ids: set[int], max_total_tokens: int) -> None:
+    def __init__(self, request: GenerationRequest, slot: int, eos_ids: set[int], max_total_tokens: int) -> None:
         self.request = request
         self.slot = slot
-        self.generator = generator
+        self.seed = request.params.resolved_seed()  # fixed for the request: its sampling noise is keyed on it
         self.eos_ids = eos_ids
         self.max_total_tokens = max_total_tokens
         self.output_ids: list[int] = []
-        self.text = ""  # the finished-so-far output text, stop strings cut off
+        self._detok: IncrementalDetokenizer | None = None  # made at the first token: append brings the tokenizer
+        self._longest_stop = max(map(len, request.params.stop), default=0)
         self._emitted = 0
         self.finish_reason: str | None = None
 
@@ -71,24 +59,36 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str:
+        """The finished-so-far output text, stop strings cut off."""
+        return self._detok.text if self._detok is not None else ""
+
     def append(self, token_id: int, tokenizer) -> TokenEvent:
-        """Record one generated token and work out the text it adds and whether the request ends."""
+        """Record one generated token and work out the text it adds and whether the request ends.
+
+        Cost per token is bounded by the stop strings, not the output: only a small window of tokens is
+        decoded, and only the tail that the new text could complete is searched.
+        """
         self.output_ids.append(token_id)
         stops = self.params.stop
+        if self._detok is None:
+            self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        detok = self._detok
         if token_id in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = "eos"
         else:
-            full = tokenizer.decode(self.output_ids, skip_special_tokens=True)
-            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.text = full
-            cut = min((i for i in (self.text.find(s) for s in stops) if i >= 0), default=-1)
+            new = detok.add(token_id)
+            window = len(new) + self._longest_stop - 1 if new and stops else 0
+            cut = find_stop(detok.tail(window), stops)
             if cut >= 0:
-                self.text = self.text[:cut]
+                detok.truncate(len(detok) - min(window, len(detok)) + cut)
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.params.max_new_tokens or self.num_tokens >= self.max_total_tokens:
                 self.finish_reason = "length"
-        ready = len(self.text) if self.finished else len(self.text) - _pending_stop_prefix(self.text, stops)
-        delta = self.text[self._emitted:ready]
+        size = len(detok)
+        ready = size if self.finished else size - pending_stop_prefix(detok.tail(self._longest_stop - 1), stops)
+        delta = detok.tail(size - self._emitted)[:ready - self._emitted] if ready > self._emitted else ""
         self._emitted = max(self._emitted, ready)
         return TokenEvent(self.request_id, token_id, delta, self.finished, self.finish_reason)
 
