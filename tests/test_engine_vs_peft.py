@@ -132,7 +132,7 @@ def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize):
         for event in engine.step():
             if event.finished:
                 finished[event.request_id] = event
-        batch_sizes.append(len(engine.batch.running))
+        batch_sizes.append(len(engine.planner.running))
         step += 1
         assert step < 200
     assert max(batch_sizes) >= 3, "requests should have overlapped in the running batch"

@@ -84,11 +84,11 @@ def test_cancel_frees_the_row_at_the_next_step(engine):
     engine.submit(other)
     engine.step()
     engine.step()
-    assert len(engine.batch.running) == 2 and engine.adapters["gen_qv_r4"].in_flight == 1
+    assert len(engine.planner.running) == 2 and engine.adapters["gen_qv_r4"].in_flight == 1
     engine.cancel(long.request_id)
     engine.step()
     assert events[-1].finished and events[-1].finish_reason == "cancelled"
-    assert [s.request_id for s in engine.batch.running] == [other.request_id]
+    assert [s.request_id for s in engine.planner.running] == [other.request_id]
     assert engine.adapters["gen_qv_r4"].in_flight == 0
     engine.cancel(other.request_id)
     engine.step()

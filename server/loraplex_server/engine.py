@@ -1,11 +1,15 @@
-"""The engine: one frozen base, adapters in device slots, batched classify / logits / generate.
+"""The engine: one frozen base, adapters in device slots, and a step loop over rows of every kind.
 
-Not thread-safe by design: one scheduler thread owns it and calls it between batches.
+`step()` = plan (StepPlanner: token budget, KV blocks) -> one forward over the packed rows (each on its
+own adapter) -> postprocess (sample, detokenize, finish, classify). Not thread-safe by design: one
+scheduler thread owns it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,11 +17,13 @@ import torch
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 
 from .base_model import BaseModel
-from .continuous_batch import ContinuousBatch
-from .kv_cache import pad_rows, positions
-from .sampling import SamplingParams
+from .kv_cache import PagedKVCache, bytes_per_token
+from .padded_batch import pad_rows
+from .paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
+from .sampling import SamplingParams, sample
 from .sequence import GenerationRequest, Sequence, TokenEvent
 from .slot_table import SlotTable
+from .step_planner import ClassifyRow, PlannedRow, StepPlanner
 
 
 class AdapterNotFound(KeyError):
@@ -58,17 +64,56 @@ class Generation:
     completion_tokens: int
 
 
+_classify_ids = iter(range(1, 1 << 62))
+
+
+@dataclass
+class ClassifyRequest:
+    """Texts for one classification adapter; `on_done(results, error)` is called once, from step()."""
+
+    token_ids: list[list[int]]
+    adapter: str
+    on_done: Callable[[list[Classification] | None, BaseException | None], None]
+    request_id: str = field(default_factory=lambda: f"cls-{next(_classify_ids)}")
+    results: list[Classification | None] = field(default_factory=list)
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per step: on a CPU a step of 128 prompt tokens costs a few decode steps, so running rows
+    never stall long while a long prompt is prefilled in chunks; a GPU takes far more at the same cost."""
+    return 2048 if device.type == "cuda" else 128
+
+
+def default_kv_memory(base: BaseModel, rows: int) -> int:
+    """Enough for `rows` rows at the model's full context, bounded by a share of the free memory."""
+    wanted = rows * base.max_positions * bytes_per_token(base.model.config, base.dtype)
+    if base.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(base.device)
+        return min(wanted, int(free * 0.5))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(wanted, available // 4)
+
+
 class Engine:
-    def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64) -> None:
+    def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64,
+                 max_batch_tokens: int | None = None, kv_cache_memory: int | None = None) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
                                base.head_module)
         self.adapters: dict[str, LoadedAdapter] = {}
-        self.batch: ContinuousBatch | None = None
-        self._sequences: dict[str, Sequence] = {}
+        self.kv: PagedKVCache | None = None
         if base.kind == "causal":
-            self.batch = ContinuousBatch(base.model, self.slots, self.tokenizer.pad_token_id, base.device, max_batch)
+            base.model.config._attn_implementation = ATTENTION
+            self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
+                                   kv_cache_memory or default_kv_memory(base, max_batch))
+            config = base.model.config
+            heads = getattr(config, "num_attention_heads", None) or config.n_head
+            self._group = heads // self.kv.keys[0].shape[1]
+        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch)
+        self._requests: dict[str, Sequence | ClassifyRequest] = {}
+        self._cancelled: set[str] = set()
+        self.last_step: tuple[tuple[int, ...], int] = ((), 0)  # the rows' slots and the tokens (metrics)
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
@@ -120,104 +165,225 @@ class Engine:
             raise WrongTask(f"adapter {name!r} is a {loaded.task} adapter, not {task}")
         return loaded.slot
 
-    # -- one forward over rows of different adapters ---------------------------------------------
+    def _hold(self, name: str | None, change: int) -> None:
+        if name is not None:
+            self.adapters[name].in_flight += change
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a generation; it joins the running rows when the budget and the KV cache allow."""
+        if self.kv is None:
+            raise WrongTask("an encoder base cannot generate")
+        request.params.validate()
+        prompt = len(request.prompt_ids)
+        if not prompt:
+            raise ValueError("empty prompt")
+        if prompt >= self.base.max_positions:
+            raise ValueError(f"prompt has {prompt} tokens; the model's context is {self.base.max_positions}")
+        longest = min(prompt + request.params.max_new_tokens, self.base.max_positions)
+        if longest > self.kv.capacity_tokens:
+            raise ValueError(f"prompt ({prompt} tokens) plus max_tokens ({request.params.max_new_tokens}) can "
+                             f"never fit the KV cache of {self.kv.capacity_tokens} tokens; send less")
+        slot = self._slot(request.adapter, "generation")
+        seq = Sequence(request, slot, self.eos_ids, self.base.max_positions)
+        self._hold(request.adapter, 1)
+        self._requests[request.request_id] = seq
+        self.planner.add(seq)
+
+    def submit_classify(self, request: ClassifyRequest) -> None:
+        """Queue classification texts; each becomes a row of the coming steps."""
+        slot = self._slot(request.adapter, "classification")
+        if any(not ids for ids in request.token_ids):
+            raise ValueError("empty input")
+        self._hold(request.adapter, 1)
+        request.results = [None] * len(request.token_ids)
+        self._requests[request.request_id] = request
+        for index, ids in enumerate(request.token_ids):
+            self.planner.add(ClassifyRow(request, index, ids, slot, request.request_id))
+
+    def cancel(self, request_id: str) -> None:
+        """The request leaves at the start of the next step (a finished event is emitted then)."""
+        if request_id in self._requests:
+            self._cancelled.add(request_id)
+
+    def running_request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    @property
+    def has_work(self) -> bool:
+        return self.planner.has_work
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One forward pass over this step's rows; returns the generation rows' events."""
+        events = [self._end(rid, None) for rid in list(self._cancelled)]
+        self._cancelled.clear()
+        planned = self.planner.schedule()
+        self.last_step = tuple(p.row.slot for p in planned), sum(len(p.token_ids) for p in planned)
+        if not planned:
+            return [e for e in events if e is not None]
+        try:
+            sample_logits, class_logits = self._forward(planned)
+            events += self._postprocess(planned, sample_logits, class_logits)
+        except Exception as exc:  # reported to this step's requests only; the engine goes on
+            events += [self._end(rid, exc) for rid in {p.row.request_id for p in planned}]
+        return [e for e in events if e is not None]
+
+    def _forward(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Logits of the rows that sample, and each classification row's head logits."""
+        model, device = self.base.model, self.base.device
+        slots = [p.row.slot for p in planned]
+        if self.kv is None:  # an encoder: classification rows only, padded, bidirectional
+            ids, mask = pad_rows([p.token_ids for p in planned], self.tokenizer.pad_token_id, device, left=False)
+            self.slots.state.set_rows(slots, device)
+            hidden = model(input_ids=ids, attention_mask=mask).pooler_output
+            return None, self.slots.heads.logits(hidden, slots)
+        ids, positions, lengths = [], [], []
+        for p in planned:
+            ids += p.token_ids
+            positions += range(p.start, p.start + len(p.token_ids))
+            lengths.append(len(p.token_ids))
+        self.slots.state.set_rows(slots, device, lengths)
+        hidden = model.base_model(input_ids=torch.tensor([ids], device=device),
+                                  position_ids=torch.tensor([positions], device=device),
+                                  step=self._attention(planned), use_cache=False).last_hidden_state[0]
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        samples = [i for i, p in enumerate(planned) if p.samples]
+        classify = [i for i, p in enumerate(planned) if not p.is_generation]
+        sample_logits = model.get_output_embeddings()(hidden[last[samples]]) if samples else None
+        class_logits = self.slots.heads.logits(hidden[last[classify]], [slots[i] for i in classify]) \
+            if classify else []
+        return sample_logits, class_logits
+
+    def _attention(self, planned: list[PlannedRow]) -> StepAttention:
+        writes, rows, offset = [], [], 0
+        for p in planned:
+            n = len(p.token_ids)
+            if p.is_generation:
+                context = self.kv.slot_index(p.row.blocks, 0, p.start + n)
+                writes.append(context[p.start:])
+                rows.append(RowShape(offset, n, context))
+            else:
+                rows.append(RowShape(offset, n, None))
+            offset += n
+        write_index = torch.cat(writes).to(self.base.device) if writes else None
+        return StepAttention(self.kv, write_index, plan_buckets(rows, self._group, self.base.device))
+
+    def _postprocess(self, planned: list[PlannedRow], sample_logits: torch.Tensor | None,
+                     class_logits: list[torch.Tensor]) -> list[TokenEvent]:
+        for p, logits in zip([p for p in planned if not p.is_generation], class_logits, strict=True):
+            self._classified(p.row, logits)
+        generation = [p for p in planned if p.is_generation]
+        for p in generation:
+            p.row.num_cached = p.start + len(p.token_ids)
+        sampling = [p.row for p in generation if p.samples]
+        if not sampling:
+            return []
+        tokens = sample(sample_logits, [s.params for s in sampling], [s.seed for s in sampling],
+                        [len(s.output_ids) for s in sampling])
+        events = []
+        for seq, token in zip(sampling, tokens, strict=True):
+            event = seq.append(token, self.tokenizer)
+            if seq.finished:
+                self.planner.finish(seq)
+                self._release(seq)
+            events.append(self._emit(seq, event))
+        return events
+
+    def _classified(self, row: ClassifyRow, logits: torch.Tensor) -> None:
+        request: ClassifyRequest = row.request
+        labels = self.adapters[request.adapter].labels
+        probs = logits.softmax(-1).tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        request.results[row.index] = Classification(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
+        if all(r is not None for r in request.results):
+            self._release(request)
+            request.on_done(request.results, None)
+
+    def _release(self, request: Sequence | ClassifyRequest) -> None:
+        self._requests.pop(request.request_id, None)
+        self._hold(request.request.adapter if isinstance(request, Sequence) else request.adapter, -1)
+
+    def _end(self, request_id: str, error: BaseException | None) -> TokenEvent | None:
+        """Take a request out (cancelled, or its step failed with `error`); returns a generation's event."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        self.planner.remove(request_id)
+        self._release(request)
+        if isinstance(request, ClassifyRequest):
+            request.on_done(None, error or RuntimeError("cancelled"))
+            return None
+        return self._emit(request, request.cancel())
+
+    @staticmethod
+    def _emit(seq: Sequence, event: TokenEvent) -> TokenEvent:
+        if seq.request.on_event is not None:
+            seq.request.on_event(event)
+        return event
+
+    # -- conveniences for tests and benchmarks ----------------------------------------------------
 
     @torch.inference_mode()
     def logits(self, token_ids: list[list[int]], adapters: list[str | None], last_only: bool = False
                ) -> list[torch.Tensor]:
-        """Language-model logits [len, vocab] for every row, each under its own adapter (None = base);
-        with last_only, just the last position's [1, vocab] (what a prefill needs)."""
-        if self.base.kind != "causal":
+        """Language-model logits [len, vocab] for every row, each under its own adapter (None = base),
+        in one packed forward without the KV cache; with last_only, just the last position's [1, vocab]."""
+        if self.kv is None:
             raise WrongTask("an encoder base has no language-model head")
-        slots = [0 if a is None else self._adapter(a).slot for a in adapters]
-        ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device)
-        self.slots.state.set_rows(slots, self.base.device)
-        out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                              logits_to_keep=1 if last_only else 0)
-        if last_only:
-            return [row.float() for row in out.logits]
-        return [out.logits[row, ids.shape[1] - len(seq):].float() for row, seq in enumerate(token_ids)]
+        if any(not ids for ids in token_ids):
+            raise ValueError("empty input")
+        slots = [self._slot(a, "generation") if a is not None else 0 for a in adapters]
+        rows = [PlannedRow(ClassifyRow(None, i, ids, slot, ""), 0, ids)
+                for i, (ids, slot) in enumerate(zip(token_ids, slots, strict=True))]
+        order = sorted(range(len(rows)), key=lambda i: len(token_ids[i]) != 1)  # single tokens first
+        planned = [rows[i] for i in order]
+        device, lengths = self.base.device, [len(p.token_ids) for p in planned]
+        self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)
+        hidden = self.base.model.base_model(
+            input_ids=torch.tensor([[t for p in planned for t in p.token_ids]], device=device),
+            position_ids=torch.tensor([[i for n in lengths for i in range(n)]], device=device),
+            step=self._attention(planned), use_cache=False).last_hidden_state[0]
+        out, start = {}, 0
+        for index, n in zip(order, lengths, strict=True):
+            part = hidden[start + n - 1:start + n] if last_only else hidden[start:start + n]
+            out[index] = self.base.model.get_output_embeddings()(part).float()
+            start += n
+        return [out[i] for i in range(len(rows))]
 
-    @torch.inference_mode()
     def classify_ids(self, token_ids: list[list[int]], adapters: list[str]) -> list[Classification]:
-        """One forward for rows of (possibly) different classification adapters."""
-        loaded = [self._adapter(a) for a in adapters]
-        slots = [self._slot(a, "classification") for a in adapters]
-        self.slots.state.set_rows(slots, self.base.device)
-        if self.base.kind == "causal":
-            ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device)
-            hidden = self.base.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                                use_cache=False).last_hidden_state[:, -1]
-        else:
-            ids, mask = pad_rows(token_ids, self.tokenizer.pad_token_id, self.base.device, left=False)
-            hidden = self.base.model(input_ids=ids, attention_mask=mask).pooler_output
-        results = []
-        for adapter, row_logits in zip(loaded, self.slots.heads.logits(hidden, slots), strict=True):
-            probs = row_logits.softmax(-1).tolist()
-            best = max(range(len(probs)), key=probs.__getitem__)
-            scores = dict(zip(adapter.labels, probs, strict=True))
-            results.append(Classification(adapter.labels[best], probs[best], scores))
-        return results
+        """Classify rows of (possibly) different adapters through the step loop."""
+        results: dict[int, list[Classification]] = {}
+        errors: list[BaseException] = []
+        for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True)):
+            def done(out, error, i=i):
+                if error is not None:
+                    errors.append(error)
+                else:
+                    results[i] = out
+            self.submit_classify(ClassifyRequest([ids], adapter, done))
+        while len(results) + len(errors) < len(token_ids):
+            self.step()
+        if errors:
+            raise errors[0]
+        return [results[i][0] for i in range(len(token_ids))]
 
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
         return self.classify_ids([self.tokenizer(t)["input_ids"] for t in texts], [adapter] * len(texts))
 
-    # -- generation -----------------------------------------------------------------------------
-
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it joins the running batch at the next step."""
-        if self.batch is None:
-            raise WrongTask("an encoder base cannot generate")
-        request.params.validate()
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        if len(request.prompt_ids) >= self.base.max_positions:
-            raise ValueError(f"prompt has {len(request.prompt_ids)} tokens; the model's context is "
-                             f"{self.base.max_positions}")
-        slot = self._slot(request.adapter, "generation")
-        seq = Sequence(request, slot, self.eos_ids, self.base.max_positions)
-        if request.adapter is not None:
-            self.adapters[request.adapter].in_flight += 1
-        self._sequences[request.request_id] = seq
-        self.batch.add(seq)
-
-    def cancel(self, request_id: str) -> None:
-        if self.batch is not None and request_id in self._sequences:
-            self.batch.cancel(request_id)
-
-    def running_request_ids(self) -> list[str]:
-        return list(self._sequences)
-
-    @property
-    def has_work(self) -> bool:
-        return self.batch is not None and self.batch.has_work
-
-    @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        """One forward pass of the running batch; returns every row's new token (or finish)."""
-        if not self.has_work:
-            return []
-        events = self.batch.step(self.tokenizer)
-        for event in events:
-            seq = self._sequences[event.request_id]
-            if event.finished:
-                del self._sequences[event.request_id]
-                if seq.request.adapter is not None:
-                    self.adapters[seq.request.adapter].in_flight -= 1
-            if seq.request.on_event is not None:
-                seq.request.on_event(event)
-        return events
-
     def generate(self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams | None = None
                  ) -> list[Generation]:
-        """Run requests to completion through the continuous batch (a convenience for tests and benches)."""
-        done: dict[str, Generation] = {}
+        """Run requests to completion through the step loop."""
         requests = [GenerationRequest(p, a, params or SamplingParams()) for p, a in zip(prompts, adapters, strict=True)]
         seqs = {}
         for request in requests:
             self.submit(request)
-            seqs[request.request_id] = self._sequences[request.request_id]
-        while any(r.request_id not in done for r in requests):
+            seqs[request.request_id] = self._requests[request.request_id]
+        done: dict[str, Generation] = {}
+        while len(done) < len(requests):
             for event in self.step():
                 if event.finished and event.request_id in seqs:
                     done[event.request_id] = self.result(seqs[event.request_id])

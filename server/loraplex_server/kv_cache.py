@@ -1,91 +1,77 @@
-"""The running batch's key/value cache: rows of different lengths, left-padded to one length.
+"""The KV cache: allocated once from a byte budget, in fixed-size blocks (vLLM's PagedAttention idea).
 
-Rows join (merge) and leave (select) between decode steps. Padding columns are masked out and,
-once every row has padding in the same leading columns, cut away (trim).
+Every attention layer has one key and one value tensor of [blocks * block_size, kv_heads, head_dim].
+A row owns a list of blocks (its block table); token t of the row lives at
+`table[t // block_size] * block_size + t % block_size`. A row joins or leaves by taking or returning
+its own blocks: nothing else is copied, and no row ever sees another row's tokens or any padding.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.nn import functional as F
-from transformers import DynamicCache
+
+BLOCK_SIZE = 16
 
 
-def pad_rows(token_ids: list[list[int]], pad_id: int, device: torch.device, left: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of different lengths as one [B, L] id tensor and its mask (1 = real token)."""
-    if any(len(ids) == 0 for ids in token_ids):
-        raise ValueError("empty input")
-    length = max(len(ids) for ids in token_ids)
-    ids = torch.full((len(token_ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), length), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        cols = slice(length - len(seq), length) if left else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq)
-        mask[row, cols] = 1
-    return ids.to(device), mask.to(device)
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a causal LM config (Llama/Qwen/Mistral/GPT-2 families)."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return int(layers), int(kv_heads), int(head_dim)
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each real token's position in its own row, whatever padding precedes it."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+def bytes_per_token(config, dtype: torch.dtype) -> int:
+    layers, kv_heads, head_dim = kv_shape(config)
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-class BatchKVCache:
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        self.cache = cache
-        self.mask = mask  # [B, L] long, 1 = a real token
+class PagedKVCache:
+    def __init__(self, config, dtype: torch.dtype, device: torch.device, memory_bytes: int,
+                 block_size: int = BLOCK_SIZE) -> None:
+        layers, kv_heads, head_dim = kv_shape(config)
+        self.block_size = block_size
+        self.num_blocks = memory_bytes // (bytes_per_token(config, dtype) * block_size)
+        if self.num_blocks < 1:
+            raise ValueError(f"a KV cache of {memory_bytes} bytes holds no block of {block_size} tokens; "
+                             "raise --kv-cache-memory")
+        slots = self.num_blocks * block_size
+        # Uninitialized: only written positions are ever read, and on the host untouched pages cost no RSS.
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self.device = device
 
     @property
-    def rows(self) -> int:
-        return int(self.mask.shape[0])
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
-    def length(self) -> int:
-        return int(self.mask.shape[1])
+    def free_blocks(self) -> int:
+        return len(self._free)
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
 
-    def select(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        for layer in self._layers():
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.trim()
+    def grow(self, table: list[int], tokens: int) -> bool:
+        """Extend a block table to hold `tokens`; False (and nothing taken) when the blocks are not free."""
+        need = self.blocks_for(tokens) - len(table)
+        if need > len(self._free):
+            return False
+        for _ in range(max(need, 0)):
+            table.append(self._free.pop())
+        return True
 
-    def _left_pad(self, columns: int) -> None:
-        if columns <= 0:
-            return
-        for layer in self._layers():
-            layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
-            layer.values = F.pad(layer.values, (0, 0, columns, 0))
-        self.mask = F.pad(self.mask, (columns, 0))
+    def release(self, table: list[int]) -> None:
+        self._free.extend(reversed(table))
+        table.clear()
 
-    def merge(self, other: BatchKVCache) -> None:
-        """Append other's rows after ours."""
-        length = max(self.length, other.length)
-        self._left_pad(length - self.length)
-        other._left_pad(length - other.length)
-        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
-        self.mask = torch.cat([self.mask, other.mask], dim=0)
-
-    def trim(self) -> None:
-        if self.rows == 0:
-            return
-        used = self.mask.any(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else self.length
-        if first == 0:
-            return
-        for layer in self._layers():
-            layer.keys = layer.keys[:, :, first:]
-            layer.values = layer.values[:, :, first:]
-        self.mask = self.mask[:, first:]
-
-    def extend_mask(self) -> torch.Tensor:
-        """The attention mask for one more token per row (what the next decode step attends to)."""
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        return self.mask
+    def slot_index(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache positions of tokens [start, end) of a row (on the host: the step batches the copy)."""
+        tokens = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[tokens // self.block_size]
+        return blocks * self.block_size + tokens % self.block_size

@@ -5,9 +5,10 @@ smaller ranks zero-padded, slot 0 all zeros = no adapter). One `BatchState` is s
 the engine sets each row's slot once per forward, and the per-batch work (which path to take, the
 row slots on the right device) is done once there instead of in every layer.
 
-Paths: all rows on one adapter -> two plain matmuls; mixed rows -> per-row weights gathered once per
-batch composition and two bmm; in both, the expand is fused into the base output. Decode (one token
-per row) on CPU in bf16 -> the fused kernel of cpu_kernel.py, which reads the tables in place.
+Paths: all tokens on one adapter, or a segment of tokens that share one (a prefill chunk, a classify
+text) -> two plain matmuls on views of the slot; single-token rows on mixed adapters (decode) -> per-row
+weights gathered once per composition and two bmm, or on CPU in bf16 the fused kernel of
+cpu_kernel.py, which reads the tables in place. The expand is fused into the base output.
 """
 
 from __future__ import annotations
@@ -20,26 +21,54 @@ from torch import nn
 
 @dataclass
 class BatchState:
-    """What the current forward pass needs to know about adapters; set by the engine per forward."""
+    """What the current forward pass needs to know about adapters; set by the engine per forward.
 
-    row_slots: torch.Tensor | None = None  # [B] long, on the model device; None when no row has an adapter
-    single_slot: int | None = None  # set when every row uses this one (non-zero) slot
-    composition: int = 0  # bumps whenever row_slots change, so layers can reuse gathered weights
-    slots: tuple[int, ...] = ()
+    Two layouts. Padded: x is [rows, len, in], every row takes the gathered path. Packed (one step
+    of the engine): x is [1, tokens, in] holding rows back to back, single-token rows (decode) first.
+    Those take the gathered path, one "row" per token; every longer row (prefill chunk, classify
+    text) is a segment that multiplies its own adapter's matrices in place, so a 512-token prefill
+    never copies its adapter 512 times.
+    """
 
-    def set_rows(self, slots: list[int], device: torch.device) -> None:
-        if tuple(slots) == self.slots:
-            return
-        self.slots = tuple(slots)
+    row_slots: torch.Tensor | None = None  # [G] long on the device: the gathered rows' slots; None if all 0
+    single_slot: int | None = None  # set when every token uses this one (non-zero) slot
+    composition: int = 0  # bumps whenever the gathered rows change, so layers can reuse gathered weights
+    slots: tuple[int, ...] = ()  # the gathered rows' slots
+    segments: tuple[tuple[int, int, int], ...] = ()  # (start, end, slot) token ranges of longer rows
+    active: bool = False  # some token has an adapter
+
+    def set_rows(self, slots: list[int], device: torch.device, lengths: list[int] | None = None) -> None:
+        """Each row's slot; `lengths` (tokens per row) means the packed layout, None the padded one."""
+        gathered, segments = list(slots), ()
+        if lengths is not None:
+            count = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
+            gathered, segments = gathered[:count], _segments(slots[count:], lengths[count:], start=count)
+        self.segments = segments
+        self.active = any(slots)
         distinct = set(slots)
-        self.row_slots = None if distinct == {0} else torch.tensor(slots, dtype=torch.long, device=device)
-        self.single_slot = slots[0] if len(distinct) == 1 and self.row_slots is not None else None
+        self.single_slot = slots[0] if len(distinct) == 1 and self.active else None
+        if tuple(gathered) == self.slots:
+            return
+        self.slots = tuple(gathered)
+        self.row_slots = torch.tensor(gathered, dtype=torch.long, device=device) if any(gathered) else None
         self.composition += 1
 
     def invalidate(self) -> None:
         """Slot contents changed: gathered copies must be rebuilt even for the same rows."""
         self.slots = ()
         self.composition += 1
+
+
+def _segments(slots: list[int], lengths: list[int], start: int) -> tuple[tuple[int, int, int], ...]:
+    """Token ranges of consecutive rows on one adapter, merged; rows without an adapter are skipped."""
+    out: list[list[int]] = []
+    for slot, length in zip(slots, lengths, strict=True):
+        if slot and out and out[-1][2] == slot and out[-1][1] == start:
+            out[-1][1] += length
+        elif slot:
+            out.append([start, start + length, slot])
+        start += length
+    return tuple(tuple(s) for s in out)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -113,54 +142,60 @@ class BatchedLoraLinear(nn.Module):
         return self._rank_cache[1]
 
     def _gathered_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and B^T for the current rows, cut to their max rank:
-        [in, r] / [r, out] when all rows share one slot, else per row [B, in, r] / [B, r, out].
-        Rebuilt only when the batch composition changes, so decode steps of the same rows reuse them."""
+        """Per gathered row A^T [G, in, r] and B^T [G, r, out], cut to their max rank. Rebuilt only when
+        the gathered rows change, so decode steps of the same rows reuse them."""
         state = self.state
         if self._gathered is None or self._gathered[0] != state.composition:
             rank = self._batch_rank()
-            if state.single_slot is not None:
-                a_t = self.lora_A[state.single_slot, :rank].t()
-                b_t = self.lora_B_t[state.single_slot, :rank]
-            else:
-                a_t = self.lora_A[:, :rank].index_select(0, state.row_slots).transpose(1, 2)
-                b_t = self.lora_B_t[:, :rank].index_select(0, state.row_slots)
+            a_t = self.lora_A[:, :rank].index_select(0, state.row_slots).transpose(1, 2)
+            b_t = self.lora_B_t[:, :rank].index_select(0, state.row_slots)
             self._gathered = (state.composition, a_t.contiguous(), b_t.contiguous())
         return self._gathered[1], self._gathered[2]
-
-    def _kernel_applies(self, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """The CPU kernel covers decode: one token per row, bf16 in and out."""
-        return (self.kernel is not None and self.state.row_slots is not None
-                and x.numel() == x.shape[0] * self.in_features and x.dtype == result.dtype == torch.bfloat16
-                and result.is_contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         state = self.state
-        if state.row_slots is None:
+        if not state.active:
             return result
-        if self._kernel_applies(x, result):
-            rank = self._batch_rank()
-            if rank:
-                self.kernel.bgmv_add_(result.view(x.shape[0], self.out_features),
-                                      x.reshape(x.shape[0], self.in_features).contiguous(),
-                                      self.lora_A, self.lora_B_t, state.row_slots, rank)
-            return result
-        a_t, b_t = self._gathered_weights()
-        if a_t.shape[-1] == 0:  # no row's adapter touches this layer
-            return result
-        h = self.shared_shrink.shrink(self, x) if self.shared_shrink else project(x, a_t)
-        if result.dtype != b_t.dtype or not result.is_contiguous():  # e.g. an int8 base's float16 output
-            result += project(h, b_t).reshape(result.shape)
-            return result
-        # The expand fused with the add into the base output (addmm_/baddbmm_): a separate add of
-        # two [tokens, out] tensors costs twice the expand itself on CPU.
-        if b_t.dim() == 2:
-            result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b_t)
+        # The expand is fused with the add into the base output (addmm_/baddbmm_): a separate add of two
+        # [tokens, out] tensors costs twice the expand itself on CPU. An output of another dtype (an int8
+        # base gives float16) or layout gets the delta added afterwards.
+        fused = result.dtype == self.lora_B_t.dtype and result.is_contiguous()
+        out = result if fused else torch.zeros(result.shape, dtype=self.lora_B_t.dtype, device=result.device)
+        x2, out2 = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
+        if state.single_slot is not None:
+            self._add_segment(x2, out2, state.single_slot)
         else:
-            rows = b_t.shape[0]
-            result.view(rows, -1, self.out_features).baddbmm_(h.reshape(rows, -1, h.shape[-1]), b_t)
+            if state.row_slots is not None:
+                self._add_gathered(x, x2, out2)
+            for start, end, slot in state.segments:
+                self._add_segment(x2[start:end], out2[start:end], slot)
+        if not fused:
+            result += out.to(result.dtype)
         return result
+
+    def _add_segment(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> None:
+        """Tokens that share one adapter: two plain matmuls on views of its slot."""
+        rank = self.slot_ranks[slot]
+        if rank:
+            out.addmm_(x.to(self.lora_A.dtype) @ self.lora_A[slot, :rank].t(), self.lora_B_t[slot, :rank])
+
+    def _add_gathered(self, x: torch.Tensor, x2: torch.Tensor, out2: torch.Tensor) -> None:
+        """Rows on different adapters: each row's weights gathered (or read in place by the CPU kernel)."""
+        state = self.state
+        rows = len(state.slots)
+        per_row = 1 if state.segments or x2.shape[0] == rows else x2.shape[0] // rows
+        xg, og = x2[:rows * per_row], out2[:rows * per_row]
+        rank = self._batch_rank()
+        if not rank:  # no gathered row's adapter touches this layer
+            return
+        if self.kernel is not None and per_row == 1 and xg.dtype == og.dtype == torch.bfloat16:
+            self.kernel.bgmv_add_(og, xg.contiguous(), self.lora_A, self.lora_B_t, state.row_slots, rank)
+            return
+        a_t, b_t = self._gathered_weights()
+        x3 = xg.view(rows, per_row, self.in_features)
+        h = self.shared_shrink.shrink(self, x, x3) if self.shared_shrink else project(x3, a_t)
+        og.view(rows, per_row, self.out_features).baddbmm_(h.to(b_t.dtype), b_t)
 
 
 def project(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +216,8 @@ class SharedShrink:
         self._output: torch.Tensor | None = None
         self._output_key = -1
 
-    def shrink(self, layer: BatchedLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    def shrink(self, layer: BatchedLoraLinear, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` are the gathered rows of the layer input `x` ([G, tokens, in])."""
         composition = layer.state.composition
         if self._weights is None or self._weights[0] != composition:
             parts = [m._gathered_weights()[0] for m in self.members]
@@ -192,7 +228,7 @@ class SharedShrink:
             self._weights = (composition, torch.cat(parts, dim=-1), spans)
         # Identity, not equality: the siblings are called with the very same tensor object.
         if self._input is not x or self._output_key != composition:
-            self._output = project(x, self._weights[1])
+            self._output = project(rows, self._weights[1])
             self._input, self._output_key = x, composition
         start, end = self._weights[2][id(layer)]
         return self._output[..., start:end]

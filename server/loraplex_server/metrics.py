@@ -36,7 +36,18 @@ class Metrics:
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests accepted and not yet taken by the engine",
                                  registry=r)
         self.in_flight = Gauge("loraplex_in_flight_requests", "Requests accepted and not finished", registry=r)
-        self.running_rows = Gauge("loraplex_running_rows", "Generation rows in the running batch", registry=r)
+        self.running_rows = Gauge("loraplex_running_rows", "Generation rows admitted to the engine (holding KV)",
+                                  registry=r)
+        self.kv_blocks = Gauge("loraplex_kv_cache_blocks", "KV cache blocks by state (used, free)", ["state"],
+                               registry=r)
+        self.kv_waiting = Gauge("loraplex_kv_waiting_rows", "Generation rows queued in the engine until KV blocks "
+                                "(and step tokens) are free for them", registry=r)
+        self.preemptions = Counter("loraplex_kv_preemptions", "Rows preempted to free KV blocks (recomputed later)",
+                                   registry=r)
+        self._preempted = 0
+        self.step_tokens = Histogram("loraplex_step_tokens", "Tokens per engine step (decode rows, prefill chunks, "
+                                     "classification texts)", buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+                                     registry=r)
         self.adapter_lookups = Counter(
             "loraplex_adapter_lookups", "Adapter lookups by tier: device (slot hit), host (copied into a slot from "
             "host memory, also right after a disk read), disk (a read from the store started)", ["tier"], registry=r)
@@ -67,9 +78,22 @@ class Metrics:
                 return adapter
         return "other"
 
-    def observe_batch(self, slots: tuple[int, ...]) -> None:
-        self.batch_rows.observe(len(slots))
-        self.batch_adapters.observe(len(set(slots) - {0}))
+    def observe_step(self, engine) -> None:
+        """Rows, adapters and tokens of the engine's last step; KV cache occupancy."""
+        slots, tokens = engine.last_step
+        if slots:
+            self.batch_rows.observe(len(slots))
+            self.batch_adapters.observe(len(set(slots) - {0}))
+            self.step_tokens.observe(tokens)
+        planner = engine.planner
+        self.running_rows.set(len(planner.running))
+        if engine.kv is not None:
+            self.kv_blocks.labels("free").set(engine.kv.free_blocks)
+            self.kv_blocks.labels("used").set(engine.kv.num_blocks - engine.kv.free_blocks)
+            self.kv_waiting.set(planner.waiting_for_kv)
+            if planner.preemptions > self._preempted:
+                self.preemptions.inc(planner.preemptions - self._preempted)
+                self._preempted = planner.preemptions
 
     def serve_http(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

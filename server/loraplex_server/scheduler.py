@@ -1,9 +1,9 @@
 """One thread owns the engine and its adapter cache; asyncio handlers hand it work and await results.
 
-Between engine steps the thread drains everything that arrived: all pending classify requests,
-whatever their adapters, go through shared forward passes (split by `max_batch` rows and by device
-room); new generation requests join the running batch; cancelled ones leave it. A request whose
-adapter is only on disk waits, without holding anyone up, until the loader thread has read it.
+The thread loops: take what arrived (typed jobs and control messages), start the jobs whose adapters
+can be put on the device now, run one engine step. Classification and generation both become rows of
+the engine's steps. A request whose adapter is only on disk waits, without holding anyone up, until the
+loader thread has read it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .adapter_cache import AdapterCache
-from .engine import Classification, Engine
+from .engine import Classification, ClassifyRequest, Engine
 from .metrics import Metrics
 from .sequence import GenerationRequest, TokenEvent
 
@@ -61,12 +61,22 @@ class _CallJob(_Job):
     fn: Callable[[], object]
 
 
+@dataclass
+class _Cancel:
+    request_id: str
+
+
+@dataclass
+class _Arrived:
+    """A disk read finished: its waiting jobs go on, or fail with its error."""
+
+    key: str
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, cache: AdapterCache, metrics: Metrics, max_pending: int = 256,
-                 max_batch: int = 64) -> None:
+    def __init__(self, engine: Engine, cache: AdapterCache, metrics: Metrics, max_pending: int = 256) -> None:
         self.engine, self.cache, self.metrics = engine, cache, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running
-        self.max_batch = max_batch
         self._inbox: queue.Queue = queue.Queue()
         self._pending: list[_Job] = []  # taken from the inbox, waiting for device room
         self._waiting: dict[str, list[_Job]] = {}  # adapter key -> jobs waiting for its disk read
@@ -153,85 +163,80 @@ class Scheduler:
         return events
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(_Cancel(request_id))
 
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            for job in self._drain(block=not self.engine.has_work):
-                if isinstance(job, tuple):
-                    self._control(*job)
+            for message in self._drain(block=not self.engine.has_work):
+                if isinstance(message, _Cancel):
+                    self._cancel(message.request_id)
+                elif isinstance(message, _Arrived):
+                    self._arrived(message.key)
                 else:
-                    self._pending.append(job)
+                    self._pending.append(message)
             self._dispatch()
             if self.engine.has_work:
-                try:
-                    self.engine.step()
-                    self.metrics.observe_batch(self.engine.slots.state.slots)
-                except Exception:
-                    log.exception("engine step failed; cancelling the running batch")
-                    for request_id in self.engine.running_request_ids():
-                        self.engine.cancel(request_id)
-                self.metrics.running_rows.set(len(self.engine.batch.running))
+                self.engine.step()
+                self.metrics.observe_step(self.engine)
 
-    def _control(self, kind: str, arg) -> None:
-        if kind == "cancel":
-            self.engine.cancel(arg)
-            for jobs in (self._pending, *self._waiting.values()):
-                for job in [j for j in jobs if isinstance(j, _SubmitJob) and j.request.request_id == arg]:
-                    jobs.remove(job)
-                    job.done(None, asyncio.CancelledError())
-        elif kind == "arrived":  # a disk read finished: its jobs go on, or fail with its error
-            error = self.cache.arrived(arg)
-            for job in self._waiting.pop(arg, []):
-                if error is None:
-                    self._pending.append(job)
-                else:
-                    job.done(None, error)
+    def _cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+        for jobs in (self._pending, *self._waiting.values()):
+            for job in [j for j in jobs if isinstance(j, _SubmitJob) and j.request.request_id == request_id]:
+                jobs.remove(job)
+                job.done(None, asyncio.CancelledError())
+
+    def _arrived(self, key: str) -> None:
+        error = self.cache.arrived(key)
+        for job in self._waiting.pop(key, []):
+            if error is None:
+                self._pending.append(job)
+            else:
+                job.done(None, error)
 
     def _drain(self, block: bool) -> list:
-        jobs = []
+        messages = []
         try:
-            jobs.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            messages.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
             while True:
-                jobs.append(self._inbox.get_nowait())
+                messages.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
         now = time.perf_counter()
-        for job in jobs:
-            if not isinstance(job, tuple):
+        for job in messages:
+            if isinstance(job, _Job):
                 self.metrics.queue_depth.dec()
                 method = {_ClassifyJob: "Classify", _SubmitJob: "Generate"}.get(type(job), "AdapterService")
                 self.metrics.queue_wait.labels(method).observe(now - job.arrived)
-        return jobs
+        return messages
 
     def _dispatch(self) -> None:
         """Start every pending job whose adapter can be put on the device now; the others keep waiting
-        (for their disk read, or for device room that running generations hold)."""
+        (for their disk read, or for device room that running requests hold)."""
         jobs, self._pending = self._pending, []
-        classify = []
         for job in jobs:
             if job.key is not None and not self.cache.in_memory(job.key):
                 self._await_disk(job)
-            elif isinstance(job, _ClassifyJob):
-                classify.append(job)
             else:
                 self._start(job)
-        if classify:
-            self._classify(classify)
 
     def _await_disk(self, job: _Job) -> None:
         self._waiting.setdefault(job.key, []).append(job)
         future = self.cache.fetch(job.key)
         if future is not None:
             key = job.key
-            future.add_done_callback(lambda _: self._inbox.put(("arrived", key)))
+            future.add_done_callback(lambda _: self._inbox.put(_Arrived(key)))
 
     def _start(self, job: _Job) -> None:
+        """Hand a job to the engine once its adapter sits in a slot; the slot stays while it runs."""
         try:
             if job.key is not None and not self.cache.ensure(job.key, protect=set()):
                 self._pending.append(job)
+                return
+            if isinstance(job, _ClassifyJob):
+                self.engine.submit_classify(ClassifyRequest(job.token_ids, job.key, job.done))
                 return
             if isinstance(job, _SubmitJob):
                 self.engine.submit(job.request)
@@ -246,59 +251,6 @@ class Scheduler:
             job.done(None, exc)
             return
         job.done(result, None)
-
-    def _classify(self, jobs: list[_ClassifyJob]) -> None:
-        """Group jobs whose adapters fit on the device together, and run each group's rows."""
-        group: list[_ClassifyJob] = []
-        for job in jobs:
-            if not self.cache.in_memory(job.key):  # deleted by an admin call dispatched since
-                self._await_disk(job)
-                continue
-            try:
-                placed = self.cache.ensure(job.key, {j.key for j in group})
-                if not placed and group:
-                    self._run_classify(group)
-                    group = []
-                    placed = self.cache.ensure(job.key, set())
-            except Exception as exc:
-                job.done(None, exc)
-                continue
-            if placed:
-                group.append(job)
-            else:
-                self._pending.append(job)
-        if group:
-            self._run_classify(group)
-
-    def _run_classify(self, jobs: list[_ClassifyJob]) -> None:
-        """All jobs' rows in shared forward passes of at most max_batch rows."""
-        rows = [(job, ids) for job in jobs for ids in job.token_ids]
-        results: dict[int, list[Classification]] = {id(job): [] for job in jobs}
-        failed: dict[int, BaseException] = {}
-        for start in range(0, len(rows), self.max_batch):
-            chunk = [(job, ids) for job, ids in rows[start:start + self.max_batch] if id(job) not in failed]
-            if not chunk:
-                continue
-            try:
-                out = self.engine.classify_ids([ids for _, ids in chunk], [job.key for job, _ in chunk])
-                self.metrics.observe_batch(self.engine.slots.state.slots)
-            except Exception:
-                # One job's bad input must not fail the others: retry them one by one.
-                out = None
-            if out is not None:
-                for (job, _), result in zip(chunk, out, strict=True):
-                    results[id(job)].append(result)
-                continue
-            for job, ids in chunk:
-                if id(job) in failed:
-                    continue
-                try:
-                    results[id(job)].extend(self.engine.classify_ids([ids], [job.key]))
-                except Exception as exc:
-                    failed[id(job)] = exc
-        for job in jobs:
-            error = failed.get(id(job))
-            job.done(None if error else results[id(job)], error)
 
 
 def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:

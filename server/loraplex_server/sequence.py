@@ -1,4 +1,4 @@
-"""One generation request as it moves through the running batch: its tokens, text and finish state."""
+"""One generation request as it moves through the engine: its tokens, KV blocks, text and finish state."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class Sequence:
         self._longest_stop = max(map(len, request.params.stop), default=0)
         self._emitted = 0
         self.finish_reason: str | None = None
+        self.blocks: list[int] = []  # its KV cache blocks (the planner grows and releases them)
+        self.num_cached = 0  # leading tokens whose keys and values are in those blocks
 
     @property
     def request_id(self) -> str:
@@ -54,6 +56,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_ids) + len(self.output_ids)
+
+    def all_token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output (a prefill chunk, or a recompute after preemption)."""
+        prompt = self.request.prompt_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt[start:] if start < len(prompt) else []) + self.output_ids[max(start - len(prompt), 0):
+                                                                                end - len(prompt)]
 
     @property
     def finished(self) -> bool:

@@ -81,7 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="uploads with a higher LoRA rank are refused")
     parser.add_argument("--max-upload-bytes", type=parse_bytes, default=_env("max_upload_bytes", "512M"),
                         help="uploads (and the adapters they unpack to) past this size are refused")
-    parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)))
+    parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)),
+                        help="most rows (generations, classification texts) in one engine step")
+    parser.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", 0)) or None,
+                        help="tokens per engine step: decode rows, prefill chunks and classification texts share "
+                             "it, so a long prompt is prefilled in chunks while running rows keep decoding "
+                             "(default: 128 on CPU, 2048 on CUDA)")
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=_env("kv_cache_memory", "0") or None,
+                        help="bytes of KV cache, allocated once; generations wait for room and are preempted "
+                             "(then recomputed) when it runs out (default: enough for --max-batch rows at full "
+                             "context, at most a quarter of free memory, or half of free GPU memory)")
     parser.add_argument("--max-pending", type=int, default=int(_env("max_pending", 256)),
                         help="requests waiting for the engine before new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--grace", type=float, default=float(_env("grace", 10.0)),
@@ -136,14 +145,15 @@ async def serve(args: argparse.Namespace) -> None:
 
     def load() -> tuple[Engine, AdapterCache]:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
-                        max_adapters=args.max_adapters, max_batch=args.max_batch)
+                        max_adapters=args.max_adapters, max_batch=args.max_batch,
+                        max_batch_tokens=args.max_batch_tokens, kv_cache_memory=args.kv_cache_memory or None)
         store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
                              max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
                              check_fits=engine.slots.shapes.validate)
         return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
     engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)
-    scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending, max_batch=args.max_batch)
+    scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending)
     scheduler.start()
     service.attach(engine, scheduler, cache)
     admin.attach(cache, scheduler)
