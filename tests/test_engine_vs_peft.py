@@ -40,8 +40,9 @@ def peft_reference(base_dir, adapter_dir, quantize: str, cls_labels: int = 0):
     return PeftModel.from_pretrained(reference_model(base_dir, quantize, cls_labels), adapter_dir).eval()
 
 
-def engine_for(base_dir, adapters, quantize="none") -> Engine:
-    engine = Engine(load_base_model(base_dir, quantize=quantize, dtype="float32", device=TEST_DEVICE), max_adapters=8)
+def engine_for(base_dir, adapters, quantize="none", budget: int | None = None) -> Engine:
+    engine = Engine(load_base_model(base_dir, quantize=quantize, dtype="float32", device=TEST_DEVICE), max_adapters=8,
+                    max_batch_tokens=budget)
     for name, (folder, spec) in adapters.items():
         engine.load_adapter(name, folder, labels=[f"{name}-{i}" for i in range(spec.num_labels)] or None)
     return engine
@@ -108,13 +109,15 @@ def test_bert_classification_matches_peft(tiny):
             torch.testing.assert_close(torch.tensor(list(result.scores.values())), expected.cpu(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
+@pytest.mark.parametrize(("quantize", "budget"), [("none", None), ("none", 3), ("nf4", None), ("nf4", 3),
+                                                  ("int8", None)])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize):
+def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize, budget):
     """Requests arrive at different steps, with different adapters and lengths; each must produce
-    exactly the tokens PEFT's own generate gives for it alone."""
+    exactly the tokens PEFT's own generate gives for it alone (with a budget of 3 tokens a step,
+    prompts are prefilled in chunks beside the decoding rows)."""
     base_dir, adapters = tiny(arch)
-    engine = engine_for(base_dir, adapters, quantize)
+    engine = engine_for(base_dir, adapters, quantize, budget)
     names = generation_adapters(adapters) + [None]
     max_new = [12, 20, 7, 16, 25, 9]
     arrivals = {0: [0, 1], 3: [2], 5: [3, 4], 9: [5]}  # step -> request indices

@@ -263,9 +263,11 @@ class Engine:
         for p in planned:
             n = len(p.token_ids)
             if p.is_generation:
-                context = self.kv.slot_index(p.row.blocks, 0, p.start + n)
+                blocks, length = p.row.blocks, p.start + n
+                context = self.kv.slot_index(blocks, 0, length)
                 writes.append(context[p.start:])
-                rows.append(RowShape(offset, n, context))
+                run = blocks[0] * self.kv.block_size if self.kv.contiguous(blocks, length) else None
+                rows.append(RowShape(offset, n, context, run))
             else:
                 rows.append(RowShape(offset, n, None))
             offset += n

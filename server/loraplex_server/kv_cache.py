@@ -8,6 +8,7 @@ its own blocks: nothing else is copied, and no row ever sees another row's token
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -43,7 +44,12 @@ class PagedKVCache:
         # Uninitialized: only written positions are ever read, and on the host untouched pages cost no RSS.
         self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self._free = list(range(self.num_blocks - 1, -1, -1))
+        # Free blocks as a set plus a min-heap (lazily cleaned): a row takes the block right after its last
+        # one when free, else the lowest free one, so rows tend to own runs of blocks that attention can
+        # read as one slice instead of gathering them.
+        self._free = set(range(self.num_blocks))
+        self._heap = list(range(self.num_blocks))
+        self._claimed: dict[int, int] = {}  # the block after a row's last one -> how many rows claim it
         self.device = device
 
     @property
@@ -62,13 +68,74 @@ class PagedKVCache:
         need = self.blocks_for(tokens) - len(table)
         if need > len(self._free):
             return False
-        for _ in range(max(need, 0)):
-            table.append(self._free.pop())
+        if need <= 0:
+            return True
+        if table:
+            self._unclaim(table[-1] + 1)
+        if not table and need > 1:
+            table += self._run(need)
+            need = 0
+        for _ in range(need):
+            block = table[-1] + 1 if table and table[-1] + 1 in self._free else self._lowest_free()
+            self._free.remove(block)
+            table.append(block)
+        self._claimed[table[-1] + 1] = self._claimed.get(table[-1] + 1, 0) + 1
         return True
 
+    def _unclaim(self, block: int) -> None:
+        if self._claimed.get(block, 0) > 1:
+            self._claimed[block] -= 1
+        else:
+            self._claimed.pop(block, None)
+
+    def _run(self, count: int) -> list[int]:
+        """`count` free blocks for a new row: the first run of consecutive ones if there is one, else
+        the lowest free blocks."""
+        ordered = sorted(self._free)
+        start = 0
+        for i in range(1, len(ordered) + 1):
+            if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+                if i - start >= count:
+                    chosen = ordered[start:start + count]
+                    break
+                start = i
+        else:
+            chosen = ordered[:count]
+        self._free.difference_update(chosen)
+        return chosen
+
+    def _lowest_free(self) -> int:
+        """The lowest free block that is not the next one of another row (so that row stays one run),
+        or the lowest free one when only such blocks are left."""
+        skipped, block = [], None
+        while self._heap:
+            candidate = heapq.heappop(self._heap)
+            if candidate not in self._free:
+                continue
+            if candidate in self._claimed:
+                skipped.append(candidate)
+                continue
+            block = candidate
+            break
+        for other in skipped:
+            heapq.heappush(self._heap, other)
+        return block if block is not None else min(skipped)
+
     def release(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
+        if table:
+            self._unclaim(table[-1] + 1)
+        self._free.update(table)
+        if len(self._heap) + len(table) > 2 * self.num_blocks:  # drop the stale entries now and then
+            self._heap = sorted(self._free)
+        else:
+            for block in table:
+                heapq.heappush(self._heap, block)
         table.clear()
+
+    def contiguous(self, table: list[int], tokens: int) -> bool:
+        """The row's first `tokens` tokens sit in consecutive blocks (one slice of the cache)."""
+        used = self.blocks_for(tokens)
+        return used == 0 or table[:used] == list(range(table[0], table[0] + used))
 
     def slot_index(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache positions of tokens [start, end) of a row (on the host: the step batches the copy)."""

@@ -36,10 +36,12 @@ class BatchState:
     slots: tuple[int, ...] = ()  # the gathered rows' slots
     segments: tuple[tuple[int, int, int], ...] = ()  # (start, end, slot) token ranges of longer rows
     active: bool = False  # some token has an adapter
+    packed: bool = False  # the packed layout (one token per gathered row) rather than the padded one
 
     def set_rows(self, slots: list[int], device: torch.device, lengths: list[int] | None = None) -> None:
         """Each row's slot; `lengths` (tokens per row) means the packed layout, None the padded one."""
         gathered, segments = list(slots), ()
+        self.packed = lengths is not None
         if lengths is not None:
             count = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
             gathered, segments = gathered[:count], _segments(slots[count:], lengths[count:], start=count)
@@ -184,7 +186,7 @@ class BatchedLoraLinear(nn.Module):
         """Rows on different adapters: each row's weights gathered (or read in place by the CPU kernel)."""
         state = self.state
         rows = len(state.slots)
-        per_row = 1 if state.segments or x2.shape[0] == rows else x2.shape[0] // rows
+        per_row = 1 if state.packed else x2.shape[0] // rows
         xg, og = x2[:rows * per_row], out2[:rows * per_row]
         rank = self._batch_rank()
         if not rank:  # no gathered row's adapter touches this layer

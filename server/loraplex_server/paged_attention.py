@@ -30,6 +30,7 @@ class RowShape:
     start: int  # the row's query tokens in the packed step: [start, start + tokens)
     tokens: int
     context: torch.Tensor | None  # flat cache positions of its whole context; None: its own new tokens
+    run_start: int | None = None  # set when that context is one run of the cache, starting there
 
 
 @dataclass
@@ -41,7 +42,9 @@ class AttentionBucket:
     queries: int
     context: int
     kv_index: torch.Tensor  # [rows * context] positions in the cache (or in the step's tokens)
+    kv_run: int | None  # a single row whose context is one run: read as a slice from here, no gather
     q_index: torch.Tensor  # [rows * queries] positions in the step (padding repeats a real one)
+    q_run: int | None  # rows back to back in the step, none padded: queries and outputs are one slice
     keep: torch.Tensor | None  # which of the rows * queries outputs are real; None = all
     out_index: torch.Tensor  # step positions of the real outputs
     mask: torch.Tensor | None  # [rows, 1, group * queries, context] bool; None = attend everything
@@ -98,9 +101,12 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
     needs_mask = bool((~mask).any())
     keep_index = torch.tensor(keep)
     all_real = len(keep) == len(rows) * queries
+    first = rows[0].start
+    in_place = all_real and torch.equal(q_index, torch.arange(first, first + len(q_index)))
     return AttentionBucket(
         from_cache=rows[0].context is not None, rows=len(rows), queries=queries, context=context,
-        kv_index=torch.cat(kv).to(device), q_index=q_index.to(device),
+        kv_index=torch.cat(kv).to(device), kv_run=rows[0].run_start if len(rows) == 1 else None,
+        q_index=q_index.to(device), q_run=first if in_place else None,
         keep=None if all_real else keep_index.to(device),
         out_index=(q_index if all_real else q_index[keep_index]).to(device),
         mask=mask.repeat(1, group, 1).unsqueeze(1).to(device) if needs_mask else None)
@@ -124,13 +130,23 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     out = query.new_empty(tokens, heads, dim)
     for b in step.buckets:
         keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (new_keys, new_values)
-        k = keys.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
-        v = values.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
-        q = query[0].index_select(1, b.q_index).view(kv_heads, group, b.rows, b.queries, dim)
-        q = q.permute(2, 0, 1, 3, 4).reshape(b.rows, kv_heads, group * b.queries, dim)
+        if b.kv_run is not None:
+            k, v = (t[b.kv_run:b.kv_run + b.context].transpose(0, 1).unsqueeze(0) for t in (keys, values))
+        else:
+            k = keys.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
+            v = values.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
+        if b.q_run is not None:
+            q = query[0, :, b.q_run:b.q_run + b.rows * b.queries]
+        else:
+            q = query[0].index_select(1, b.q_index)
+        q = q.reshape(kv_heads, group, b.rows, b.queries, dim).permute(2, 0, 1, 3, 4)
+        q = q.reshape(b.rows, kv_heads, group * b.queries, dim)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling)
         o = o.view(b.rows, kv_heads, group, b.queries, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
-        out.index_copy_(0, b.out_index, o if b.keep is None else o.index_select(0, b.keep))
+        if b.q_run is not None:
+            out[b.q_run:b.q_run + b.rows * b.queries] = o
+        else:
+            out.index_copy_(0, b.out_index, o if b.keep is None else o.index_select(0, b.keep))
     return out.unsqueeze(0), None
 
 

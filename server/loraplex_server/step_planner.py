@@ -86,8 +86,8 @@ class StepPlanner:
         self.preemptions += 1
 
     def schedule(self) -> list[PlannedRow]:
-        """This step's rows: single-token rows first (what the batched LoRA path wants), then chunks
-        and classification texts."""
+        """This step's rows: single-token generation rows first (what the batched LoRA path wants),
+        then chunks, then classification texts."""
         budget, planned = self.max_batch_tokens, []
         for seq in list(self.running):
             if budget == 0 or len(planned) == self.max_rows:
@@ -119,14 +119,18 @@ class StepPlanner:
                 continue
             else:
                 count = min(row.num_tokens - row.num_cached, budget)
-                if not self.kv.grow(row.blocks, row.num_cached + count):
+                # Blocks for the whole prompt at once: it joins only when all of it fits, and its blocks
+                # come out as one run, which attention reads without a gather.
+                if not self.kv.grow(row.blocks, row.num_tokens):
                     kv_blocked = True
                     continue
                 self.running.append(row)
                 planned.append(self._plan(row, count))
                 budget -= count
             self.waiting.remove(row)
-        planned.sort(key=lambda p: (not p.is_generation, len(p.token_ids) != 1))
+        # Within each kind, by shape: the attention buckets then are runs of the packed step.
+        planned.sort(key=lambda p: (not p.is_generation, len(p.token_ids) != 1, len(p.token_ids),
+                                    p.start + len(p.token_ids)))
         return planned
 
     @staticmethod
