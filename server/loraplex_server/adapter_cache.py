@@ -1,12 +1,14 @@
 """Adapter cache tiers: device slots (bounded in bytes) <- host-memory LRU (bounded in bytes) <- the store.
 
 Adapters live in the engine under the key `name@version`, so a new version never overwrites the one
-running requests use: both sit in slots until the old one is idle and evicted. Eviction takes the
-least recently used device adapter that no running request uses (the engine's `in_flight`), that
-is not pinned and that the batch being built does not need.
+running requests use: both sit in slots until the old one is idle and evicted. The device tier is the
+engine's own adapter table (slot, refcount, pin, bytes, in LRU order); this object decides what
+enters and leaves it, and keeps the host tier. Eviction takes the least recently used device adapter
+that no running request uses, that is not pinned and that the caller does not protect.
 
-The engine thread owns this object; other threads only call `resolve` and `residency`, which read.
-Disk reads run on a loader thread, so a cold adapter never stalls the forward passes of resident ones.
+The engine thread owns all of it. Other threads only call `resolve` and read `residency`/`is_pinned`,
+which answer from an immutable snapshot the engine thread replaces after every change. Disk reads run
+on a loader thread, so a cold adapter never stalls the forward passes of resident ones.
 """
 
 from __future__ import annotations
@@ -64,9 +66,8 @@ class AdapterCache:
                  metrics: Metrics) -> None:
         self.engine, self.store, self.metrics = engine, store, metrics
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
-        self.device: OrderedDict[str, int] = OrderedDict()  # key -> device bytes, least recently used first
         self.host: OrderedDict[str, HostEntry] = OrderedDict()
-        self.pinned: set[str] = set()
+        self._snapshot: dict[str, tuple[str, bool]] = {}  # key -> (tier, pinned), for other threads
         self.loading: dict[str, tuple[Future, float]] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loraplex-loader")
         self._element_size = torch.empty(0, dtype=engine.base.dtype).element_size()
@@ -89,15 +90,24 @@ class AdapterCache:
         return adapter_key(manifest.name, manifest.version), manifest
 
     def residency(self, key: str) -> str:
-        if key in self.device:
-            return "device"
-        return "host" if key in self.host else "disk"
+        return self._snapshot.get(key, ("disk", False))[0]
 
-    @property
-    def used_device_bytes(self) -> int:
-        return sum(self.device.values())
+    def is_pinned(self, key: str) -> bool:
+        return self._snapshot.get(key, ("disk", False))[1]
 
     # -- engine thread ---------------------------------------------------------------------------
+
+    @property
+    def device(self):
+        """The device tier: the engine's adapters, least recently used first."""
+        return self.engine.adapters
+
+    def _publish(self) -> None:
+        snapshot = {key: ("host", False) for key in self.host}
+        snapshot.update({key: ("device", a.pinned) for key, a in self.device.items()})
+        self._snapshot = snapshot  # one assignment: readers see the old or the new dict, whole
+        self.metrics.device_adapters.set(len(self.device))
+        self.metrics.device_adapter_bytes.set(self.engine.adapter_bytes)
 
     def in_memory(self, key: str) -> bool:
         return key in self.device or key in self.host
@@ -131,6 +141,7 @@ class AdapterCache:
         self.metrics.adapter_load_seconds.labels("disk").observe(time.perf_counter() - started)
         self.host[key] = entry
         self._trim_host(keep=key)
+        self._publish()
         return None
 
     def _trim_host(self, keep: str) -> None:
@@ -153,49 +164,45 @@ class AdapterCache:
         if entry.device_bytes > self.device_bytes:
             raise AdapterTooLarge(f"adapter {key} needs {entry.device_bytes} bytes on the device, more than "
                                   f"the server's --adapter-memory of {self.device_bytes}")
-        while self.engine.slots.free_slots == 0 or self.used_device_bytes + entry.device_bytes > self.device_bytes:
-            victim = next((k for k in self.device if k not in protect and k not in self.pinned
-                           and self.engine.adapters[k].in_flight == 0), None)
+        while self.engine.slots.free_slots == 0 or self.engine.adapter_bytes + entry.device_bytes > self.device_bytes:
+            victim = next((k for k, a in self.device.items() if k not in protect and not a.pinned
+                           and a.in_flight == 0), None)
             if victim is None:
                 return False
             self._evict(victim)
         started = time.perf_counter()
         self.engine.load_adapter(key, entry.adapter, labels=entry.manifest.labels or None,
-                                 validate=not entry.validated)
+                                 validate=not entry.validated, device_bytes=entry.device_bytes)
         entry.validated = True
-        self.device[key] = entry.device_bytes
         self.host.move_to_end(key)
         self.metrics.adapter_lookups.labels("host").inc()
         self.metrics.adapter_load_seconds.labels("host").observe(time.perf_counter() - started)
-        self._gauge()
+        self._publish()
         return True
 
     def _evict(self, key: str) -> None:
         self.engine.unload_adapter(key)
-        del self.device[key]
-        self.pinned.discard(key)
         self.metrics.adapter_evictions.inc()
-        self._gauge()
-
-    def _gauge(self) -> None:
-        self.metrics.device_adapters.set(len(self.device))
-        self.metrics.device_adapter_bytes.set(self.used_device_bytes)
+        self._publish()
 
     def pin(self, key: str) -> None:
         """Keep a device adapter from eviction; at least one slot and half the bytes stay unpinned."""
-        if key in self.pinned:
+        adapter = self.device[key]
+        if adapter.pinned:
             return
-        pinned_bytes = sum(self.device[k] for k in self.pinned) + self.device[key]
-        if len(self.pinned) + 2 > self.engine.slots.num_slots - 1 or pinned_bytes > self.device_bytes // 2:
+        pinned = [a for a in self.device.values() if a.pinned]
+        pinned_bytes = sum(a.device_bytes for a in pinned) + adapter.device_bytes
+        if len(pinned) + 2 > self.engine.slots.num_slots - 1 or pinned_bytes > self.device_bytes // 2:
             raise PinRefused(f"pinning {key} would leave too little device room for other adapters "
-                             f"({len(self.pinned)} pinned; unpin one or raise --adapter-memory/--max-adapters)")
-        self.pinned.add(key)
+                             f"({len(pinned)} pinned; unpin one or raise --adapter-memory/--max-adapters)")
+        adapter.pinned = True
+        self._publish()
 
     def unload(self, key: str) -> None:
         """Drop a device adapter now (it stays in the host tier and the store)."""
         if key not in self.device:
             return
-        in_flight = self.engine.adapters[key].in_flight
+        in_flight = self.device[key].in_flight
         if in_flight:
             raise AdapterInUse(f"adapter {key} is used by {in_flight} running request(s); retry when they finish")
         self._evict(key)
@@ -204,7 +211,9 @@ class AdapterCache:
         """The version was deleted from the store: drop its copies, except a slot still in use, which
         the LRU takes once idle (no new request can resolve it any more)."""
         self.host.pop(key, None)
-        self.pinned.discard(key)
-        if key in self.device and not self.engine.adapters[key].in_flight:
-            self._evict(key)
+        if key in self.device:
+            self.device[key].pinned = False
+            if not self.device[key].in_flight:
+                self._evict(key)
         self._trim_host(keep="")
+        self._publish()

@@ -51,7 +51,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             rank=extra.get("rank", 0), target_modules=extra.get("target_modules", []),
             size_bytes=extra.get("size", 0), created=extra.get("created", ""),
             base_fingerprint=extra.get("base_fingerprint") or "", residency=RESIDENCY[self.cache.residency(key)],
-            pinned=key in self.cache.pinned, manifest_json=json.dumps(manifest.to_dict(), sort_keys=True))
+            pinned=self.cache.is_pinned(key), manifest_json=json.dumps(manifest.to_dict(), sort_keys=True))
 
     # -- upload ---------------------------------------------------------------------------------
 

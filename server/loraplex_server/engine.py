@@ -8,6 +8,7 @@ scheduler thread owns it.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,16 @@ class WrongTask(ValueError):
 
 @dataclass
 class LoadedAdapter:
+    """An adapter in a device slot: the one record of its residency (AdapterCache decides what enters
+    and leaves; `in_flight` and `pinned` keep it there)."""
+
     name: str
     slot: int
     task: str
     labels: list[str]
-    in_flight: int = 0
+    device_bytes: int = 0
+    in_flight: int = 0  # requests queued or running on it
+    pinned: bool = False
 
 
 @dataclass
@@ -101,7 +107,7 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
                                base.head_module)
-        self.adapters: dict[str, LoadedAdapter] = {}
+        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.kv: PagedKVCache | None = None
         if base.kind == "causal":
             base.model.config._attn_implementation = ATTENTION
@@ -127,7 +133,7 @@ class Engine:
     # -- adapters -------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
-                     validate: bool = True) -> LoadedAdapter:
+                     validate: bool = True, device_bytes: int = 0) -> LoadedAdapter:
         """Write an adapter into a free slot; validate=False skips the fit check for an adapter this
         engine has already loaded once (a swap back in from the host tier)."""
         if name in self.adapters:
@@ -140,7 +146,7 @@ class Engine:
         elif self.base.kind != "causal":
             raise ValueError("an encoder base serves classification adapters only (this one has no head)")
         slot = self.slots.allocate(adapter, validate)
-        loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [])
+        loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [], device_bytes=device_bytes)
         self.adapters[name] = loaded
         return loaded
 
@@ -150,6 +156,10 @@ class Engine:
             raise AdapterInUse(f"adapter {name!r} is used by {loaded.in_flight} running request(s)")
         self.slots.release(loaded.slot)
         del self.adapters[name]
+
+    @property
+    def adapter_bytes(self) -> int:
+        return sum(a.device_bytes for a in self.adapters.values())
 
     def _adapter(self, name: str) -> LoadedAdapter:
         try:
