@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.adapters
+	$(BIN)/python -m bench.generation
 
 # Train the three example adapters into the store `make serve` serves, then check train/serve parity.
 adapters: setup

@@ -135,7 +135,9 @@ class Bench:
             params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
             for prompt, name in zip(self.prompts, rows, strict=True):
                 self.engine.submit(GenerationRequest(prompt, name, params))
-            self.engine.step()  # prefill: every row joins and gets its first token
+            planner = self.engine.planner
+            while planner.waiting or any(not s.output_ids for s in planner.running):
+                self.engine.step()  # prefill (in chunks of --max-batch-tokens): every row gets its first token
             synchronize()
             start = time.perf_counter()
             for _ in range(steps):

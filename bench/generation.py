@@ -1,6 +1,6 @@
 """Generation benchmark: cost flat in the work, long prompts beside running rows, a KV flood, the roofline.
 
-    python -m bench.generation [--dtype auto] [--flood-requests 200] [--skip-flood] [--skip-serve]
+    python -m bench.generation [--dtype auto] [--parts engine,serve,flood] [--flood-requests 200]
 
 The embedded base (SmolLM2-135M) at the server's default dtype and step budget; every figure is a
 ratio of timings taken in this one run (machines here are shared and noisy). Ends with one JSON line.
@@ -233,19 +233,9 @@ def under_classify_load(dtype: str) -> dict[str, float]:
     return {"generate_under_classify_load": loaded / alone, "generate_alone_s": alone, "generate_loaded_s": loaded}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--flood-requests", type=int, default=200)
-    parser.add_argument("--flood-prompt", type=int, default=1500)
-    parser.add_argument("--flood-new", type=int, default=500)
-    parser.add_argument("--skip-flood", action="store_true")
-    parser.add_argument("--skip-serve", action="store_true")
-    args = parser.parse_args()
-    results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads(),
-                                  "pid": os.getpid()}
-    engine = Engine(load_base_model(None, quantize="none", dtype=args.dtype), max_batch=64)
-    results["max_batch_tokens"] = engine.planner.max_batch_tokens
+def engine_figures(dtype: str) -> dict[str, float]:
+    engine = Engine(load_base_model(None, quantize="none", dtype=dtype), max_batch=64)
+    results = {"max_batch_tokens": engine.planner.max_batch_tokens}
     prompt = engine.tokenizer(PROMPT)["input_ids"]
     long_prompt = (prompt * (2048 // len(prompt) + 1))[:2048]
     tokens_per_s(engine, prompt, 4, 8)  # warm-up
@@ -256,10 +246,26 @@ def main() -> None:
     results.update(long_join(engine, prompt, long_prompt, 16))
     print({k: round(v, 3) for k, v in results.items() if isinstance(v, float)}, flush=True)
     results.update(roofline(engine, prompt))
-    del engine
-    if not args.skip_serve:
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--flood-requests", type=int, default=200)
+    parser.add_argument("--flood-prompt", type=int, default=1500)
+    parser.add_argument("--flood-new", type=int, default=500)
+    parser.add_argument("--parts", default="engine,serve,flood",
+                        help="which parts to run (the flood takes tens of minutes on a 2-core CPU)")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads(),
+                                  "pid": os.getpid()}
+    if "engine" in parts:
+        results.update(engine_figures(args.dtype))
+    if "serve" in parts:
         results.update(under_classify_load(args.dtype))
-    if not args.skip_flood:
+    if "flood" in parts:
         results.update(kv_flood(args.dtype, args.flood_requests, args.flood_prompt, args.flood_new, 2**30))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
 
