@@ -155,3 +155,49 @@ def test_single_token_and_long_rows_in_one_packed_forward_match_peft(tiny):
                 peft_reference(base_dir, adapters[name][0], "none")
             torch.testing.assert_close(logits.cpu(), model(tensor([prompt])).logits[0].float().cpu(),
                                        atol=1e-4, rtol=0)
+
+
+def test_equal_length_rows_on_mixed_adapters_match_peft(tiny):
+    """Runs of equal-length rows on different adapters (and none) take one gathered bmm per run."""
+    base_dir, adapters = tiny("llama")
+    eng = engine(tiny)
+    names = ["gen_qv_r4", None, "gen_all_r8", "gen_mlp_r2", "gen_all_r8"]
+    prompts = [list(range(20 + i, 26 + i)) for i in range(5)] + [list(range(60 + i, 70 + i)) for i in range(5)]
+    rows = names + names[::-1]
+    got = eng.logits(prompts, rows)
+    assert any(not g.slot for g in eng.slots.state.groups), "no gathered group was formed"
+    with torch.no_grad():
+        for prompt, name, logits in zip(prompts, rows, got, strict=True):
+            model = reference_model(base_dir, "none") if name is None else \
+                peft_reference(base_dir, adapters[name][0], "none")
+            torch.testing.assert_close(logits.cpu(), model(tensor([prompt])).logits[0].float().cpu(),
+                                       atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="an out-of-range id is a fatal device assert on CUDA")
+def test_a_row_that_fails_ends_alone_and_the_others_get_their_tokens(tiny):
+    """A prompt id outside the vocabulary makes the shared forward raise: that request ends with an
+    error, every other row of the same steps (generation and classification) finishes as alone."""
+    eng = engine(tiny, budget=16)
+    good = requests([SamplingParams(max_new_tokens=12, ignore_eos=True) for _ in range(4)])
+    want = [alone(eng, r) for r in good]
+    want_scores = eng.classify_ids([PROMPTS[4]], ["cls3_r2"])[0].scores
+    bad = GenerationRequest([5, 6, 10_000], "gen_qv_r4", SamplingParams(max_new_tokens=5))
+    ended, results = [], {}
+    bad.on_event = ended.append
+    got = {r.request_id: [] for r in good}
+    for r in good[:2]:
+        r.on_event = lambda e: e.token_id is not None and got[e.request_id].append(e.token_id)
+        eng.submit(r)
+    eng.step()
+    eng.submit(bad)
+    eng.submit_classify(ClassifyRequest([PROMPTS[4]], "cls3_r2", lambda out, err: results.update(out=out, err=err)))
+    for r in good[2:]:
+        r.on_event = lambda e: e.token_id is not None and got[e.request_id].append(e.token_id)
+        eng.submit(r)
+    while eng.has_work:
+        eng.step()
+    assert [e.finish_reason for e in ended] == ["error"] and "other requests are not affected" in str(ended[0].error)
+    assert [got[r.request_id] for r in good] == want
+    assert results["err"] is None and results["out"][0].scores == pytest.approx(want_scores, abs=1e-5)
+    assert eng.adapters["gen_qv_r4"].in_flight == 0 and eng.kv.free_blocks == eng.kv.num_blocks

@@ -7,6 +7,7 @@ scheduler thread owns it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from .sequence import GenerationRequest, Sequence, TokenEvent
 from .slot_table import SlotTable
 from .step_planner import ClassifyRow, PlannedRow, StepPlanner
 
+log = logging.getLogger(__name__)
+
 
 class AdapterNotFound(KeyError):
     pass
@@ -37,6 +40,14 @@ class AdapterInUse(RuntimeError):
 
 class WrongTask(ValueError):
     """A classification call on a generation adapter, or the reverse."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine could not compute this request (the others in its step went on)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the server failed to compute this request ({type(cause).__name__}); "
+                         "other requests are not affected; retrying it will likely fail again")
 
 
 @dataclass
@@ -236,11 +247,25 @@ class Engine:
         if not planned:
             return [e for e in events if e is not None]
         try:
-            sample_logits, class_logits = self._forward(planned)
-            events += self._postprocess(planned, sample_logits, class_logits)
-        except Exception as exc:  # reported to this step's requests only; the engine goes on
-            events += [self._end(rid, exc) for rid in {p.row.request_id for p in planned}]
+            events += self._postprocess(planned, *self._forward(planned))
+        except Exception:  # noqa: BLE001 - one row's failure must not end the others: find it
+            events += self._isolate(planned)
         return [e for e in events if e is not None]
+
+    def _isolate(self, planned: list[PlannedRow]) -> list[TokenEvent | None]:
+        """The step failed: run each of its rows alone, so only a row that fails alone ends, with its
+        error. Safe to repeat: a row's state moves only once its own step succeeded, and a retried
+        row rewrites the same cache positions with the same keys and values."""
+        events = []
+        for p in planned:
+            if p.row.request_id not in self._requests:  # a classification request that already ended
+                continue
+            try:
+                events += self._postprocess([p], *self._forward([p]))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("request %s failed in the engine: %s", p.row.request_id, exc)
+                events.append(self._end(p.row.request_id, exc))
+        return events
 
     def _forward(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Logits of the rows that sample, and each classification row's head logits."""
@@ -327,9 +352,9 @@ class Engine:
         self.planner.remove(request_id)
         self._release(request)
         if isinstance(request, ClassifyRequest):
-            request.on_done(None, error or RuntimeError("cancelled"))
+            request.on_done(None, EngineFailure(error) if error else RuntimeError("cancelled"))
             return None
-        return self._emit(request, request.cancel())
+        return self._emit(request, request.cancel(EngineFailure(error) if error else None))
 
     @staticmethod
     def _emit(seq: Sequence, event: TokenEvent) -> TokenEvent:
@@ -351,7 +376,8 @@ class Engine:
         slots = [self._slot(a, "generation") if a is not None else 0 for a in adapters]
         rows = [PlannedRow(ClassifyRow(None, i, ids, slot, ""), 0, ids)
                 for i, (ids, slot) in enumerate(zip(token_ids, slots, strict=True))]
-        order = sorted(range(len(rows)), key=lambda i: len(token_ids[i]) != 1)  # single tokens first
+        # Single tokens first, then by length: what the batched LoRA path groups (as the planner does).
+        order = sorted(range(len(rows)), key=lambda i: (len(token_ids[i]) != 1, len(token_ids[i])))
         planned = [rows[i] for i in order]
         device, lengths = self.base.device, [len(p.token_ids) for p in planned]
         self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)

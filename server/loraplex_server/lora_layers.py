@@ -25,27 +25,29 @@ class BatchState:
 
     Two layouts. Padded: x is [rows, len, in], every row takes the gathered path. Packed (one step
     of the engine): x is [1, tokens, in] holding rows back to back, single-token rows (decode) first.
-    Those take the gathered path, one "row" per token; every longer row (prefill chunk, classify
-    text) is a segment that multiplies its own adapter's matrices in place, so a 512-token prefill
-    never copies its adapter 512 times.
+    Those take the gathered path, one "row" per token. Longer rows (prefill chunks, classify texts)
+    come sorted by length, in groups: consecutive rows on one adapter are a segment that multiplies
+    its matrices in place (a 512-token prefill never copies its adapter 512 times); consecutive rows
+    of equal length on mixed adapters are a [rows, len, in] view with per-row gathered weights (one
+    bmm for a burst of short texts instead of a matmul pair per text).
     """
 
     row_slots: torch.Tensor | None = None  # [G] long on the device: the gathered rows' slots; None if all 0
     single_slot: int | None = None  # set when every token uses this one (non-zero) slot
     composition: int = 0  # bumps whenever the gathered rows change, so layers can reuse gathered weights
     slots: tuple[int, ...] = ()  # the gathered rows' slots
-    segments: tuple[tuple[int, int, int], ...] = ()  # (start, end, slot) token ranges of longer rows
+    groups: tuple[RowGroup, ...] = ()  # the longer rows
     active: bool = False  # some token has an adapter
     packed: bool = False  # the packed layout (one token per gathered row) rather than the padded one
 
     def set_rows(self, slots: list[int], device: torch.device, lengths: list[int] | None = None) -> None:
         """Each row's slot; `lengths` (tokens per row) means the packed layout, None the padded one."""
-        gathered, segments = list(slots), ()
+        gathered, groups = list(slots), ()
         self.packed = lengths is not None
         if lengths is not None:
             count = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
-            gathered, segments = gathered[:count], _segments(slots[count:], lengths[count:], start=count)
-        self.segments = segments
+            gathered, groups = gathered[:count], _groups(slots[count:], lengths[count:], count, device)
+        self.groups = groups
         self.active = any(slots)
         distinct = set(slots)
         self.single_slot = slots[0] if len(distinct) == 1 and self.active else None
@@ -61,16 +63,46 @@ class BatchState:
         self.composition += 1
 
 
-def _segments(slots: list[int], lengths: list[int], start: int) -> tuple[tuple[int, int, int], ...]:
-    """Token ranges of consecutive rows on one adapter, merged; rows without an adapter are skipped."""
-    out: list[list[int]] = []
-    for slot, length in zip(slots, lengths, strict=True):
-        if slot and out and out[-1][2] == slot and out[-1][1] == start:
-            out[-1][1] += length
-        elif slot:
-            out.append([start, start + length, slot])
-        start += length
-    return tuple(tuple(s) for s in out)
+@dataclass(frozen=True)
+class RowGroup:
+    """Consecutive packed rows sharing one path: one adapter (`slot`), or equal lengths (`slots`)."""
+
+    start: int  # first token
+    rows: int
+    length: int  # tokens per row (a segment counts as one row of all its tokens)
+    slot: int = 0  # the segment's adapter; 0 for a gathered group
+    slots: tuple[int, ...] = ()  # a gathered group's per-row adapters
+    index: torch.Tensor | None = None  # those slots on the device
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows * self.length
+
+
+def _groups(slots: list[int], lengths: list[int], start: int, device: torch.device) -> tuple[RowGroup, ...]:
+    """Split the longer rows into runs of equal length; a run on one adapter (or rows on one adapter)
+    becomes a segment, a run of several rows on mixed adapters a gathered group. Rows without an
+    adapter are skipped."""
+    out: list[RowGroup] = []
+    i = 0
+    while i < len(slots):
+        j = i
+        while j < len(slots) and lengths[j] == lengths[i]:
+            j += 1
+        if j - i > 1 and len(set(slots[i:j])) > 1:
+            run = tuple(slots[i:j])
+            out.append(RowGroup(start, j - i, lengths[i], slots=run,
+                                index=torch.tensor(run, dtype=torch.long, device=device)))
+            start += (j - i) * lengths[i]
+        else:
+            for slot, length in zip(slots[i:j], lengths[i:j], strict=True):
+                if slot and out and out[-1].slot == slot and out[-1].end == start:
+                    out[-1] = RowGroup(out[-1].start, 1, out[-1].length + length, slot)
+                elif slot:
+                    out.append(RowGroup(start, 1, length, slot))
+                start += length
+        i = j
+    return tuple(out)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -170,8 +202,11 @@ class BatchedLoraLinear(nn.Module):
         else:
             if state.row_slots is not None:
                 self._add_gathered(x, x2, out2)
-            for start, end, slot in state.segments:
-                self._add_segment(x2[start:end], out2[start:end], slot)
+            for group in state.groups:
+                if group.slot:
+                    self._add_segment(x2[group.start:group.end], out2[group.start:group.end], group.slot)
+                else:
+                    self._add_group(x2, out2, group)
         if not fused:
             result += out.to(result.dtype)
         return result
@@ -181,6 +216,17 @@ class BatchedLoraLinear(nn.Module):
         rank = self.slot_ranks[slot]
         if rank:
             out.addmm_(x.to(self.lora_A.dtype) @ self.lora_A[slot, :rank].t(), self.lora_B_t[slot, :rank])
+
+    def _add_group(self, x2: torch.Tensor, out2: torch.Tensor, group: RowGroup) -> None:
+        """Rows of equal length on mixed adapters: per-row weights gathered, two bmm."""
+        rank = max(self.slot_ranks[s] for s in group.slots)
+        if not rank:
+            return
+        a_t = self.lora_A[:, :rank].index_select(0, group.index).transpose(1, 2)
+        b_t = self.lora_B_t[:, :rank].index_select(0, group.index)
+        x3 = x2[group.start:group.end].view(group.rows, group.length, self.in_features).to(a_t.dtype)
+        out3 = out2[group.start:group.end].view(group.rows, group.length, self.out_features)
+        out3.baddbmm_(torch.bmm(x3, a_t), b_t)
 
     def _add_gathered(self, x: torch.Tensor, x2: torch.Tensor, out2: torch.Tensor) -> None:
         """Rows on different adapters: each row's weights gathered (or read in place by the CPU kernel)."""

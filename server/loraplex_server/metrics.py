@@ -31,7 +31,8 @@ class Metrics:
         self.batch_adapters = Histogram("loraplex_batch_adapters", "Distinct adapters per engine forward pass",
                                         buckets=BATCH_BUCKETS, registry=r)
         self.finished = Counter("loraplex_generations_finished", "Generations ended, by reason (eos, stop, length, "
-                                "cancelled: client gone or deadline passed)", ["reason"], registry=r)
+                                "cancelled: client gone or deadline passed, error: the engine failed the row)",
+                                ["reason"], registry=r)
         self.tokens = Counter("loraplex_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests accepted and not yet taken by the engine",
                                  registry=r)

@@ -18,7 +18,8 @@ class TokenEvent:
     token_id: int | None  # None for a finish without a new token (cancel)
     text: str  # the new text since the previous event (may be empty while a stop string is pending)
     finished: bool = False
-    finish_reason: str | None = None  # "eos", "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "eos", "stop", "length", "cancelled", "error"
+    error: BaseException | None = None  # why the engine could not go on with this row ("error")
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Sequence:
         self._emitted = max(self._emitted, ready)
         return TokenEvent(self.request_id, token_id, delta, self.finished, self.finish_reason)
 
-    def cancel(self) -> TokenEvent:
-        self.finish_reason = "cancelled"
-        return TokenEvent(self.request_id, None, "", True, "cancelled")
+    def cancel(self, error: BaseException | None = None) -> TokenEvent:
+        """End without a new token: cancelled, or failed with `error`."""
+        self.finish_reason = "cancelled" if error is None else "error"
+        return TokenEvent(self.request_id, None, "", True, self.finish_reason, error)

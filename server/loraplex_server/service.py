@@ -172,14 +172,17 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await abort_for(context, exc)
         return generation, events
 
-    async def _events(self, generation: GenerationRequest, events: asyncio.Queue):
-        """Token events until the finish; a caller that goes away (cancel, deadline) frees its row."""
+    async def _events(self, generation: GenerationRequest, events: asyncio.Queue, context):
+        """Token events until the finish; a caller that goes away (cancel, deadline) frees its row, and
+        a row the engine failed ends the RPC with its status."""
         finished, started, first = False, time.perf_counter(), True
         tokens = self.metrics.tokens.labels(self.metrics.adapter_label(generation.adapter))
         try:
             while not finished:
                 event = await events.get()
                 finished = event.finished
+                if event.error is not None:
+                    await abort_for(context, event.error)
                 if event.token_id is not None:
                     tokens.inc()
                     if first:
@@ -194,7 +197,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         generation, events = await self._start(request, context)
         text, tokens, reason = [], [], None
-        async for event in self._events(generation, events):
+        async for event in self._events(generation, events, context):
             text.append(event.text)
             if event.token_id is not None:
                 tokens.append(event.token_id)
@@ -207,7 +210,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         generation, events = await self._start(request, context)
         completion = 0
-        async for event in self._events(generation, events):
+        async for event in self._events(generation, events, context):
             if event.token_id is not None:
                 completion += 1
                 yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=event.text, token_ids=[event.token_id]))

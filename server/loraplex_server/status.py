@@ -7,7 +7,7 @@ import grpc
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge, BaseMismatch
 
 from .adapter_cache import PinRefused, WrongBase
-from .engine import AdapterInUse, AdapterNotFound, WrongTask
+from .engine import AdapterInUse, AdapterNotFound, EngineFailure, WrongTask
 from .scheduler import QueueFull
 
 _CODES = [  # first match wins: several of these are ValueErrors too
@@ -15,6 +15,7 @@ _CODES = [  # first match wins: several of these are ValueErrors too
     ((WrongTask, WrongBase, BaseMismatch, AdapterInUse, PinRefused), grpc.StatusCode.FAILED_PRECONDITION),
     ((QueueFull, AdapterTooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),  # InvalidRequest, AdapterFormatError, ...
+    ((EngineFailure,), grpc.StatusCode.INTERNAL),
 ]
 
 
