@@ -108,6 +108,9 @@ def test_raw_stubs(server):
     (lambda c: c.classify(["x"] * 65, adapter=CLS), InvalidArgument, "at most 64"),
     (lambda c: c.classify(["ok", ""], adapter=CLS), InvalidArgument, r"texts\[1\] is empty"),
     (lambda c: c.classify(["stop " * 200], adapter=CLS), InvalidArgument, "context"),
+    # Over 16 characters per token of context (the tiny model's is 128): refused before tokenizing.
+    (lambda c: c.classify(["ok", "y" * 2049], adapter=CLS), InvalidArgument, r"texts\[1\] has 2049 characters"),
+    (lambda c: c.generate("é" * 100_000, adapter=GEN), InvalidArgument, "prompt has 100000 characters"),
     (lambda c: c.generate(""), InvalidArgument, "prompt is empty"),
     (lambda c: c.generate("x", max_tokens=5000), InvalidArgument, "max_tokens"),
     (lambda c: c.generate("x", max_tokens=-1), InvalidArgument, "max_tokens"),

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -30,6 +30,11 @@ class Limits:
     max_texts: int = 64
     max_tokens: int = 1024
     default_max_tokens: int = 64
+
+
+# Texts longer than this many characters per token of context are refused before tokenizing (real text
+# averages about 4 characters per token; whitespace runs can be more).
+CHARS_PER_TOKEN = 16
 
 
 class InvalidRequest(ValueError):
@@ -114,14 +119,29 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             raise WrongTask(f"adapter {key} is a {actual} adapter; use {other}")
         return key
 
-    def _tokens(self, text: str, what: str) -> list[int]:
-        ids = self.engine.tokenizer(text)["input_ids"]
+    async def _tokens(self, texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
+        """Token ids of each text (`what(i)` names text i in messages). A text over CHARS_PER_TOKEN
+        characters per token of context is refused before tokenizing, and tokenizing runs off the
+        event loop: a huge text neither stalls other RPCs nor costs its tokenizing first."""
+        limit = self.engine.base.max_positions
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidRequest(f"{what(i)} is empty")
+            if len(text) > limit * CHARS_PER_TOKEN:
+                raise InvalidRequest(f"{what(i)} has {len(text)} characters; the model's context is {limit} "
+                                     f"tokens, so at most {limit * CHARS_PER_TOKEN} characters are accepted")
+        loop = asyncio.get_running_loop()
+        batch = await loop.run_in_executor(None, lambda: self.engine.tokenizer(list(texts))["input_ids"])
+        for i, ids in enumerate(batch):
+            self._check_length(ids, what(i))
+        return batch
+
+    def _check_length(self, ids: list[int], what: str) -> None:
         if not ids:
             raise InvalidRequest(f"{what} is empty")
         limit = self.engine.base.max_positions
         if len(ids) > limit:
             raise InvalidRequest(f"{what} has {len(ids)} tokens; the model's context is {limit}")
-        return ids
 
     def _sampling(self, sampling: pb.SamplingParameters) -> SamplingParams:
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else self.limits.default_max_tokens
@@ -149,7 +169,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 raise InvalidRequest("texts is empty; send at least one text")
             if len(request.texts) > self.limits.max_texts:
                 raise InvalidRequest(f"{len(request.texts)} texts; at most {self.limits.max_texts} per request")
-            ids = [self._tokens(text, f"texts[{i}]") for i, text in enumerate(request.texts)]
+            ids = await self._tokens(list(request.texts), lambda i: f"texts[{i}]")
             results = await self.scheduler.classify(ids, key)
         except Exception as exc:
             await abort_for(context, exc)
@@ -163,10 +183,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         await self._ready(context)
         try:
             key = self._adapter_key(request.adapter, "generation") if request.adapter else None
-            if not request.prompt:
-                raise InvalidRequest("prompt is empty")
-            generation = GenerationRequest(self._tokens(request.prompt, "prompt"), key,
-                                           self._sampling(request.sampling))
+            params = self._sampling(request.sampling)
+            prompt = (await self._tokens([request.prompt], lambda _: "prompt"))[0]
+            generation = GenerationRequest(prompt, key, params)
             events = await self.scheduler.submit(generation)
         except Exception as exc:
             await abort_for(context, exc)
