@@ -21,7 +21,7 @@ python3 -c "import torch, transformers, peft, bitsandbytes as b, grpc; print('to
 
 if [ "$PART" != bench ]; then
   LORAPLEX_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging \
-    tests/test_engine_vs_peft.py tests/test_generation_behaviour.py tests/test_grpc_service.py \
+    tests/test_engine_vs_peft.py tests/test_generation_behaviour.py tests/test_step_loop.py tests/test_grpc_service.py \
     tests/test_grpc_security.py -k "not not_serving_until" > "$OUT/tests_cuda.txt" 2>&1
   tail -15 "$OUT/tests_cuda.txt"
   python3 -c "from pathlib import Path; from tiny_models import make_base; make_base(Path('/tmp/tiny'), 'llama')"
