@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import loraplex_server.sequence as sequence_module
-from loraplex_server.detokenizer import IncrementalDetokenizer
+from loraplex_server.detokenizer import IncrementalDetokenizer, pending_stop_prefix
 from loraplex_server.sampling import SamplingParams, gumbel_noise, row_keys, sample
 from loraplex_server.sequence import GenerationRequest, Sequence
 from tiny_models import write_tokenizer
@@ -57,16 +57,6 @@ def byte_token(tokenizer, byte: int) -> int:
 # -- reference: the Sequence.append this change replaced --------------------------------------------
 
 
-def old_pending_stop_prefix(text: str, stops: list[str]) -> int:
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
 class OldSequence:
     def __init__(self, params: SamplingParams, eos_ids: set[int], prompt_len: int, max_total_tokens: int) -> None:
         self.params, self.eos_ids = params, eos_ids
@@ -93,7 +83,7 @@ class OldSequence:
                   or self.prompt_len + len(self.output_ids) >= self.max_total_tokens):
                 self.finish_reason = "length"
         finished = self.finish_reason is not None
-        ready = len(self.text) if finished else len(self.text) - old_pending_stop_prefix(self.text, stops)
+        ready = len(self.text) if finished else len(self.text) - pending_stop_prefix(self.text, stops)
         delta = self.text[self._emitted:ready]
         self._emitted = max(self._emitted, ready)
         return delta, finished, self.finish_reason

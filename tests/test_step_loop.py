@@ -144,34 +144,30 @@ def test_classification_rows_share_steps_with_generation(tiny):
     assert [got[r.request_id] for r in reqs] == want_tokens
 
 
-def test_single_token_and_long_rows_in_one_packed_forward_match_peft(tiny):
+def assert_logits_match_peft(tiny, prompts: list[list[int]], rows: list[str | None], got) -> None:
     base_dir, adapters = tiny("llama")
-    eng = engine(tiny)
-    rows = ["gen_qv_r4", "gen_all_r8", None, "gen_mlp_r2", "gen_all_r8", "gen_qv_r4", None]
-    got = eng.logits(PROMPTS, rows)
-    with torch.no_grad():
-        for prompt, name, logits in zip(PROMPTS, rows, got, strict=True):
-            model = reference_model(base_dir, "none") if name is None else \
-                peft_reference(base_dir, adapters[name][0], "none")
-            torch.testing.assert_close(logits.cpu(), model(tensor([prompt])).logits[0].float().cpu(),
-                                       atol=1e-4, rtol=0)
-
-
-def test_equal_length_rows_on_mixed_adapters_match_peft(tiny):
-    """Runs of equal-length rows on different adapters (and none) take one gathered bmm per run."""
-    base_dir, adapters = tiny("llama")
-    eng = engine(tiny)
-    names = ["gen_qv_r4", None, "gen_all_r8", "gen_mlp_r2", "gen_all_r8"]
-    prompts = [list(range(20 + i, 26 + i)) for i in range(5)] + [list(range(60 + i, 70 + i)) for i in range(5)]
-    rows = names + names[::-1]
-    got = eng.logits(prompts, rows)
-    assert any(not g.slot for g in eng.slots.state.groups), "no gathered group was formed"
     with torch.no_grad():
         for prompt, name, logits in zip(prompts, rows, got, strict=True):
             model = reference_model(base_dir, "none") if name is None else \
                 peft_reference(base_dir, adapters[name][0], "none")
             torch.testing.assert_close(logits.cpu(), model(tensor([prompt])).logits[0].float().cpu(),
                                        atol=1e-4, rtol=0)
+
+
+def test_single_token_and_long_rows_in_one_packed_forward_match_peft(tiny):
+    rows = ["gen_qv_r4", "gen_all_r8", None, "gen_mlp_r2", "gen_all_r8", "gen_qv_r4", None]
+    assert_logits_match_peft(tiny, PROMPTS, rows, engine(tiny).logits(PROMPTS, rows))
+
+
+def test_equal_length_rows_on_mixed_adapters_match_peft(tiny):
+    """Runs of equal-length rows on different adapters (and none) take one gathered bmm per run."""
+    eng = engine(tiny)
+    names = ["gen_qv_r4", None, "gen_all_r8", "gen_mlp_r2", "gen_all_r8"]
+    prompts = [list(range(20 + i, 26 + i)) for i in range(5)] + [list(range(60 + i, 70 + i)) for i in range(5)]
+    rows = names + names[::-1]
+    got = eng.logits(prompts, rows)
+    assert any(not g.slot for g in eng.slots.state.groups), "no gathered group was formed"
+    assert_logits_match_peft(tiny, prompts, rows, got)
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="an out-of-range id is a fatal device assert on CUDA")

@@ -7,6 +7,7 @@ scheduler thread owns it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -20,8 +21,7 @@ from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 
 from .base_model import BaseModel
 from .kv_cache import PagedKVCache, bytes_per_token
-from .padded_batch import pad_rows
-from .paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
+from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .sequence import GenerationRequest, Sequence, TokenEvent
 from .slot_table import SlotTable
@@ -81,7 +81,7 @@ class Generation:
     completion_tokens: int
 
 
-_classify_ids = iter(range(1, 1 << 62))
+_classify_ids = itertools.count(1)
 
 
 @dataclass
@@ -121,12 +121,9 @@ class Engine:
         self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.kv: PagedKVCache | None = None
         if base.kind == "causal":
-            base.model.config._attn_implementation = ATTENTION
             self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
                                    kv_cache_memory or default_kv_memory(base, max_batch))
-            config = base.model.config
-            heads = getattr(config, "num_attention_heads", None) or config.n_head
-            self._group = heads // self.kv.keys[0].shape[1]
+        self.runner = ModelRunner(base, self.slots, self.kv)
         self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch)
         self._requests: dict[str, Sequence | ClassifyRequest] = {}
         self._cancelled: set[str] = set()
@@ -247,7 +244,7 @@ class Engine:
         if not planned:
             return [e for e in events if e is not None]
         try:
-            events += self._postprocess(planned, *self._forward(planned))
+            events += self._postprocess(planned, *self.runner.run(planned))
         except Exception:  # noqa: BLE001 - one row's failure must not end the others: find it
             events += self._isolate(planned)
         return [e for e in events if e is not None]
@@ -261,53 +258,11 @@ class Engine:
             if p.row.request_id not in self._requests:  # a classification request that already ended
                 continue
             try:
-                events += self._postprocess([p], *self._forward([p]))
+                events += self._postprocess([p], *self.runner.run([p]))
             except Exception as exc:  # noqa: BLE001
                 log.warning("request %s failed in the engine: %s", p.row.request_id, exc)
                 events.append(self._end(p.row.request_id, exc))
         return events
-
-    def _forward(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Logits of the rows that sample, and each classification row's head logits."""
-        model, device = self.base.model, self.base.device
-        slots = [p.row.slot for p in planned]
-        if self.kv is None:  # an encoder: classification rows only, padded, bidirectional
-            ids, mask = pad_rows([p.token_ids for p in planned], self.tokenizer.pad_token_id, device, left=False)
-            self.slots.state.set_rows(slots, device)
-            hidden = model(input_ids=ids, attention_mask=mask).pooler_output
-            return None, self.slots.heads.logits(hidden, slots)
-        ids, positions, lengths = [], [], []
-        for p in planned:
-            ids += p.token_ids
-            positions += range(p.start, p.start + len(p.token_ids))
-            lengths.append(len(p.token_ids))
-        self.slots.state.set_rows(slots, device, lengths)
-        hidden = model.base_model(input_ids=torch.tensor([ids], device=device),
-                                  position_ids=torch.tensor([positions], device=device),
-                                  step=self._attention(planned), use_cache=False).last_hidden_state[0]
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        samples = [i for i, p in enumerate(planned) if p.samples]
-        classify = [i for i, p in enumerate(planned) if not p.is_generation]
-        sample_logits = model.get_output_embeddings()(hidden[last[samples]]) if samples else None
-        class_logits = self.slots.heads.logits(hidden[last[classify]], [slots[i] for i in classify]) \
-            if classify else []
-        return sample_logits, class_logits
-
-    def _attention(self, planned: list[PlannedRow]) -> StepAttention:
-        writes, rows, offset = [], [], 0
-        for p in planned:
-            n = len(p.token_ids)
-            if p.is_generation:
-                blocks, length = p.row.blocks, p.start + n
-                context = self.kv.slot_index(blocks, 0, length)
-                writes.append(context[p.start:])
-                run = blocks[0] * self.kv.block_size if self.kv.contiguous(blocks, length) else None
-                rows.append(RowShape(offset, n, context, run))
-            else:
-                rows.append(RowShape(offset, n, None))
-            offset += n
-        write_index = torch.cat(writes).to(self.base.device) if writes else None
-        return StepAttention(self.kv, write_index, plan_buckets(rows, self._group, self.base.device))
 
     def _postprocess(self, planned: list[PlannedRow], sample_logits: torch.Tensor | None,
                      class_logits: list[torch.Tensor]) -> list[TokenEvent]:
@@ -378,15 +333,10 @@ class Engine:
                 for i, (ids, slot) in enumerate(zip(token_ids, slots, strict=True))]
         # Single tokens first, then by length: what the batched LoRA path groups (as the planner does).
         order = sorted(range(len(rows)), key=lambda i: (len(token_ids[i]) != 1, len(token_ids[i])))
-        planned = [rows[i] for i in order]
-        device, lengths = self.base.device, [len(p.token_ids) for p in planned]
-        self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)
-        hidden = self.base.model.base_model(
-            input_ids=torch.tensor([[t for p in planned for t in p.token_ids]], device=device),
-            position_ids=torch.tensor([[i for n in lengths for i in range(n)]], device=device),
-            step=self._attention(planned), use_cache=False).last_hidden_state[0]
+        hidden = self.runner.hidden([rows[i] for i in order])
         out, start = {}, 0
-        for index, n in zip(order, lengths, strict=True):
+        for index in order:
+            n = len(token_ids[index])
             part = hidden[start + n - 1:start + n] if last_only else hidden[start:start + n]
             out[index] = self.base.model.get_output_embeddings()(part).float()
             start += n

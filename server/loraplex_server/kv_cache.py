@@ -50,7 +50,6 @@ class PagedKVCache:
         self._free = set(range(self.num_blocks))
         self._heap = list(range(self.num_blocks))
         self._claimed: dict[int, int] = {}  # the block after a row's last one -> how many rows claim it
-        self.device = device
 
     @property
     def capacity_tokens(self) -> int:

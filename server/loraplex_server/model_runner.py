@@ -1,0 +1,69 @@
+"""One forward over a step's planned rows: pack them, set each row's adapter and attention context,
+run the base, and return what postprocessing needs (nano-vllm's ModelRunner role)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base_model import BaseModel
+from .kv_cache import PagedKVCache
+from .padded_batch import pad_rows
+from .paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
+from .slot_table import SlotTable
+from .step_planner import PlannedRow
+
+
+class ModelRunner:
+    def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None) -> None:
+        self.base, self.slots, self.kv = base, slots, kv
+        if kv is not None:
+            base.model.set_attn_implementation(ATTENTION)
+            config = base.model.config
+            heads = getattr(config, "num_attention_heads", None) or config.n_head
+            self._group = heads // kv.keys[0].shape[1]  # query heads per key/value head
+
+    def run(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Logits of the rows that sample, and each classification row's head logits."""
+        slots = [p.row.slot for p in planned]
+        if self.kv is None:  # an encoder: classification rows only, padded, bidirectional
+            device = self.base.device
+            ids, mask = pad_rows([p.token_ids for p in planned], self.base.tokenizer.pad_token_id, device, left=False)
+            self.slots.state.set_rows(slots, device)
+            hidden = self.base.model(input_ids=ids, attention_mask=mask).pooler_output
+            return None, self.slots.heads.logits(hidden, slots)
+        hidden = self.hidden(planned)
+        last = torch.tensor([len(p.token_ids) for p in planned], device=hidden.device).cumsum(0) - 1
+        samples = [i for i, p in enumerate(planned) if p.samples]
+        classify = [i for i, p in enumerate(planned) if not p.is_generation]
+        sample_logits = self.base.model.get_output_embeddings()(hidden[last[samples]]) if samples else None
+        class_logits = self.slots.heads.logits(hidden[last[classify]], [slots[i] for i in classify]) \
+            if classify else []
+        return sample_logits, class_logits
+
+    def hidden(self, planned: list[PlannedRow]) -> torch.Tensor:
+        """The last hidden states [tokens, hidden] of the rows packed back to back."""
+        device, ids, positions, lengths = self.base.device, [], [], []
+        for p in planned:
+            ids += p.token_ids
+            positions += range(p.start, p.start + len(p.token_ids))
+            lengths.append(len(p.token_ids))
+        self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)
+        return self.base.model.base_model(input_ids=torch.tensor([ids], device=device),
+                                          position_ids=torch.tensor([positions], device=device),
+                                          step=self._attention(planned), use_cache=False).last_hidden_state[0]
+
+    def _attention(self, planned: list[PlannedRow]) -> StepAttention:
+        writes, rows, offset = [], [], 0
+        for p in planned:
+            n = len(p.token_ids)
+            if p.is_generation:
+                blocks, length = p.row.blocks, p.start + n
+                context = self.kv.slot_index(blocks, 0, length)
+                writes.append(context[p.start:])
+                run = blocks[0] * self.kv.block_size if self.kv.contiguous(blocks, length) else None
+                rows.append(RowShape(offset, n, context, run))
+            else:
+                rows.append(RowShape(offset, n, None))
+            offset += n
+        write_index = torch.cat(writes).to(self.base.device) if writes else None
+        return StepAttention(self.kv, write_index, plan_buckets(rows, self._group, self.base.device))
