@@ -27,7 +27,7 @@ def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, ex
          "--device", TEST_DEVICE,
          "--max-pending", str(max_pending), *extra_args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = Client(target or f"127.0.0.1:{port}", timeout=5, retries=0, **(client_kwargs or {}))
+    client = Client(target or f"127.0.0.1:{port}", **{"timeout": 5, "retries": 0, **(client_kwargs or {})})
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:

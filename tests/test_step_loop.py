@@ -197,3 +197,22 @@ def test_a_row_that_fails_ends_alone_and_the_others_get_their_tokens(tiny):
     assert [got[r.request_id] for r in good] == want
     assert results["err"] is None and results["out"][0].scores == pytest.approx(want_scores, abs=1e-5)
     assert eng.adapters["gen_qv_r4"].in_flight == 0 and eng.kv.free_blocks == eng.kv.num_blocks
+
+
+def test_a_wide_head_costs_only_its_own_rows(tiny, tmp_path):
+    """A 3,000-label classifier beside 3- and 5-label ones: their scores are what they are alone, and
+    no head is padded to the widest label count."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir, _ = tiny("llama")
+    wide = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3000),
+                          LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["q_proj"]))
+    wide.save_pretrained(tmp_path / "wide")
+    eng = engine(tiny)
+    want = [eng.classify_ids([PROMPTS[2]], [name])[0].scores for name in ("cls3_r2", "cls5_r6")]
+    eng.load_adapter("wide", tmp_path / "wide")
+    got = eng.classify_ids([PROMPTS[2], PROMPTS[2], PROMPTS[2]], ["cls3_r2", "wide", "cls5_r6"])
+    assert len(got[1].scores) == 3000
+    assert [g.scores for g in (got[0], got[2])] == [pytest.approx(w, abs=1e-6) for w in want]
+    assert [w.shape[0] for w, _ in filter(None, eng.slots.heads.weights)] == [3, 5, 3000]

@@ -31,42 +31,33 @@ class SlotsFullError(RuntimeError):
 
 
 class HeadTable:
-    """Per-slot classification heads, padded to the widest label count, applied to all rows at once."""
+    """Per-slot classification heads, each kept at its own label count: a head with thousands of labels
+    costs its own rows, not every other classifier's (a padded [slots, labels, hidden] table would)."""
 
-    def __init__(self, num_slots: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.weight = torch.zeros(num_slots, 0, hidden, dtype=dtype, device=device)
-        self.bias = torch.zeros(num_slots, 0, dtype=dtype, device=device)
-        self.num_labels = [0] * num_slots
+    def __init__(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.weights: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * num_slots
+        self.dtype, self.device = dtype, device
 
     def grow_slots(self, num_slots: int) -> None:
-        pad = num_slots - self.weight.shape[0]
-        self.weight = nn.functional.pad(self.weight, (0, 0, 0, 0, 0, pad))
-        self.bias = nn.functional.pad(self.bias, (0, 0, 0, pad))
-        self.num_labels += [0] * pad
+        self.weights += [None] * (num_slots - len(self.weights))
 
     def write(self, slot: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
-        self.weight[slot].zero_()
-        self.bias[slot].zero_()
-        if weight is None:
-            self.num_labels[slot] = 0
-            return
-        labels = int(weight.shape[0])
-        if labels > self.weight.shape[1]:
-            grow = labels - self.weight.shape[1]
-            self.weight = nn.functional.pad(self.weight, (0, 0, 0, grow))
-            self.bias = nn.functional.pad(self.bias, (0, grow))
-        self.weight[slot, :labels].copy_(weight)
-        if bias is not None:
-            self.bias[slot, :labels].copy_(bias)
-        self.num_labels[slot] = labels
+        self.weights[slot] = None if weight is None else (
+            weight.to(self.device, self.dtype).contiguous(), None if bias is None else bias.to(self.device, self.dtype))
 
     def logits(self, hidden: torch.Tensor, slots: list[int]) -> list[torch.Tensor]:
-        """hidden [B, H] -> one fp32 logits vector per row, cut to that row's label count."""
-        index = torch.tensor(slots, dtype=torch.long, device=hidden.device)
-        w = self.weight.index_select(0, index)  # [B, L, H]
-        out = torch.bmm(w, hidden.to(w.dtype).unsqueeze(-1)).squeeze(-1) + self.bias.index_select(0, index)
-        out = out.float()
-        return [out[i, : self.num_labels[s]] for i, s in enumerate(slots)]
+        """hidden [B, H] -> one fp32 logits vector per row; rows of one adapter share one matmul."""
+        rows_of: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            rows_of.setdefault(slot, []).append(row)
+        out: list[torch.Tensor | None] = [None] * len(slots)
+        for slot, rows in rows_of.items():
+            weight, bias = self.weights[slot]
+            h = hidden[rows[0]:rows[0] + 1] if len(rows) == 1 else hidden[torch.tensor(rows, device=hidden.device)]
+            logits = (torch.nn.functional.linear(h.to(weight.dtype), weight, bias)).float()
+            for i, row in enumerate(rows):
+                out[row] = logits[i]
+        return out
 
 
 class SlotTable:
@@ -80,7 +71,7 @@ class SlotTable:
         self.dtype, self.device = dtype, device
         self.state = BatchState()
         self.layers: dict[str, BatchedLoraLinear] = {}
-        self.heads = HeadTable(self.capacity, hidden_size, dtype, device)
+        self.heads = HeadTable(self.capacity, dtype, device)
         self.head_module = head_module
         self.hidden_size = hidden_size
         self._free = list(range(self.capacity - 1, 0, -1))
