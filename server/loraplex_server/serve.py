@@ -116,13 +116,18 @@ def _split(value: str) -> list[str]:
 async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     if args.metrics_port:
-        metrics.serve_http(args.host, args.metrics_port)
+        try:
+            metrics.serve_http(args.host, args.metrics_port)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve metrics on {args.host}:{args.metrics_port} ({exc.strerror}); choose "
+                             "another --metrics-port, or 0 to turn metrics off") from None
     service = InferenceService(metrics, Limits())
     admin = AdapterAdminService(metrics, args.max_upload_bytes)
     health_servicer = health.aio.HealthServicer()
     interceptors = [BearerAuth(args.token, args.admin_token)] if args.token or args.admin_token else []
+    # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", args.max_message_bytes)])
+        ("grpc.max_receive_message_length", args.max_message_bytes), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -131,13 +136,18 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{args.host}:{args.port}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
-    if args.tls_cert:
-        credentials = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())])
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if args.tls_cert:
+            credentials = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(),
+                                                        Path(args.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's way of saying the bind failed
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SystemExit(f"cannot listen on {address}: the port is in use or the address is not this machine's; "
+                         "choose another with --port/--host")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()

@@ -1,0 +1,34 @@
+"""A second server on a busy port fails at once, naming the port and the flag; it never shares it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from server_process import free_port, start_server
+
+
+@pytest.fixture(scope="module")
+def running(tiny, tmp_path_factory):
+    base_dir, _ = tiny("llama")
+    port, metrics_port = free_port(), free_port()
+    process, client = start_server(base_dir, tmp_path_factory.mktemp("store"), port, metrics_port)
+    yield base_dir, port, metrics_port
+    client.close()
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.parametrize(("which", "flag"), [("grpc", "--port"), ("metrics", "--metrics-port")])
+def test_a_busy_port_is_refused_with_the_flag_to_change(running, tmp_path, which, flag):
+    base_dir, port, metrics_port = running
+    ports = (port, 0) if which == "grpc" else (free_port(), metrics_port)
+    second = subprocess.run(
+        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
+         "--port", str(ports[0]), "--metrics-port", str(ports[1]), "--quantize", "none", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    busy = port if which == "grpc" else metrics_port
+    assert f":{busy}" in second.stderr and flag in second.stderr
+    assert "Traceback" not in second.stderr
