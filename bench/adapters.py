@@ -57,12 +57,12 @@ def load_latencies(base, rank: int, count: int = 16, rounds: int = 4) -> dict[st
         start = time.perf_counter()
         cache.fetch(key).result()
         cache.arrived(key)
-        cache.ensure(key, set())
+        cache.ensure(key)
         cold.append(time.perf_counter() - start)
     for _ in range(rounds):
         for key in keys:
             start = time.perf_counter()
-            cache.ensure(key, set())
+            cache.ensure(key)
             warm.append(time.perf_counter() - start)
     cache.close()
     for key in list(cache.device):

@@ -230,14 +230,14 @@ def test_pins_leave_room_and_pinned_or_running_adapters_are_never_evicted(tiny, 
         assert cache.arrived(key) is None
     size = {name: cache.host[key].device_bytes for name, key in keys.items()}
     cache.device_bytes = size["c0"] + size["g"] + 64  # room for c0 and g, or c0 and c1, not all three
-    assert cache.ensure(keys["c0"], set()) and cache.ensure(keys["c1"], set())
+    assert cache.ensure(keys["c0"]) and cache.ensure(keys["c1"])
     cache.pin(keys["c0"])
     with pytest.raises(PinRefused):
         cache.pin(keys["c1"])  # over half the device bytes pinned would starve the rest
-    assert cache.ensure(keys["g"], set())  # evicts c1, the unpinned one
+    assert cache.ensure(keys["g"])  # evicts c1, the unpinned one
     assert set(cache.device) == {keys["c0"], keys["g"]}
     prompt = engine.tokenizer("hello")["input_ids"]
     engine.submit(GenerationRequest(prompt, keys["g"], SamplingParams(max_new_tokens=50)))
-    assert not cache.ensure(keys["c1"], set())  # c0 pinned, g running: no room, and nothing torn
+    assert not cache.ensure(keys["c1"])  # c0 pinned, g running: no room, and nothing torn
     assert set(cache.device) == {keys["c0"], keys["g"]}
     cache.close()

@@ -4,7 +4,7 @@ Adapters live in the engine under the key `name@version`, so a new version never
 running requests use: both sit in slots until the old one is idle and evicted. The device tier is the
 engine's own adapter table (slot, refcount, pin, bytes, in LRU order); this object decides what
 enters and leaves it, and keeps the host tier. Eviction takes the least recently used device adapter
-that no running request uses, that is not pinned and that the caller does not protect.
+that no queued or running request uses and that is not pinned.
 
 The engine thread owns all of it. Other threads only call `resolve` and read `residency`/`is_pinned`,
 which answer from an immutable snapshot the engine thread replaces after every change. Disk reads run
@@ -153,9 +153,9 @@ class AdapterCache:
                 total -= self.host.pop(key).host_bytes
         self.metrics.host_adapter_bytes.set(total)
 
-    def ensure(self, key: str, protect: set[str]) -> bool:
-        """Put an in-memory adapter into a device slot, evicting idle ones that are not pinned or in
-        `protect`. False when there is no room now (running requests or pins hold it)."""
+    def ensure(self, key: str) -> bool:
+        """Put an in-memory adapter into a device slot, evicting idle ones that are not pinned (queued
+        or running requests hold theirs through the refcount). False when there is no room now."""
         if key in self.device:
             self.device.move_to_end(key)
             self.metrics.adapter_lookups.labels("device").inc()
@@ -165,8 +165,7 @@ class AdapterCache:
             raise AdapterTooLarge(f"adapter {key} needs {entry.device_bytes} bytes on the device, more than "
                                   f"the server's --adapter-memory of {self.device_bytes}")
         while self.engine.slots.free_slots == 0 or self.engine.adapter_bytes + entry.device_bytes > self.device_bytes:
-            victim = next((k for k, a in self.device.items() if k not in protect and not a.pinned
-                           and a.in_flight == 0), None)
+            victim = next((k for k, a in self.device.items() if not a.pinned and a.in_flight == 0), None)
             if victim is None:
                 return False
             self._evict(victim)

@@ -178,7 +178,12 @@ class Scheduler:
                     self._pending.append(message)
             self._dispatch()
             if self.engine.has_work:
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception:  # a bug outside the engine's per-row isolation: never lose this thread
+                    log.exception("engine step failed; cancelling every request in the engine")
+                    for request_id in self.engine.running_request_ids():
+                        self.engine.cancel(request_id)
                 self.metrics.observe_step(self.engine)
 
     def _cancel(self, request_id: str) -> None:
@@ -232,7 +237,7 @@ class Scheduler:
     def _start(self, job: _Job) -> None:
         """Hand a job to the engine once its adapter sits in a slot; the slot stays while it runs."""
         try:
-            if job.key is not None and not self.cache.ensure(job.key, protect=set()):
+            if job.key is not None and not self.cache.ensure(job.key):
                 self._pending.append(job)
                 return
             if isinstance(job, _ClassifyJob):
