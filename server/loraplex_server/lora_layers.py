@@ -6,9 +6,10 @@ the engine sets each row's slot once per forward, and the per-batch work (which 
 row slots on the right device) is done once there instead of in every layer.
 
 Paths: all tokens on one adapter, or a segment of tokens that share one (a prefill chunk, a classify
-text) -> two plain matmuls on views of the slot; single-token rows on mixed adapters (decode) -> per-row
-weights gathered once per composition and two bmm, or on CPU in bf16 the fused kernel of
-cpu_kernel.py, which reads the tables in place. The expand is fused into the base output.
+text) -> two plain matmuls on views of the slot; equal-length rows on mixed adapters -> per-row weights
+gathered and two bmm; single-token rows on mixed adapters (decode) -> the same, with the gathered
+weights kept while the rows stay, or on CPU in bf16 the fused kernel of cpu_kernel.py, which reads
+the tables in place. The expand is fused into the base output.
 """
 
 from __future__ import annotations
@@ -224,9 +225,9 @@ class BatchedLoraLinear(nn.Module):
             return
         a_t = self.lora_A[:, :rank].index_select(0, group.index).transpose(1, 2)
         b_t = self.lora_B_t[:, :rank].index_select(0, group.index)
-        x3 = x2[group.start:group.end].view(group.rows, group.length, self.in_features).to(a_t.dtype)
+        x3 = x2[group.start:group.end].view(group.rows, group.length, self.in_features)
         out3 = out2[group.start:group.end].view(group.rows, group.length, self.out_features)
-        out3.baddbmm_(torch.bmm(x3, a_t), b_t)
+        out3.baddbmm_(project(x3, a_t), b_t)
 
     def _add_gathered(self, x: torch.Tensor, x2: torch.Tensor, out2: torch.Tensor) -> None:
         """Rows on different adapters: each row's weights gathered (or read in place by the CPU kernel)."""
@@ -247,10 +248,8 @@ class BatchedLoraLinear(nn.Module):
 
 
 def project(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for one shared [in, out] matrix, or row by row for per-row [B, in, out] matrices."""
-    if weight_t.dim() == 2:
-        return x.to(weight_t.dtype) @ weight_t
-    return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(weight_t.dtype), weight_t)
+    """Row by row: x [G, tokens, in] @ per-row weights [G, in, out]."""
+    return torch.bmm(x.to(weight_t.dtype), weight_t)
 
 
 class SharedShrink:

@@ -41,7 +41,7 @@ class AttentionBucket:
     rows: int
     queries: int
     context: int
-    kv_index: torch.Tensor  # [rows * context] positions in the cache (or in the step's tokens)
+    kv_index: torch.Tensor | None  # [rows * context] positions in the cache (or the step's tokens)
     kv_run: int | None  # a single row whose context is one run: read as a slice from here, no gather
     q_index: torch.Tensor  # [rows * queries] positions in the step (padding repeats a real one)
     q_run: int | None  # rows back to back in the step, none padded: queries and outputs are one slice
@@ -88,7 +88,7 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
     kv, q, keep, mask = [], [], [], torch.zeros(len(rows), queries, context, dtype=torch.bool)
     for i, row in enumerate(rows):
         n, length = row.tokens, width(row)
-        source = torch.arange(row.start, row.start + n) if row.context is None else row.context.cpu()
+        source = torch.arange(row.start, row.start + n) if row.context is None else row.context
         kv.append(torch.cat([source, source[:1].expand(context - length)]))
         positions = torch.arange(row.start, row.start + n)
         q.append(torch.cat([positions, positions[:1].expand(queries - n)]))
@@ -102,10 +102,11 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
     keep_index = torch.tensor(keep)
     all_real = len(keep) == len(rows) * queries
     first = rows[0].start
+    kv_run = rows[0].run_start if len(rows) == 1 else None
     in_place = all_real and torch.equal(q_index, torch.arange(first, first + len(q_index)))
     return AttentionBucket(
         from_cache=rows[0].context is not None, rows=len(rows), queries=queries, context=context,
-        kv_index=torch.cat(kv).to(device), kv_run=rows[0].run_start if len(rows) == 1 else None,
+        kv_index=None if kv_run is not None else torch.cat(kv).to(device), kv_run=kv_run,
         q_index=q_index.to(device), q_run=first if in_place else None,
         keep=None if all_real else keep_index.to(device),
         out_index=(q_index if all_real else q_index[keep_index]).to(device),

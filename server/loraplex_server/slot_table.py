@@ -72,8 +72,6 @@ class SlotTable:
         self.state = BatchState()
         self.layers: dict[str, BatchedLoraLinear] = {}
         self.heads = HeadTable(self.capacity, dtype, device)
-        self.head_module = head_module
-        self.hidden_size = hidden_size
         self._free = list(range(self.capacity - 1, 0, -1))
         # Taken before any layer is wrapped; upload validation reads it from other threads.
         self.shapes = BaseShapes.capture(model, head_module, hidden_size)
@@ -161,8 +159,7 @@ class SlotTable:
             if zero:
                 torch._foreach_zero_(zero)
             head = adapter.head
-            self.heads.write(slot, None if head is None else head.weight.to(self.device),
-                             None if head is None or head.bias is None else head.bias.to(self.device))
+            self.heads.write(slot, None if head is None else head.weight, None if head is None else head.bias)
         self.state.invalidate()
 
     def release(self, slot: int) -> None:
