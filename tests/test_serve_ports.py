@@ -1,4 +1,5 @@
-"""A second server on a busy port fails at once, naming the port and the flag; it never shares it."""
+"""Start-up refusals: a second server on a busy port fails at once, naming the port and the flag (it
+never shares the port), and so does a step budget or KV cache that cannot work."""
 
 from __future__ import annotations
 
@@ -31,4 +32,23 @@ def test_a_busy_port_is_refused_with_the_flag_to_change(running, tmp_path, which
     assert second.returncode != 0
     busy = port if which == "grpc" else metrics_port
     assert f":{busy}" in second.stderr and flag in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-batch-tokens", "-1", "must be >= 0"),
+    ("--max-batch-tokens", "lots", "not an integer"),
+    ("--kv-cache-memory", "100", "holds no block"),
+    ("--kv-cache-memory", "-1G", "holds no block"),
+    ("--kv-cache-memory", "big", "not a size"),
+])
+def test_an_unworkable_budget_stops_the_server_with_the_flag_to_change(tiny, tmp_path, flag, value, message):
+    base_dir, _ = tiny("llama")
+    second = subprocess.run(
+        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
+         "--port", str(free_port()), "--metrics-port", "0", "--quantize", "none", "--dtype", "float32",
+         f"{flag}={value}"],
+        capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert message in second.stderr and flag in second.stderr
     assert "Traceback" not in second.stderr

@@ -16,6 +16,10 @@ import torch
 BLOCK_SIZE = 16
 
 
+class KVCacheTooSmall(ValueError):
+    """The KV cache budget holds not even one block."""
+
+
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a causal LM config (Llama/Qwen/Mistral/GPT-2 families)."""
     heads = getattr(config, "num_attention_heads", None) or config.n_head
@@ -38,8 +42,8 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = memory_bytes // (bytes_per_token(config, dtype) * block_size)
         if self.num_blocks < 1:
-            raise ValueError(f"a KV cache of {memory_bytes} bytes holds no block of {block_size} tokens; "
-                             "raise --kv-cache-memory")
+            raise KVCacheTooSmall(f"a KV cache of {memory_bytes} bytes holds no block of {block_size} tokens "
+                                  f"({block_size * bytes_per_token(config, dtype)} bytes); raise --kv-cache-memory")
         slots = self.num_blocks * block_size
         # Uninitialized: only written positions are ever read, and on the host untouched pages cost no RSS.
         self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]

@@ -24,6 +24,7 @@ from .admin_service import AdapterAdminService
 from .auth import BearerAuth
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
+from .kv_cache import KVCacheTooSmall
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .service import InferenceService, Limits
@@ -43,6 +44,17 @@ def parse_bytes(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)") from None
     return int(number * _UNITS[unit])
+
+
+def non_negative(text: str) -> int:
+    """An integer flag where 0 means the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = the default), got {value}")
+    return value
 
 
 def default_adapter_dir() -> str:
@@ -83,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="uploads (and the adapters they unpack to) past this size are refused")
     parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 64)),
                         help="most rows (generations, classification texts) in one engine step")
-    parser.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", 0)) or None,
+    parser.add_argument("--max-batch-tokens", type=non_negative, default=_env("max_batch_tokens", "0"),
                         help="tokens per engine step: decode rows, prefill chunks and classification texts share "
                              "it, so a long prompt is prefilled in chunks while running rows keep decoding "
                              "(default: 128 on CPU, 2048 on CUDA)")
@@ -156,13 +168,17 @@ async def serve(args: argparse.Namespace) -> None:
     def load() -> tuple[Engine, AdapterCache]:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch,
-                        max_batch_tokens=args.max_batch_tokens, kv_cache_memory=args.kv_cache_memory or None)
+                        max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
         store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
                              max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
                              check_fits=engine.slots.shapes.validate)
         return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
-    engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)
+    try:
+        engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)
+    except KVCacheTooSmall as exc:
+        await server.stop(None)  # the port is already open: close it before exiting
+        raise SystemExit(str(exc)) from None
     scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending)
     scheduler.start()
     service.attach(engine, scheduler, cache)
