@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -46,8 +45,9 @@ class Timeline:
         self.tokens: dict[str, list[float]] = {}
         self.ids: dict[str, list[int]] = {}
 
-    def request(self, prompt: list[int], new: int, ignore_eos: bool = True) -> GenerationRequest:
-        request = GenerationRequest(prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=ignore_eos))
+    def request(self, prompt: list[int], new: int) -> GenerationRequest:
+        """A greedy request for exactly `new` tokens (EOS ignored), its tokens timed as they come."""
+        request = GenerationRequest(prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=True))
         self.tokens[request.request_id], self.ids[request.request_id] = [], []
 
         def on_event(event) -> None:
@@ -264,8 +264,7 @@ def main() -> None:
                         help="which parts to run (the flood takes tens of minutes on a 2-core CPU)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads(),
-                                  "pid": os.getpid()}
+    results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads()}
     if "engine" in parts:
         results.update(engine_figures(args.dtype))
     if "serve" in parts:
