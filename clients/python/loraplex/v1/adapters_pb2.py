@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"\x82\x01\n\x0eUploadMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\"Y\n\rUploadRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.loraplex.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x81\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x08 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\t \x01(\t\x12)\n\tresidency\x18\n \x01(\x0e\x32\x16.loraplex.v1.Residency\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\";\n\x0eUploadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\r\n\x0bListRequest\":\n\x0cListResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x1d\n\nGetRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"8\n\x0bGetResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\" \n\rDeleteRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08versions\x18\x01 \x03(\x05\"+\n\x0bLoadRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"9\n\x0cLoadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\" \n\rUnloadRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\";\n\x0eUnloadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo*d\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESIDENCY_DISK\x10\x01\x12\x12\n\x0eRESIDENCY_HOST\x10\x02\x12\x14\n\x10RESIDENCY_DEVICE\x10\x03\x32\x8f\x03\n\x0e\x41\x64\x61pterService\x12\x43\n\x06Upload\x12\x1a.loraplex.v1.UploadRequest\x1a\x1b.loraplex.v1.UploadResponse(\x01\x12;\n\x04List\x12\x18.loraplex.v1.ListRequest\x1a\x19.loraplex.v1.ListResponse\x12\x38\n\x03Get\x12\x17.loraplex.v1.GetRequest\x1a\x18.loraplex.v1.GetResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.loraplex.v1.DeleteRequest\x1a\x1b.loraplex.v1.DeleteResponse\x12;\n\x04Load\x12\x18.loraplex.v1.LoadRequest\x1a\x19.loraplex.v1.LoadResponse\x12\x41\n\x06Unload\x12\x1a.loraplex.v1.UnloadRequest\x1a\x1b.loraplex.v1.UnloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"\x82\x01\n\x0eUploadMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\"Y\n\rUploadRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.loraplex.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x81\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x08 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\t \x01(\t\x12)\n\tresidency\x18\n \x01(\x0e\x32\x16.loraplex.v1.Residency\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\";\n\x0eUploadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x0cListResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\nGetRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"8\n\x0bGetResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\" \n\rDeleteRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08versions\x18\x01 \x03(\x05\"+\n\x0bLoadRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"9\n\x0cLoadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\" \n\rUnloadRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\";\n\x0eUnloadResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo*d\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESIDENCY_DISK\x10\x01\x12\x12\n\x0eRESIDENCY_HOST\x10\x02\x12\x14\n\x10RESIDENCY_DEVICE\x10\x03\x32\x8f\x03\n\x0e\x41\x64\x61pterService\x12\x43\n\x06Upload\x12\x1a.loraplex.v1.UploadRequest\x1a\x1b.loraplex.v1.UploadResponse(\x01\x12;\n\x04List\x12\x18.loraplex.v1.ListRequest\x1a\x19.loraplex.v1.ListResponse\x12\x38\n\x03Get\x12\x17.loraplex.v1.GetRequest\x1a\x18.loraplex.v1.GetResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.loraplex.v1.DeleteRequest\x1a\x1b.loraplex.v1.DeleteResponse\x12;\n\x04Load\x12\x18.loraplex.v1.LoadRequest\x1a\x19.loraplex.v1.LoadResponse\x12\x41\n\x06Unload\x12\x1a.loraplex.v1.UnloadRequest\x1a\x1b.loraplex.v1.UnloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESIDENCY']._serialized_start=1021
-  _globals['_RESIDENCY']._serialized_end=1121
+  _globals['_RESIDENCY']._serialized_start=1085
+  _globals['_RESIDENCY']._serialized_end=1185
   _globals['_UPLOADMETADATA']._serialized_start=44
   _globals['_UPLOADMETADATA']._serialized_end=174
   _globals['_UPLOADREQUEST']._serialized_start=176
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADRESPONSE']._serialized_start=527
   _globals['_UPLOADRESPONSE']._serialized_end=586
   _globals['_LISTREQUEST']._serialized_start=588
-  _globals['_LISTREQUEST']._serialized_end=601
-  _globals['_LISTRESPONSE']._serialized_start=603
-  _globals['_LISTRESPONSE']._serialized_end=661
-  _globals['_GETREQUEST']._serialized_start=663
-  _globals['_GETREQUEST']._serialized_end=692
-  _globals['_GETRESPONSE']._serialized_start=694
-  _globals['_GETRESPONSE']._serialized_end=750
-  _globals['_DELETEREQUEST']._serialized_start=752
-  _globals['_DELETEREQUEST']._serialized_end=784
-  _globals['_DELETERESPONSE']._serialized_start=786
-  _globals['_DELETERESPONSE']._serialized_end=820
-  _globals['_LOADREQUEST']._serialized_start=822
-  _globals['_LOADREQUEST']._serialized_end=865
-  _globals['_LOADRESPONSE']._serialized_start=867
-  _globals['_LOADRESPONSE']._serialized_end=924
-  _globals['_UNLOADREQUEST']._serialized_start=926
-  _globals['_UNLOADREQUEST']._serialized_end=958
-  _globals['_UNLOADRESPONSE']._serialized_start=960
-  _globals['_UNLOADRESPONSE']._serialized_end=1019
-  _globals['_ADAPTERSERVICE']._serialized_start=1124
-  _globals['_ADAPTERSERVICE']._serialized_end=1523
+  _globals['_LISTREQUEST']._serialized_end=640
+  _globals['_LISTRESPONSE']._serialized_start=642
+  _globals['_LISTRESPONSE']._serialized_end=725
+  _globals['_GETREQUEST']._serialized_start=727
+  _globals['_GETREQUEST']._serialized_end=756
+  _globals['_GETRESPONSE']._serialized_start=758
+  _globals['_GETRESPONSE']._serialized_end=814
+  _globals['_DELETEREQUEST']._serialized_start=816
+  _globals['_DELETEREQUEST']._serialized_end=848
+  _globals['_DELETERESPONSE']._serialized_start=850
+  _globals['_DELETERESPONSE']._serialized_end=884
+  _globals['_LOADREQUEST']._serialized_start=886
+  _globals['_LOADREQUEST']._serialized_end=929
+  _globals['_LOADRESPONSE']._serialized_start=931
+  _globals['_LOADRESPONSE']._serialized_end=988
+  _globals['_UNLOADREQUEST']._serialized_start=990
+  _globals['_UNLOADREQUEST']._serialized_end=1022
+  _globals['_UNLOADRESPONSE']._serialized_start=1024
+  _globals['_UNLOADRESPONSE']._serialized_end=1083
+  _globals['_ADAPTERSERVICE']._serialized_start=1188
+  _globals['_ADAPTERSERVICE']._serialized_end=1587
 # @@protoc_insertion_point(module_scope)
