@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PROTO_FILES = ["loraplex/v1/inference.proto", "loraplex/v1/adapters.proto"]
+PROTO_FILES = ["loraplex/v1/inference.proto", "loraplex/v1/adapters.proto", "loraplex/oip/grpc_predict_v2.proto"]
 
 
 def generate(proto_root: Path, out_dir: Path) -> None:
