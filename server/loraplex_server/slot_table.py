@@ -75,6 +75,8 @@ class SlotTable:
         self._free = list(range(self.capacity - 1, 0, -1))
         # Taken before any layer is wrapped; upload validation reads it from other threads.
         self.shapes = BaseShapes.capture(model, head_module, hidden_size)
+        # Compiled (or loaded from torch's build cache) now, so the first adapter request does not wait for it.
+        self.kernel = bgmv_kernel() if device.type == "cpu" and dtype == torch.bfloat16 else None
 
     @property
     def free_slots(self) -> int:
@@ -104,8 +106,7 @@ class SlotTable:
             parent_path, _, attr = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
             layer = BatchedLoraLinear(getattr(parent, attr), self.state, self.capacity, self.dtype, self.device)
-            if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-                layer.kernel = bgmv_kernel()
+            layer.kernel = self.kernel
             setattr(parent, attr, layer)
             self.layers[path] = layer
             self._group_siblings(parent_path, attr)
