@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,9 @@ def test_delete_a_version_then_all(store, sources):
     assert store.list() == [] and not (store.root / "adapters" / "replies").exists()
     with pytest.raises(AdapterNotInStore):
         store.delete("replies")
+    # A number is never handed out twice: another process may still cache replies@3's weights.
+    assert store.publish(sources[GEN], "replies").version == 4
+    assert AdapterStore(store.root).publish(sources[GEN], "replies").version == 5
 
 
 def edit(folder, config=None, weights=None):
@@ -193,9 +197,13 @@ s.AdapterStore({str(store.root)!r}).publish({str(sources[GEN])!r}, "half")
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert ready.exists(), "the publisher never reached its commit point"
-    assert any(store.staging.iterdir()), "the half upload should be sitting in staging"
+    staging = store.root / "staging"
+    (dead,) = [p for p in staging.iterdir() if p.is_dir() and p != store.staging]
+    assert any(dead.iterdir()), "the half upload should be sitting in the publisher's staging folder"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    reopened = AdapterStore(store.root)
+    reopened = AdapterStore(store.root)  # the dead publisher held the store lock: it must be free again
     assert [(m.name, m.version) for m in reopened.list()] == [("kept", 1)]
-    assert list(reopened.staging.iterdir()) == []
+    assert not dead.exists() and not Path(f"{dead}.lock").exists()
+    assert sorted(p for p in staging.iterdir() if p.is_dir()) == sorted([store.staging, reopened.staging])
+    assert reopened.publish(sources[GEN], "half").version == 1

@@ -1,19 +1,35 @@
 """The on-disk adapter store: versioned PEFT folders with manifests, published atomically.
 
-Layout: `<root>/adapters/<name>/<version>/` holds the PEFT files and `loraplex.json`;
-`<root>/staging/` holds uploads in progress. A version becomes visible only by one `rename` of a
-complete, fsynced folder, so a crash at any point leaves either the old state or the new one; what
-is left in staging is swept at the next start. The index is rebuilt by scanning the folders.
+Layout: `<root>/adapters/<name>/<version>/` holds the PEFT files and `loraplex.json`. A version
+becomes visible only by one `rename` of a complete, fsynced folder, so a crash at any point leaves
+either the old state or the new one.
+
+Several processes may share one root:
+- versions are claimed under an flock on `<root>/store.lock`; `<root>/claims/<name>` keeps the highest
+  number ever claimed, so a number is never reused (not after a delete, not after a quarantine), and a
+  cached `name@version` in any process always means the same weights;
+- each store object stages in its own `<root>/staging/<pid>-<hex>/`, owned through an flock on
+  `<pid>-<hex>.lock` held for the object's life; opening a store sweeps only folders whose owner is gone;
+- the index is a cache of the disk: a lookup rescans its name's folder (one listdir), `list` rescans
+  all, `delete` acts on what is on disk under the lock;
+- a version whose manifest or files cannot be read or fail their checksums is logged and moved to
+  `<root>/quarantine/<name>-<version>-<time>/` the first time any process scans it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .archive import AdapterTooLarge, extract_archive
@@ -41,6 +57,78 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+log = logging.getLogger(__name__)
+_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")  # canonical numbers only: "7", never "07"
+_LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (and between threads: each call opens its own file)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _claim_staging(staging: Path) -> tuple[Path, int]:
+    """Create this object's staging folder and hold the flock that marks its owner alive."""
+    while True:
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        lock_path = staging / (token + _LOCK_SUFFIX)
+        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # a sweeper may have taken the lock between open and flock, and removed the file
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                (staging / token).mkdir()
+                return staging / token, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _sweep_staging(staging: Path) -> None:
+    """Remove staging folders whose owner process is gone: its lock can be taken, or it has none."""
+    for entry in staging.iterdir():
+        if entry.name.endswith(_LOCK_SUFFIX):
+            try:
+                fd = os.open(entry, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # its owner is alive
+                continue
+            shutil.rmtree(staging / entry.name.removesuffix(_LOCK_SUFFIX), ignore_errors=True)
+            entry.unlink(missing_ok=True)
+            os.close(fd)
+        elif not (staging / (entry.name + _LOCK_SUFFIX)).exists():  # owners create the lock first
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _is_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except AdapterFormatError:
+        return False
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"a file cannot be read ({exc.strerror or type(exc).__name__})"
+    return str(exc)
+
+
+def _release_staging(folder: Path, fd: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(str(folder) + _LOCK_SUFFIX).unlink(missing_ok=True)
+    os.close(fd)
+
+
 class AdapterStore:
     def __init__(self, root: str | Path, base_fingerprint: str | None = None, max_rank: int = 256,
                  max_bytes: int = 512 * 1024 * 1024, allow_base_mismatch: bool = False,
@@ -50,40 +138,138 @@ class AdapterStore:
         self.root = Path(root)
         self.check_fits = check_fits
         self.adapters_dir = self.root / "adapters"
-        self.staging = self.root / "staging"
+        self.claims_dir = self.root / "claims"
+        self.quarantine_dir = self.root / "quarantine"
         self.base_fingerprint = base_fingerprint
         self.max_rank, self.max_bytes = max_rank, max_bytes
         self.allow_base_mismatch = allow_base_mismatch
-        self._lock = threading.Lock()
-        self.adapters_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.staging, ignore_errors=True)  # half uploads from before a crash
-        self.staging.mkdir(parents=True)
-        self._index: dict[str, dict[int, Manifest]] = {}
-        self.rebuild_index()
+        self._lock = threading.Lock()  # serializes index swaps between this object's threads
+        for folder in (self.adapters_dir, self.claims_dir, self.quarantine_dir, self.root / "staging"):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self.root / "store.lock"
+        _sweep_staging(self.root / "staging")  # half uploads of processes that died
+        self.staging, fd = _claim_staging(self.root / "staging")
+        self._release = weakref.finalize(self, _release_staging, self.staging, fd)
+        self._index: dict[str, dict[int, Manifest]] = {}  # replaced whole, never mutated: readers need no lock
+        self.refresh()
 
-    def rebuild_index(self) -> None:
-        index: dict[str, dict[int, Manifest]] = {}
-        for version_dir in self.adapters_dir.glob("*/*"):
-            if not version_dir.name.isdigit() or not (version_dir / MANIFEST_FILE).is_file():
-                continue
+    def close(self) -> None:
+        """Remove this object's staging folder (also done when it is garbage collected or at exit)."""
+        self._release()
+
+    # -- the index: a cache of the disk ---------------------------------------------------------
+
+    def refresh(self, name: str | None = None) -> None:
+        """Re-read one name's versions (or all names) from disk: new versions are checked and added,
+        vanished ones dropped, unreadable ones quarantined."""
+        if name is not None:
+            self._refresh_name(name)
+            return
+        names = {p.name for p in self.adapters_dir.iterdir() if _is_name(p.name)}
+        for each in sorted(names | set(self._index)):
+            self._refresh_name(each)
+
+    def _refresh_name(self, name: str) -> dict[int, Manifest]:
+        known = self._index.get(name, {})
+        versions = {}
+        for version in sorted(self._versions_on_disk(name)):
+            manifest = known.get(version) or self._admit(name, version)
+            if manifest is not None:
+                versions[version] = manifest
+        self._install(name, versions)
+        return versions
+
+    def _install(self, name: str, versions: dict[int, Manifest]) -> None:
+        with self._lock:
+            index = dict(self._index)
+            if versions:
+                index[name] = versions
+            else:
+                index.pop(name, None)
+            self._index = index
+
+    def _versions_on_disk(self, name: str) -> set[int]:
+        try:
+            return {int(e) for e in os.listdir(self.adapters_dir / name) if _VERSION_DIR.match(e)}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+
+    def _admit(self, name: str, version: int) -> Manifest | None:
+        """The manifest of a committed version seen for the first time, after checking its files;
+        None when it vanished meanwhile (deleted by another process) or was quarantined."""
+        folder = self.adapters_dir / name / str(version)
+        try:
+            return self._check_committed(folder, name, version)
+        except (AdapterFormatError, OSError, ValueError, TypeError, AttributeError) as exc:
+            if folder.is_dir():
+                self._quarantine(name, version, _reason(exc))
+            return None
+
+    def _check_committed(self, folder: Path, name: str, version: int) -> Manifest:
+        if not (folder / MANIFEST_FILE).is_file():
+            raise AdapterFormatError("its manifest is missing")
+        manifest = read_manifest(folder)
+        if (manifest.name, manifest.version) != (name, version):
+            raise AdapterFormatError(f"its manifest names {manifest.name}@{manifest.version}")
+        checksums = manifest.extra.get("sha256")
+        if not isinstance(checksums, dict) or not checksums:
+            raise AdapterFormatError("its manifest lists no file checksums")
+        present = {p.name for p in folder.iterdir()} - {MANIFEST_FILE}
+        if present != set(checksums):
+            raise AdapterFormatError(f"its files {sorted(present)} differ from the manifest's {sorted(checksums)}")
+        for file_name, digest in checksums.items():
+            if file_sha256(folder / file_name) != digest:
+                raise AdapterFormatError(f"{file_name} fails its sha256 check")
+        return manifest
+
+    def _quarantine(self, name: str, version: int, reason: str) -> None:
+        """Move an unreadable version aside, so it neither serves nor blocks; logged by the one
+        process whose rename wins."""
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        target = self.quarantine_dir / f"{name}-{version}-{stamp}"
+        with _flock(self._lock_path):
+            self._record_claim(name, version)  # its number is never handed out again
             try:
-                manifest = read_manifest(version_dir)
-            except AdapterFormatError:
-                continue  # not a committed version
-            if manifest.name == version_dir.parent.name and manifest.version == int(version_dir.name):
-                index.setdefault(manifest.name, {})[manifest.version] = manifest
-        self._index = index
+                os.rename(self.adapters_dir / name / str(version), target)
+            except FileNotFoundError:
+                return  # another process moved or deleted it first
+        log.warning("adapter %s@%s quarantined to %s: %s", name, version,
+                    target.relative_to(self.root), reason)
+
+    # -- version claims (callers hold the store flock) -------------------------------------------
+
+    def _recorded_claim(self, name: str) -> int:
+        try:
+            return int((self.claims_dir / name).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _next_version(self, name: str) -> int:
+        return max(self._recorded_claim(name), *self._versions_on_disk(name), 0) + 1
+
+    def _record_claim(self, name: str, version: int) -> None:
+        if version <= self._recorded_claim(name):
+            return
+        temporary = self.claims_dir / f".{name}.{secrets.token_hex(4)}"
+        temporary.write_text(f"{version}\n")
+        os.replace(temporary, self.claims_dir / name)
 
     # -- reading --------------------------------------------------------------------------------
 
     def has(self, name: str) -> bool:
-        return name in self._index
+        if name in self._index:
+            return True
+        return _is_name(name) and bool(self._refresh_name(name))
 
     def list(self) -> list[Manifest]:
+        self.refresh()
         return [m for versions in sorted(self._index.items()) for _, m in sorted(versions[1].items())]
 
     def resolve(self, name: str, version: int | None = None) -> tuple[Manifest, Path]:
-        versions = self._index.get(name)
+        """The manifest and folder of `name@version` (latest when None), as on disk now."""
+        check_name(name)
+        versions = self._refresh_name(name)  # one listdir: sees other processes' publishes and deletes
         if not versions:
             raise AdapterNotInStore(f"adapter {name!r} is not registered")
         if version is None:
@@ -105,18 +291,29 @@ class AdapterStore:
     # -- writing --------------------------------------------------------------------------------
 
     def _validate(self, folder: Path, manifest: Manifest) -> None:
+        # Imported here: this method's owner may not touch the module's imports (hoist them at will).
+        from .archive import file_limit
+        from .manifest import check_manifest
+
+        check_manifest(manifest)  # the same rules read_manifest applies at index rebuild
         for path in folder.iterdir():  # regular files only: publish copied nothing else
             if path.name.endswith(PICKLE_SUFFIXES):
                 raise AdapterFormatError(f"pickle file {path.name} refused; save with safetensors")
             if path.name not in ALLOWED_FILES:
                 raise AdapterFormatError(f"unexpected entry {path.name!r}; a PEFT folder holds "
                                          f"{', '.join(sorted(ALLOWED_FILES))}")
+            limit = file_limit(path.name, self.max_bytes)
+            if limit is not None and path.stat().st_size > limit:
+                raise AdapterTooLarge(f"{path.name} is {path.stat().st_size} bytes, over the {limit} byte limit")
         size = sum(p.stat().st_size for p in folder.iterdir())
         if size > self.max_bytes:
             raise AdapterTooLarge(f"adapter is {size} bytes, over the {self.max_bytes} byte limit")
-        adapter = load_peft_folder(folder)
-        if adapter.max_rank > self.max_rank:
-            raise AdapterFormatError(f"rank {adapter.max_rank} is above the server's max rank {self.max_rank}")
+        mismatch = self.base_mismatch(manifest)
+        if mismatch:
+            raise BaseMismatch(mismatch)
+        # Ranks and shapes (check_fits on meta tensors) are checked from the safetensors header, before
+        # any tensor data is read.
+        adapter = load_peft_folder(folder, max_rank=self.max_rank, check_shapes=self.check_fits)
         if adapter.head is None and manifest.labels:
             raise AdapterFormatError("label names given, but the adapter has no classification head (save it "
                                      "with the task's head in modules_to_save)")
@@ -126,11 +323,6 @@ class AdapterStore:
             if len(manifest.labels) != adapter.head.num_labels:
                 raise AdapterFormatError(f"{len(manifest.labels)} label names for a head with "
                                          f"{adapter.head.num_labels} outputs")
-        mismatch = self.base_mismatch(manifest)
-        if mismatch:
-            raise BaseMismatch(mismatch)
-        if self.check_fits is not None:
-            self.check_fits(adapter)
         manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
                               size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               sha256={p.name: file_sha256(p) for p in sorted(folder.iterdir())})
@@ -157,35 +349,46 @@ class AdapterStore:
             if metrics:
                 manifest.extra["metrics"] = metrics
             self._validate(folder, manifest)
-            with self._lock:
-                versions = self._index.get(name, {})
-                manifest.version = max(versions, default=0) + 1
-                write_manifest(folder, manifest)
-                _fsync_tree(folder)
-                target = self.adapters_dir / name / str(manifest.version)
-                target.parent.mkdir(exist_ok=True)
-                os.rename(folder, target)  # the commit point
-                _fsync_tree(target.parent)
-                self._index.setdefault(name, {})[manifest.version] = manifest
+            _fsync_tree(folder)  # the bulk of the syncing, before taking the lock
+            self._commit(folder, manifest)
             return manifest
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def _commit(self, folder: Path, manifest: Manifest) -> None:
+        """Claim the next version of the name and rename the folder into place, under the store
+        lock, so concurrent publishers (threads or processes) get distinct numbers."""
+        with _flock(self._lock_path):
+            manifest.version = self._next_version(manifest.name)
+            write_manifest(folder, manifest)
+            _fsync_tree(folder)
+            target = self.adapters_dir / manifest.name / str(manifest.version)
+            target.parent.mkdir(exist_ok=True)
+            os.rename(folder, target)  # the commit point
+            _fsync_tree(target.parent)
+            self._record_claim(manifest.name, manifest.version)  # after: a crashed commit burns no number
+        self._install(manifest.name, {**self._index.get(manifest.name, {}), manifest.version: manifest})
+
     def delete(self, name: str, version: int | None = None) -> list[int]:
-        """Delete one version, or all of them; returns the versions removed."""
-        with self._lock:
-            versions = self._index.get(name)
-            if not versions or (version is not None and version not in versions):
+        """Delete one version, or all versions on disk at this moment; returns the versions removed.
+        Decided from the disk under the store lock, so another process's fresh publish is never
+        removed by a request that did not name it."""
+        check_name(name)
+        trash = []
+        with _flock(self._lock_path):
+            on_disk = self._versions_on_disk(name)
+            if not on_disk or (version is not None and version not in on_disk):
                 raise AdapterNotInStore(f"adapter {name!r}{'' if version is None else f'@{version}'} "
                                         "is not registered")
-            doomed = [version] if version is not None else sorted(versions)
+            doomed = [version] if version is not None else sorted(on_disk)
             for v in doomed:
                 # Rename out of the tree first: the version disappears atomically, then is removed.
-                trash = self.staging / f"deleted-{name}-{v}-{time.monotonic_ns()}"
-                os.rename(self.adapters_dir / name / str(v), trash)
-                shutil.rmtree(trash, ignore_errors=True)
-                del versions[v]
-            if not versions:
-                del self._index[name]
-                shutil.rmtree(self.adapters_dir / name, ignore_errors=True)
-            return doomed
+                trash.append(self.staging / f"deleted-{name}-{v}-{time.monotonic_ns()}")
+                os.rename(self.adapters_dir / name / str(v), trash[-1])
+            if set(doomed) == on_disk:
+                with contextlib.suppress(OSError):  # a folder with stray files stays
+                    (self.adapters_dir / name).rmdir()
+        for folder in trash:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._refresh_name(name)
+        return doomed
