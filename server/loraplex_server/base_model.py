@@ -98,7 +98,12 @@ def load_base_model(path: str | Path | None = None, quantize: str = "auto", dtyp
                     device: str = "auto") -> BaseModel:
     """Load a local HF folder (or the embedded default when path is None) frozen and in eval mode."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # A server log is read by people and collectors: no progress bars, and no load reports (a base loaded
+    # without its task head reports "missing" weights that are expected here).
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     torch_device = resolve_device(device)
     quant = resolve_quantize(quantize, torch_device)
     compute_dtype = resolve_dtype(dtype, torch_device)
