@@ -26,6 +26,7 @@ from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
 from .kv_cache import KVCacheTooSmall
 from .metrics import Metrics
+from .oip_service import add_open_inference_service
 from .scheduler import Scheduler
 from .service import InferenceService, Limits
 
@@ -76,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
-                        help="Prometheus metrics over HTTP on --host; 0 turns it off")
+                        help="Prometheus metrics on --metrics-host, over HTTPS when --tls-cert is set; 0 turns "
+                             "it off")
+    parser.add_argument("--metrics-host", default=_env("metrics_host", None),
+                        help="address the metrics endpoint binds (default: --host)")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
                         help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
@@ -127,12 +131,16 @@ def _split(value: str) -> list[str]:
 
 async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
     if args.metrics_port:
+        metrics_host = args.metrics_host or args.host
         try:
-            metrics.serve_http(args.host, args.metrics_port)
+            metrics.serve_http(metrics_host, args.metrics_port, args.tls_cert, args.tls_key)
         except OSError as exc:
-            raise SystemExit(f"cannot serve metrics on {args.host}:{args.metrics_port} ({exc.strerror}); choose "
-                             "another --metrics-port, or 0 to turn metrics off") from None
+            raise SystemExit(f"cannot serve metrics on {metrics_host}:{args.metrics_port} "
+                             f"({exc.strerror or exc.__class__.__name__}); choose another --metrics-port or "
+                             "--metrics-host, or 0 to turn metrics off") from None
     service = InferenceService(metrics, Limits())
     admin = AdapterAdminService(metrics, args.max_upload_bytes)
     health_servicer = health.aio.HealthServicer()
@@ -142,12 +150,11 @@ async def serve(args: argparse.Namespace) -> None:
         ("grpc.max_receive_message_length", args.max_message_bytes), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(admin, server)
+    oip_service_name = add_open_inference_service(server, metrics, service.requests)  # KServe v2, same port
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        [SERVICE_NAME, ADMIN_SERVICE_NAME, oip_service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{args.host}:{args.port}"
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
     try:
         if args.tls_cert:
             credentials = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(),
@@ -193,14 +200,26 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining: NOT_SERVING for %.1f s, then no new requests and %.0f s for the ones in flight",
+    log.info("draining: NOT_SERVING for %.1f s, then no new requests and %g s for the ones in flight",
              args.drain_delay, args.grace)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await asyncio.sleep(args.drain_delay)  # lets load balancers see NOT_SERVING and steer away first
     await server.stop(args.grace)
+    await _let_cancelled_rpcs_finish()
     scheduler.stop()
+    metrics.close()
     log.info("stopped")
+
+
+async def _let_cancelled_rpcs_finish(timeout: float = 5.0) -> None:
+    """Give the RPCs that server.stop cancelled a turn to unwind. grpc cancels them after the grace
+    period but does not wait; any still pending when asyncio.run closes the loop is cancelled again
+    there, and grpc logs each one as an "Exception not handled" CancelledError traceback."""
+    rpcs = {task for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__name__", "") == "_schedule_rpc_coro"}  # grpc's task per RPC
+    if rpcs:
+        await asyncio.wait(rpcs, timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> None:
