@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server, in its own registry, served over HTTP by prometheus-client.
+"""Prometheus metrics of one server, in its own registry, served over HTTP, or over HTTPS with the gRPC
+server's certificate (metrics_http.py).
 
 Adapter labels are bounded: the first `max_adapter_labels` adapters seen get their own label value,
 every later one is counted as "other" (and names that are not registered as "unknown"), so thousands
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .metrics_http import serve_metrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -65,6 +68,7 @@ class Metrics:
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
+        self._http = None
 
     def adapter_label(self, adapter: str | None) -> str:
         """The bounded label of an adapter name (a `name@version` key counts under its name)."""
@@ -96,5 +100,11 @@ class Metrics:
                 self.preemptions.inc(planner.preemptions - self._preempted)
                 self._preempted = planner.preemptions
 
-    def serve_http(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> None:
+        """Serve /metrics on host:port, over HTTPS when certfile and keyfile are given."""
+        self._http = serve_metrics(self.registry, host, port, certfile, keyfile)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
