@@ -6,8 +6,7 @@ import asyncio
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -15,30 +14,17 @@ from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
 from .adapter_cache import AdapterCache
+from .chat_template import ChatMessage
 from .engine import Engine, WrongTask
+from .failure_status import abort_with_status
 from .metrics import Metrics
+from .request_builder import CHARS_PER_TOKEN, InvalidRequest, Limits, RequestBuilder
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import GenerationRequest
-from .status import abort_for
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-
-
-@dataclass
-class Limits:
-    max_texts: int = 64
-    max_tokens: int = 1024
-    default_max_tokens: int = 64
-
-
-# Texts longer than this many characters per token of context are refused before tokenizing (real text
-# averages about 4 characters per token; whitespace runs can be more).
-CHARS_PER_TOKEN = 16
-
-
-class InvalidRequest(ValueError):
-    pass
+__all__ = ["CHARS_PER_TOKEN", "InferenceService", "InvalidRequest", "Limits", "observed"]
 
 
 def _status(context, error: BaseException | None) -> str:
@@ -95,66 +81,35 @@ def observed(method):
 class InferenceService(pb_grpc.InferenceServiceServicer):
     def __init__(self, metrics: Metrics, limits: Limits | None = None) -> None:
         self.metrics = metrics
-        self.limits = limits or Limits()
-        self.engine: Engine | None = None  # set once the base model is loaded
-        self.scheduler: Scheduler | None = None
-        self.cache: AdapterCache | None = None
+        self.requests = RequestBuilder(metrics, limits)  # shared with the HTTP API (openai_api.py)
 
     def attach(self, engine: Engine, scheduler: Scheduler, cache: AdapterCache) -> None:
-        self.engine, self.scheduler, self.cache = engine, scheduler, cache
+        self.requests.attach(engine, scheduler, cache)
+
+    @property
+    def limits(self) -> Limits:
+        return self.requests.limits
+
+    @property
+    def cache(self) -> AdapterCache | None:
+        return self.requests.cache
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self.requests.scheduler
 
     # -- helpers --------------------------------------------------------------------------------
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
-        if self.engine is None:
+        if self.requests.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
-        return self.engine
-
-    def _adapter_key(self, reference: str, task: str) -> str:
-        """The `name@version` key of a registered adapter for `task`."""
-        key, manifest = self.cache.resolve(reference)
-        actual = manifest.extra.get("task")
-        if actual != task:
-            other = "Classify" if actual == "classification" else "Generate"
-            raise WrongTask(f"adapter {key} is a {actual} adapter; use {other}")
-        return key
-
-    async def _tokens(self, texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
-        """Token ids of each text (`what(i)` names text i in messages). A text over CHARS_PER_TOKEN
-        characters per token of context is refused before tokenizing, and tokenizing runs off the
-        event loop: a huge text neither stalls other RPCs nor costs its tokenizing first."""
-        limit = self.engine.base.max_positions
-        for i, text in enumerate(texts):
-            if not text:
-                raise InvalidRequest(f"{what(i)} is empty")
-            if len(text) > limit * CHARS_PER_TOKEN:
-                raise InvalidRequest(f"{what(i)} has {len(text)} characters; the model's context is {limit} "
-                                     f"tokens, so at most {limit * CHARS_PER_TOKEN} characters are accepted")
-        loop = asyncio.get_running_loop()
-        batch = await loop.run_in_executor(None, lambda: self.engine.tokenizer(list(texts))["input_ids"])
-        for i, ids in enumerate(batch):
-            self._check_length(ids, what(i))
-        return batch
-
-    def _check_length(self, ids: list[int], what: str) -> None:
-        if not ids:
-            raise InvalidRequest(f"{what} is empty")
-        limit = self.engine.base.max_positions
-        if len(ids) > limit:
-            raise InvalidRequest(f"{what} has {len(ids)} tokens; the model's context is {limit}")
+        return self.requests.engine
 
     def _sampling(self, sampling: pb.SamplingParameters) -> SamplingParams:
-        max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else self.limits.default_max_tokens
-        if not 1 <= max_tokens <= self.limits.max_tokens:
-            raise InvalidRequest(f"max_tokens must be in 1..{self.limits.max_tokens}, got {max_tokens}")
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p if sampling.HasField("top_p") else 1.0, top_k=sampling.top_k,
-                                stop=list(sampling.stop), seed=sampling.seed if sampling.HasField("seed") else None)
-        try:
-            params.validate()
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
-        return params
+        return self.requests.sampling(
+            max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else None,
+            temperature=sampling.temperature, top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+            top_k=sampling.top_k, stop=list(sampling.stop), seed=sampling.seed if sampling.HasField("seed") else None)
 
     # -- RPCs -----------------------------------------------------------------------------------
 
@@ -164,15 +119,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         try:
             if not request.adapter:
                 raise WrongTask("classification needs a classification adapter; set `adapter`")
-            key = self._adapter_key(request.adapter, "classification")
+            key = self.requests.adapter_key(request.adapter, "classification")
             if not request.texts:
                 raise InvalidRequest("texts is empty; send at least one text")
             if len(request.texts) > self.limits.max_texts:
                 raise InvalidRequest(f"{len(request.texts)} texts; at most {self.limits.max_texts} per request")
-            ids = await self._tokens(list(request.texts), lambda i: f"texts[{i}]")
+            ids = await self.requests.tokens(list(request.texts), lambda i: f"texts[{i}]")
             results = await self.scheduler.classify(ids, key)
         except Exception as exc:
-            await abort_for(context, exc)
+            await abort_with_status(context, exc)
         return pb.ClassifyResponse(results=[
             pb.Classification(label=r.label, score=r.score,
                               scores=[pb.LabelScore(label=k, score=v) for k, v in r.scores.items()])
@@ -182,35 +137,22 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def _start(self, request, context) -> tuple[GenerationRequest, asyncio.Queue]:
         await self._ready(context)
         try:
-            key = self._adapter_key(request.adapter, "generation") if request.adapter else None
+            key = self.requests.adapter_key(request.adapter, "generation") if request.adapter else None
             params = self._sampling(request.sampling)
-            prompt = (await self._tokens([request.prompt], lambda _: "prompt"))[0]
-            generation = GenerationRequest(prompt, key, params)
-            events = await self.scheduler.submit(generation)
+            messages = [ChatMessage(m.role, m.content) for m in request.messages]
+            prompt = await self.requests.prompt_ids(request.prompt, messages)
+            return await self.requests.start(key, prompt, params)
         except Exception as exc:
-            await abort_for(context, exc)
-        return generation, events
+            await abort_with_status(context, exc)
 
     async def _events(self, generation: GenerationRequest, events: asyncio.Queue, context):
-        """Token events until the finish; a caller that goes away (cancel, deadline) frees its row, and
-        a row the engine failed ends the RPC with its status."""
-        finished, started, first = False, time.perf_counter(), True
-        tokens = self.metrics.tokens.labels(self.metrics.adapter_label(generation.adapter))
+        """Token events until the finish; a caller that goes away frees its row (RequestBuilder.events),
+        and a row the engine failed ends the RPC with its status."""
         try:
-            while not finished:
-                event = await events.get()
-                finished = event.finished
-                if event.error is not None:
-                    await abort_for(context, event.error)
-                if event.token_id is not None:
-                    tokens.inc()
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - started)
-                        first = False
+            async for event in self.requests.events(generation, events):
                 yield event
-        finally:
-            if not finished:
-                self.scheduler.cancel(generation.request_id)
+        except Exception as exc:
+            await abort_with_status(context, exc)
 
     @observed
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
