@@ -10,7 +10,9 @@ import hmac
 
 import grpc
 
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Liveness and readiness of KServe's Open Inference Protocol are health checks too (Kubernetes probes).
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
+                 "/inference.GRPCInferenceService/ServerReady")
 ADMIN_PREFIXES = ("/loraplex.v1.AdapterService/",)
 
 

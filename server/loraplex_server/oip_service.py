@@ -1,0 +1,267 @@
+"""KServe's Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), on the same port,
+scheduler and adapter cache as our InferenceService, through the same RequestBuilder.
+
+A model is an adapter: `name` (its latest version), `name@version`, or `name` plus `model_version`.
+- classification adapters: input `text` BYTES [N] -> `label` BYTES [N], `probabilities` FP32 [N, L]
+  (columns in the order of the labels ModelMetadata lists on `probabilities`);
+- generation adapters: input `text_input` BYTES [1] and request parameters max_tokens, temperature,
+  top_p, top_k, seed, stop -> `text_output` BYTES [1] (Triton's generate extension naming).
+The base model alone is not a model here (an adapter may be named anything, "base" too); it is
+served by our own API and the OpenAI-compatible one. Outputs go back as raw_output_contents.
+
+The stubs share the package `inference` with tritonclient's: never import both in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+
+from loraplex.oip import grpc_predict_v2_pb2 as pb
+from loraplex.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from loraplex_adapters.manifest import Manifest
+
+from .engine import WrongTask
+from .failure_status import abort_with_status
+from .metrics import Metrics
+from .oip_parameters import sampling_arguments
+from .oip_tensors import decode_texts, pack_bytes, pack_fp32, split_bytes, texts_of_shape
+from .request_builder import InvalidRequest, RequestBuilder
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+BYTES, FP32 = "BYTES", "FP32"
+MAX_NAME_CHARS = 256
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    platform: str
+    input_name: str
+    outputs: tuple[str, ...]
+
+
+CLASSIFICATION = ModelTask("loraplex_classification", "text", ("label", "probabilities"))
+GENERATION = ModelTask("loraplex_generation", "text_input", ("text_output",))
+TASKS = {"classification": CLASSIFICATION, "generation": GENERATION}
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("loraplex")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _observed(method):
+    """Count ModelInfer by model and final status, and time it (as service.observed does for our API)."""
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        started, code = time.perf_counter(), "OK"
+        try:
+            return await method(self, request, context)
+        except BaseException:
+            code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - started)
+            name = request.model_name.split("@")[0]
+            known = self.requests.cache is not None and self.requests.cache.store.has(name)
+            adapter = self.metrics.adapter_label(name) if known else "unknown"
+            self.metrics.requests.labels(method.__name__, adapter, code).inc()
+    return unary
+
+
+def _reference(name: str, version: str) -> str:
+    """The adapter reference a model name and version stand for."""
+    if not name:
+        raise InvalidRequest("the model name is empty; name an adapter (`name` or `name@version`)")
+    if len(name) > MAX_NAME_CHARS or len(version) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"model names and versions have at most {MAX_NAME_CHARS} characters")
+    if not version:
+        return name
+    if "@" in name:
+        raise InvalidRequest("give the version either in the model name (name@version) or as model_version")
+    if not version.isdigit():
+        raise InvalidRequest(f"model version {version!r} is not a version number")
+    return f"{name}@{version}"
+
+
+def _parameter_value(parameter: pb.InferParameter) -> object:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, metrics: Metrics, requests: RequestBuilder) -> None:
+        self.metrics = metrics
+        self.requests = requests  # InferenceService's: attached once the base model is loaded
+
+    # -- health and metadata --------------------------------------------------------------------
+
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.requests.engine is not None)
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="loraplex", version=_server_version(), extensions=["parameters"])
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        """Ready = registered, fits this base and has a task we serve; it loads on demand. An unknown
+        model is not ready (as Triton answers), not an error."""
+        if self.requests.engine is None:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self._model(_reference(request.name, request.version))
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:  # not registered, another base, a malformed name, a task we do not serve
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        await self._ready(context)
+        try:
+            _, manifest, task = self._model(_reference(request.name, request.version))
+        except Exception as exc:
+            await abort_with_status(context, exc)
+        versions = [str(m.version) for m in self.requests.cache.store.list() if m.name == manifest.name]
+        return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform=task.platform,
+                                        inputs=[self._input_metadata(task)],
+                                        outputs=self._output_metadata(task, manifest.labels))
+
+    # -- inference --------------------------------------------------------------------------------
+
+    @_observed
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        await self._ready(context)
+        try:
+            key, manifest, task = self._model(_reference(request.model_name, request.model_version))
+            wanted = self._requested_outputs(request, task)
+            texts = self._input_texts(request, task)
+            if task is CLASSIFICATION:
+                if request.parameters:
+                    raise InvalidRequest("a classification model takes no request parameters")
+                outputs = await self._classify(key, texts, manifest.labels)
+            else:
+                outputs = await self._generate(key, texts[0], request.parameters)
+        except Exception as exc:
+            await abort_with_status(context, exc)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(manifest.version),
+                                         id=request.id)
+        for name in wanted:
+            datatype, shape, raw = outputs[name]
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(raw)
+        return response
+
+    async def _classify(self, key: str, texts: list[str], labels: list[str]) -> dict:
+        ids = await self.requests.tokens(texts, lambda i: f"text[{i}]")
+        results = await self.requests.scheduler.classify(ids, key)
+        probabilities = [r.scores[label] for r in results for label in labels]
+        return {"label": (BYTES, [len(results)], pack_bytes([r.label.encode() for r in results])),
+                "probabilities": (FP32, [len(results), len(labels)], pack_fp32(probabilities))}
+
+    async def _generate(self, key: str, text: str, parameters) -> dict:
+        params = self.requests.sampling(**sampling_arguments(
+            {name: _parameter_value(value) for name, value in parameters.items()}))
+        prompt = (await self.requests.tokens([text], lambda _: "text_input"))[0]
+        generation, events = await self.requests.start(key, prompt, params)
+        pieces = [event.text async for event in self.requests.events(generation, events)]
+        return {"text_output": (BYTES, [1], pack_bytes(["".join(pieces).encode()]))}
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _ready(self, context) -> None:
+        if self.requests.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
+
+    def _model(self, reference: str) -> tuple[str, Manifest, ModelTask]:
+        key, manifest = self.requests.cache.resolve(reference)
+        kind = manifest.extra.get("task")
+        task = TASKS.get(kind)
+        if task is None:
+            raise WrongTask(f"adapter {key} has task {kind!r}, which this protocol does not serve")
+        return key, manifest, task
+
+    def _input_texts(self, request: pb.ModelInferRequest, task: ModelTask) -> list[str]:
+        if len(request.inputs) != 1:
+            raise InvalidRequest(f"{len(request.inputs)} inputs; this model takes one, {task.input_name!r}")
+        tensor = request.inputs[0]
+        if tensor.name != task.input_name:
+            other = next((t for t in TASKS.values() if t.input_name == tensor.name), None)
+            if other is not None:
+                kind = "classification" if task is CLASSIFICATION else "generation"
+                raise WrongTask(f"model {request.model_name} is a {kind} adapter: send input "
+                                f"{task.input_name!r} (BYTES), not {tensor.name!r}")
+            raise InvalidRequest(f"unknown input {tensor.name[:MAX_NAME_CHARS]!r}; this model takes "
+                                 f"{task.input_name!r} (BYTES)")
+        if tensor.datatype != BYTES:
+            raise InvalidRequest(f"input {tensor.name} must have datatype BYTES, got {tensor.datatype[:32]!r}")
+        if tensor.parameters:
+            raise InvalidRequest(f"input {tensor.name} takes no parameters")
+        max_count = self.requests.limits.max_texts if task is CLASSIFICATION else 1
+        count = texts_of_shape(tensor.shape, tensor.name, max_count)
+        return decode_texts(self._elements(request, count), tensor.name)
+
+    @staticmethod
+    def _elements(request: pb.ModelInferRequest, count: int) -> list[bytes]:
+        tensor = request.inputs[0]
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise InvalidRequest(f"{len(request.raw_input_contents)} raw_input_contents for one input")
+            if tensor.HasField("contents"):
+                raise InvalidRequest("send an input's data in raw_input_contents or in contents, not both")
+            return split_bytes(request.raw_input_contents[0], count, tensor.name)
+        contents = tensor.contents
+        others = [f.name for f, _ in contents.ListFields() if f.name != "bytes_contents"]
+        if others:
+            raise InvalidRequest(f"input {tensor.name} is BYTES: its data goes in bytes_contents, not {others[0]}")
+        if len(contents.bytes_contents) != count:
+            raise InvalidRequest(f"input {tensor.name} has shape [{count}] but {len(contents.bytes_contents)} "
+                                 "elements in bytes_contents")
+        return list(contents.bytes_contents)
+
+    @staticmethod
+    def _requested_outputs(request: pb.ModelInferRequest, task: ModelTask) -> list[str]:
+        if not request.outputs:
+            return list(task.outputs)
+        names = []
+        for output in request.outputs:
+            if output.name not in task.outputs:
+                raise InvalidRequest(f"unknown output {output.name[:MAX_NAME_CHARS]!r}; this model has "
+                                     f"{', '.join(task.outputs)}")
+            if output.name in names:
+                raise InvalidRequest(f"output {output.name} is requested twice")
+            if output.parameters:
+                raise InvalidRequest(f"output {output.name}: output parameters (such as classification) are "
+                                     "not supported; request the output without them")
+            names.append(output.name)
+        return names
+
+    @staticmethod
+    def _input_metadata(task: ModelTask) -> pb.ModelMetadataResponse.TensorMetadata:
+        return pb.ModelMetadataResponse.TensorMetadata(name=task.input_name, datatype=BYTES,
+                                                       shape=[-1] if task is CLASSIFICATION else [1])
+
+    @staticmethod
+    def _output_metadata(task: ModelTask, labels: list[str]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        if task is GENERATION:
+            return [tensor(name="text_output", datatype=BYTES, shape=[1])]
+        probabilities = tensor(name="probabilities", datatype=FP32, shape=[-1, len(labels)])
+        probabilities.parameters["labels"].string_param = json.dumps(labels)
+        return [tensor(name="label", datatype=BYTES, shape=[-1]), probabilities]
+
+
+def add_open_inference_service(server: grpc.aio.Server, metrics: Metrics, requests: RequestBuilder) -> str:
+    """Serve the protocol on `server`; returns its full service name (for reflection)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceService(metrics, requests), server)
+    return SERVICE_NAME
