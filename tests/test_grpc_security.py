@@ -6,6 +6,7 @@ import subprocess
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import free_port, start_server
 
 from loraplex import Client, ResourceExhausted, Unauthenticated
@@ -60,10 +61,18 @@ def test_missing_or_wrong_token_is_unauthenticated(secured, token, message):
 
 
 def test_plaintext_client_cannot_talk_to_the_tls_port(secured):
-    port = secured[0]
-    with grpc.insecure_channel(f"localhost:{port}") as channel:
-        with pytest.raises(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(channel).result(timeout=2)
+    """The same port answers TLS before and after, so the plaintext failure is the refusal, not a dead port."""
+    port, cert, _ = secured
+    request = health_pb2.HealthCheckRequest()
+    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(cert.read_bytes())) as tls:
+        assert health_pb2_grpc.HealthStub(tls).Check(request, timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert health_pb2_grpc.HealthStub(tls).Check(request, timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
 
 
 def test_oversized_message_is_resource_exhausted(secured):
