@@ -2,6 +2,8 @@
 
 The adapter's name, version and label names; the store adds in `extra` the task, rank, target
 modules, size, creation time, sha256 of each file, base-model fingerprint and training metrics.
+`check_manifest` is the one validation that both publishing and reading back (the index rebuild)
+apply, so a manifest the store accepted is always one it can read.
 """
 
 from __future__ import annotations
@@ -11,11 +13,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .peft_folder import AdapterFormatError
+from .bounded_json import loads_bounded
+from .format_errors import AdapterFormatError, AdapterTooLarge, brief
+from .peft_folder import MAX_LABELS
 
 MANIFEST_FILE = "loraplex.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REFERENCE = re.compile(r"^(?P<name>[^@]+)(?:@(?P<version>[0-9]+))?$")
+MAX_LABEL_CHARS = 256
+MAX_LABELS_BYTES = 256 * 1024  # all label names together, UTF-8: keeps one AdapterInfo well under 4 MB
+MANIFEST_MAX_BYTES = 4 << 20  # labels and metrics at their limits, JSON-escaped, fit
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a trailing newline in
+_REFERENCE = re.compile(r"(?P<name>[^@]+)(?:@(?P<version>[0-9]{1,9}))?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_EXTRA_TYPES = {"task": str, "rank": int, "target_modules": list, "size": int, "created": str, "sha256": dict,
+                "metrics": dict, "base_fingerprint": (str, type(None))}
 
 
 @dataclass
@@ -29,40 +39,75 @@ class Manifest:
         return {"name": self.name, "version": self.version, "labels": self.labels, **self.extra}
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise AdapterFormatError(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            f"invalid adapter name {brief(name)}: use letters, digits, '.', '_' and '-' (at most 128), starting "
+            "with a letter or digit"
         )
     return name
 
 
+def check_labels(labels: object) -> list[str]:
+    """Label names in head order: at most 4096, each 1-256 characters without control characters,
+    no duplicates (they would merge two outputs' scores)."""
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise AdapterFormatError("labels must be a list of strings")
+    if len(labels) > MAX_LABELS:
+        raise AdapterFormatError(f"{len(labels)} labels; at most {MAX_LABELS}")
+    for i, label in enumerate(labels):
+        if not 1 <= len(label) <= MAX_LABEL_CHARS:
+            raise AdapterFormatError(f"label {i} has {len(label)} characters; labels need 1-{MAX_LABEL_CHARS}")
+        if _CONTROL.search(label):
+            raise AdapterFormatError(f"label {i} ({brief(label)}) contains a control character")
+    if sum(len(label.encode("utf-8", "surrogatepass")) for label in labels) > MAX_LABELS_BYTES:
+        raise AdapterFormatError(f"the label names take more than {MAX_LABELS_BYTES} bytes together")
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise AdapterFormatError(f"label {brief(label)} appears twice; label names must be distinct")
+        seen.add(label)
+    return labels
+
+
+def check_manifest(manifest: Manifest) -> Manifest:
+    """Raise AdapterFormatError for a manifest the store may neither publish nor read back."""
+    check_name(manifest.name)
+    if isinstance(manifest.version, bool) or not isinstance(manifest.version, int) or manifest.version < 1:
+        raise AdapterFormatError(f"version must be a positive integer, got {brief(manifest.version)}")
+    check_labels(manifest.labels)
+    for key, kind in _EXTRA_TYPES.items():
+        value = manifest.extra.get(key)
+        if key in manifest.extra and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise AdapterFormatError(f"manifest field {key} has the wrong type ({brief(value)})")
+    return manifest
+
+
 def parse_reference(reference: str) -> tuple[str, int | None]:
     """'name' -> (name, None); 'name@3' -> (name, 3); anything else raises AdapterFormatError."""
-    match = _REFERENCE.match(reference)
+    match = _REFERENCE.fullmatch(reference)
     if not match:
-        raise AdapterFormatError(f"malformed adapter reference {reference!r}: expected NAME or NAME@VERSION")
+        raise AdapterFormatError(f"malformed adapter reference {brief(reference)}: expected NAME or NAME@VERSION")
     version = match["version"]
     return check_name(match["name"]), None if version is None else int(version)
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """The folder's manifest, or defaults (name = folder name) when it has none."""
+    """The folder's manifest, or defaults (name = folder name) when it has none; raises
+    AdapterFormatError for any manifest that publishing would have refused."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         return Manifest(name=check_name(folder.name))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
-    labels = data.get("labels", [])
-    if not isinstance(labels, list) or not all(isinstance(label, str) and label for label in labels):
-        raise AdapterFormatError(f"{path}: labels must be a list of non-empty strings")
-    version = data.get("version", 1)
-    if not isinstance(version, int) or version < 1:
-        raise AdapterFormatError(f"{path}: version must be a positive integer")
+    size = path.stat().st_size
+    if size > MANIFEST_MAX_BYTES:
+        raise AdapterTooLarge(f"{MANIFEST_FILE} is {size} bytes, over the {MANIFEST_MAX_BYTES} byte limit")
+    data = loads_bounded(path.read_bytes(), MANIFEST_FILE)
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{MANIFEST_FILE}: expected a JSON object")
     extra = {k: v for k, v in data.items() if k not in ("name", "version", "labels")}
-    return Manifest(name=check_name(str(data.get("name", folder.name))), version=version, labels=labels, extra=extra)
+    manifest = Manifest(name=data.get("name", folder.name), version=data.get("version", 1),
+                        labels=data.get("labels", []), extra=extra)
+    return check_manifest(manifest)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

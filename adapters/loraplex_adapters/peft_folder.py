@@ -1,30 +1,35 @@
 """Read a standard PEFT LoRA folder into plain tensors, refusing what the server cannot serve faithfully.
 
 The module names an adapter touches are taken from the saved weight keys, not re-derived from
-`target_modules`: the keys are exactly what PEFT matched at training time.
+`target_modules`: the keys are exactly what PEFT matched at training time. Every check that needs
+only shapes and dtypes runs on the safetensors header, before any tensor data is read.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import safe_open
 
+from .bounded_json import loads_bounded
+from .format_errors import AdapterFormatError, AdapterTooLarge, brief
+from .lora_config import check_config, scaling
+from .safetensors_header import TensorEntry, read_header
+
+__all__ = ["AdapterFormatError", "AdapterTooLarge", "LoraAdapter", "load_peft_folder"]
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_MAX_BYTES = 64 * 1024
+MAX_LABELS = 4096
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _PEFT_PREFIX = "base_model.model."
 # Classification heads PEFT saves through `modules_to_save` (causal LMs: `score`, BERT: `classifier`).
 HEAD_MODULES = ("score", "classifier")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
-
-
-class AdapterFormatError(ValueError):
-    """The folder is not a LoRA adapter we can serve; the message says what to change."""
 
 
 @dataclass
@@ -70,134 +75,121 @@ class LoraAdapter:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
 
+@dataclass
+class _Layout:
+    """Which header key is which part: module -> {"A"/"B": key}, head module -> {"weight"/"bias": key}."""
+
+    lora: dict[str, dict[str, str]] = field(default_factory=dict)
+    head: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
 def read_adapter_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterFormatError(f"{folder}: no {CONFIG_FILE}; expected a PEFT LoRA folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+        raise AdapterFormatError(f"no {CONFIG_FILE}; expected a PEFT LoRA folder")
+    size = path.stat().st_size
+    if size > CONFIG_MAX_BYTES:
+        raise AdapterTooLarge(f"{CONFIG_FILE} is {size} bytes, over the {CONFIG_MAX_BYTES} byte limit")
+    config = loads_bounded(path.read_bytes(), CONFIG_FILE)
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object")
+        raise AdapterFormatError(f"{CONFIG_FILE}: expected a JSON object")
     return config
 
 
-def _check_config(config: dict) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"unsupported PEFT type {peft_type}: only LoRA adapters are served")
-    unsupported = {
-        "use_dora": "DoRA (use_dora=true)",
-        "lora_bias": "LoRA bias (lora_bias=true)",
-        "use_qalora": "QALoRA (use_qalora=true)",
-    }
-    for key, what in unsupported.items():
-        if config.get(key):
-            raise AdapterFormatError(f"unsupported LoRA variant: {what}")
-    if config.get("bias", "none") != "none":
-        raise AdapterFormatError(f"unsupported bias training (bias={config['bias']!r}); train with bias='none'")
-    for key in ("layers_to_transform", "trainable_token_indices", "target_parameters", "alora_invocation_tokens"):
-        if config.get(key):
-            raise AdapterFormatError(f"unsupported adapter option {key}={config[key]!r}")
+def load_peft_folder(folder: str | Path, max_rank: int | None = None,
+                     check_shapes: Callable[[LoraAdapter], None] | None = None) -> LoraAdapter:
+    """Parse a PEFT folder; raises AdapterFormatError naming the first problem found.
 
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key matches a module name when it is its dotted suffix (as a regex)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _scaling(config: dict, module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def load_peft_folder(folder: str | Path) -> LoraAdapter:
-    """Parse a PEFT folder; raises AdapterFormatError naming the first problem found."""
+    Before any tensor data is read, ranks are checked against `max_rank` and `check_shapes` (which
+    raises AdapterFormatError, e.g. when a shape does not fit the base) is called with the adapter
+    built from the header alone, on tensors of the meta device."""
     import torch  # the adapter format is torch-free to import; reading weights needs torch
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdapterFormatError(f"{folder}: not a directory")
+        raise AdapterFormatError(f"{folder.name}: not a directory")
     pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise AdapterFormatError(f"pickle files are refused, save with safetensors: {', '.join(pickles)}")
     config = read_adapter_config(folder)
-    _check_config(config)
+    check_config(config)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise AdapterFormatError(f"{folder}: no {WEIGHTS_FILE}")
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    head_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        raise AdapterFormatError(f"no {WEIGHTS_FILE} in the adapter folder")
+    header = read_header(weights_path)
+    layout = _layout(header)
+    _check_shapes(layout, header, max_rank)
+    if check_shapes is not None:
+        check_shapes(_build(layout, config, lambda key: torch.empty(header[key].shape, device="meta")))
     try:
         with safe_open(str(weights_path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                tensor = f.get_tensor(key)
-                _classify_key(key, tensor, parts, head_tensors)
-    except AdapterFormatError:
-        raise
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise AdapterFormatError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
-
-    modules: dict[str, LoraModuleWeights] = {}
-    for module, ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterFormatError(f"module {module}: lora_A and lora_B must both be present")
-        A, B = ab["A"], ab["B"]
-        for label, t in (("lora_A", A), ("lora_B", B)):
-            if t.dim() != 2:
-                raise AdapterFormatError(f"module {module}: {label} must be 2-D, got shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise AdapterFormatError(f"module {module}: {label} has non-float dtype {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise AdapterFormatError(f"module {module}: {label} contains NaN or Inf")
-        if A.shape[0] != B.shape[1]:
-            raise AdapterFormatError(
-                f"module {module}: rank mismatch, lora_A {tuple(A.shape)} vs lora_B {tuple(B.shape)}"
-            )
-        modules[module] = LoraModuleWeights(A=A, B=B, scaling=_scaling(config, module, int(A.shape[0])))
-    if not modules:
-        raise AdapterFormatError(f"{weights_path}: no LoRA weights (lora_A/lora_B) found")
-    return LoraAdapter(modules=modules, head=_build_head(head_tensors), config=config)
+            tensors = {key: f.get_tensor(key) for key in header}
+    except Exception:  # safetensors raises several types for corrupt files; the header was fine
+        raise AdapterFormatError(f"{WEIGHTS_FILE}: unreadable safetensors file") from None
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"tensor {brief(key)} contains NaN or Inf")
+    return _build(layout, config, tensors.__getitem__)
 
 
-def _classify_key(key: str, tensor, parts: dict, head_tensors: dict) -> None:
-    name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-    if "lora_embedding_" in name:
-        raise AdapterFormatError(f"unsupported embedding adapter weights: {key}")
-    if "lora_magnitude_vector" in name:
-        raise AdapterFormatError(f"unsupported LoRA variant: DoRA magnitude vector {key}")
-    match = _LORA_KEY.match(name)
-    if match:
-        parts.setdefault(match["module"], {})[match["part"]] = tensor
-        return
-    if re.search(r"\.lora_[AB](\.[^.]+)?\.bias$", name):
-        raise AdapterFormatError(f"unsupported LoRA bias weights: {key}")
-    module, _, param = name.rpartition(".")
-    if module in HEAD_MODULES and param in ("weight", "bias"):
-        head_tensors.setdefault(module, {})[param] = tensor
-        return
-    raise AdapterFormatError(
-        f"unsupported weights {key}: only LoRA matrices and a classification head "
-        f"({' or '.join(HEAD_MODULES)}) can be served"
-    )
+def _layout(header: dict[str, TensorEntry]) -> _Layout:
+    layout = _Layout()
+    for key in header:
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        if "lora_embedding_" in name:
+            raise AdapterFormatError(f"unsupported embedding adapter weights: {brief(key)}")
+        if "lora_magnitude_vector" in name:
+            raise AdapterFormatError(f"unsupported LoRA variant: DoRA magnitude vector {brief(key)}")
+        match = _LORA_KEY.match(name)
+        if match:
+            layout.lora.setdefault(match["module"], {})[match["part"]] = key
+            continue
+        if re.search(r"\.lora_[AB](\.[^.]+)?\.bias$", name):
+            raise AdapterFormatError(f"unsupported LoRA bias weights: {brief(key)}")
+        module, _, param = name.rpartition(".")
+        if module in HEAD_MODULES and param in ("weight", "bias"):
+            layout.head.setdefault(module, {})[param] = key
+            continue
+        raise AdapterFormatError(f"unsupported weights {brief(key)}: only LoRA matrices and a classification head "
+                                 f"({' or '.join(HEAD_MODULES)}) can be served")
+    if not layout.lora:
+        raise AdapterFormatError(f"{WEIGHTS_FILE}: no LoRA weights (lora_A/lora_B) found")
+    return layout
 
 
-def _build_head(head_tensors: dict) -> ClassificationHead | None:
-    if not head_tensors:
-        return None
-    if len(head_tensors) > 1:
-        raise AdapterFormatError(f"more than one classification head: {sorted(head_tensors)}")
-    (module, tensors), = head_tensors.items()
-    weight = tensors.get("weight")
-    if weight is None or weight.dim() != 2:
-        raise AdapterFormatError(f"classification head {module} needs a 2-D weight")
-    bias = tensors.get("bias")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise AdapterFormatError(f"classification head {module}: bias shape {tuple(bias.shape)} does not match")
-    return ClassificationHead(module=module, weight=weight, bias=bias)
+def _check_shapes(layout: _Layout, header: dict[str, TensorEntry], max_rank: int | None) -> None:
+    for module, keys in layout.lora.items():
+        if set(keys) != {"A", "B"}:
+            raise AdapterFormatError(f"module {brief(module)}: lora_A and lora_B must both be present")
+        a, b = header[keys["A"]].shape, header[keys["B"]].shape
+        for label, shape in (("lora_A", a), ("lora_B", b)):
+            if len(shape) != 2:
+                raise AdapterFormatError(f"module {brief(module)}: {label} must be 2-D, got shape {shape}")
+        if a[0] != b[1] or a[0] < 1:
+            raise AdapterFormatError(f"module {brief(module)}: rank mismatch, lora_A {a} vs lora_B {b} (the rank "
+                                     "is lora_A's rows and lora_B's columns, at least 1)")
+        if max_rank is not None and a[0] > max_rank:
+            raise AdapterFormatError(f"rank {a[0]} is above the server's max rank {max_rank}")
+    if len(layout.head) > 1:
+        raise AdapterFormatError(f"more than one classification head: {sorted(layout.head)}")
+    for module, keys in layout.head.items():
+        weight = header[keys["weight"]].shape if "weight" in keys else None
+        if weight is None or len(weight) != 2 or weight[0] < 1:
+            raise AdapterFormatError(f"classification head {module} needs a 2-D weight [labels, hidden]")
+        if weight[0] > MAX_LABELS:
+            raise AdapterFormatError(f"classification head {module} has {weight[0]} labels; at most {MAX_LABELS}")
+        if "bias" in keys and header[keys["bias"]].shape != (weight[0],):
+            raise AdapterFormatError(f"classification head {module}: bias shape {header[keys['bias']].shape} does "
+                                     f"not match its {weight[0]} labels")
+
+
+def _build(layout: _Layout, config: dict, tensor: Callable[[str], object]) -> LoraAdapter:
+    modules = {}
+    for module, keys in sorted(layout.lora.items()):
+        a = tensor(keys["A"])
+        modules[module] = LoraModuleWeights(A=a, B=tensor(keys["B"]), scaling=scaling(config, module, int(a.shape[0])))
+    head = None
+    for module, keys in layout.head.items():
+        head = ClassificationHead(module=module, weight=tensor(keys["weight"]),
+                                  bias=tensor(keys["bias"]) if "bias" in keys else None)
+    return LoraAdapter(modules=modules, head=head, config=config)
