@@ -144,6 +144,7 @@ class AdapterStore:
         self.max_rank, self.max_bytes = max_rank, max_bytes
         self.allow_base_mismatch = allow_base_mismatch
         self._lock = threading.Lock()  # serializes index swaps between this object's threads
+        self._unmovable: set[tuple[str, int]] = set()
         for folder in (self.adapters_dir, self.claims_dir, self.quarantine_dir, self.root / "staging"):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / "store.lock"
@@ -200,7 +201,7 @@ class AdapterStore:
         folder = self.adapters_dir / name / str(version)
         try:
             return self._check_committed(folder, name, version)
-        except (AdapterFormatError, OSError, ValueError, TypeError, AttributeError) as exc:
+        except (AdapterFormatError, OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             if folder.is_dir():
                 self._quarantine(name, version, _reason(exc))
             return None
@@ -234,6 +235,12 @@ class AdapterStore:
                 os.rename(self.adapters_dir / name / str(version), target)
             except FileNotFoundError:
                 return  # another process moved or deleted it first
+            except OSError as exc:  # it stays out of the index; say so once, not at every lookup
+                if (name, version) not in self._unmovable:
+                    self._unmovable.add((name, version))
+                    log.warning("adapter %s@%s is unreadable (%s) and cannot be quarantined (%s)",
+                                name, version, reason, exc.strerror)
+                return
         log.warning("adapter %s@%s quarantined to %s: %s", name, version,
                     target.relative_to(self.root), reason)
 
