@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 
 from loraplex import LoraplexError
+from loraplex.cli_options import HelpFormatter
 
 from .trainer import TrainConfig, TrainResult, train
 
@@ -17,43 +18,68 @@ def _list(value: str) -> list[str]:
     return [item for item in value.split(",") if item]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = {f.name: f.default for f in fields(TrainConfig) if not callable(f.default_factory)}
-    parser = argparse.ArgumentParser(prog="loraplex train", description=__doc__)
-    parser.add_argument("task", choices=["classification", "generation"])
+FIELD_HELP = {"text_field": "column (CSV) or key (JSONL) of the text to classify",
+              "label_field": "column or key of the label",
+              "prompt_field": "column or key of the prompt",
+              "completion_field": "column or key of the completion the adapter learns to write",
+              "messages_field": "key of a chat (a list of role/content messages); used instead of prompt/completion "
+                                "when rows have it"}
+TASK_FIELDS = {"classification": ("text_field", "label_field"),
+               "generation": ("prompt_field", "completion_field", "messages_field")}
+
+
+def _common_options(defaults: dict) -> argparse.ArgumentParser:
+    """The options of both tasks; each task's parser adds only its own data fields."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--data", required=True, help="training rows: .csv or .jsonl")
     parser.add_argument("--output", required=True, help="folder for the adapter (OUTPUT/adapter) and checkpoints")
     parser.add_argument("--name", default="", help="adapter name when registering (default: the output folder's)")
     parser.add_argument("--base", default=None, help="local HF model folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--eval-data", default=None, help="held-out rows (default: --eval-fraction of --data)")
-    parser.add_argument("--eval-fraction", type=float, default=defaults["eval_fraction"])
-    for name in ("text_field", "label_field", "prompt_field", "completion_field", "messages_field"):
-        parser.add_argument(f"--{name.replace('_', '-')}", default=defaults[name])
-    parser.add_argument("--labels", type=_list, default=[], help="label names in head order (default: sorted values)")
-    parser.add_argument("--rank", type=int, default=defaults["rank"])
-    parser.add_argument("--alpha", type=int, default=defaults["alpha"])
-    parser.add_argument("--dropout", type=float, default=defaults["dropout"])
+    parser.add_argument("--eval-fraction", type=float, default=defaults["eval_fraction"],
+                        help="share of --data held out for evaluation when --eval-data is not given")
+    parser.add_argument("--rank", type=int, default=defaults["rank"], help="LoRA rank r")
+    parser.add_argument("--alpha", type=int, default=defaults["alpha"], help="LoRA alpha (scaling = alpha / r)")
+    parser.add_argument("--dropout", type=float, default=defaults["dropout"], help="LoRA dropout")
     parser.add_argument("--target-modules", type=_list, default=[],
                         help="comma-separated (default: attention projections of the architecture)")
-    parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"])
-    parser.add_argument("--epochs", type=int, default=defaults["epochs"])
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--grad-accum", type=int, default=defaults["grad_accum"])
+    parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training rows")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="rows per forward pass")
+    parser.add_argument("--grad-accum", type=int, default=defaults["grad_accum"],
+                        help="batches per optimizer step")
     parser.add_argument("--warmup", type=float, default=defaults["warmup"], help="fraction of the optimizer steps")
-    parser.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
-    parser.add_argument("--max-length", type=int, default=defaults["max_length"])
-    parser.add_argument("--seed", type=int, default=defaults["seed"])
+    parser.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW weight decay")
+    parser.add_argument("--max-length", type=int, default=defaults["max_length"],
+                        help="training rows are truncated to this many tokens")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the split, init and shuffling")
     parser.add_argument("--dtype", default=defaults["dtype"], choices=["auto", "bfloat16", "float32"],
                         help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else float32")
     parser.add_argument("--quantize", default=defaults["quantize"], choices=["auto", "nf4", "int8", "none"],
                         help="auto: nf4 (QLoRA) on CUDA, none on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     register = parser.add_mutually_exclusive_group()
     register.add_argument("--register", metavar="SERVER", default=None,
-                          help="upload the adapter to this server (host:port; admin token from --token)")
-    register.add_argument("--store", default=None, help="publish the adapter into this local store")
-    parser.add_argument("--token", default=None, help="admin token for --register")
+                          help="upload the adapter to this server, host:port (default: none; admin token: --token)")
+    register.add_argument("--store", default=None, help="publish the adapter into this local store (default: none)")
+    parser.add_argument("--token", default=None, help="admin token for --register (default: none)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = {f.name: f.default for f in fields(TrainConfig) if not callable(f.default_factory)}
+    common = _common_options(defaults)
+    parser = argparse.ArgumentParser(prog="loraplex train", description=__doc__, formatter_class=HelpFormatter)
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, text in (("classification", "a classifier: text -> one of the labels (a score head on the base)"),
+                       ("generation", "a generator: prompt -> completion, or chat messages -> the assistant's turn")):
+        command = tasks.add_parser(task, parents=[common], help=text, description=text, formatter_class=HelpFormatter)
+        for name in TASK_FIELDS[task]:
+            command.add_argument(f"--{name.replace('_', '-')}", default=defaults[name], help=FIELD_HELP[name])
+        if task == "classification":
+            command.add_argument("--labels", type=_list, default=[],
+                                 help="label names in head order (default: sorted values)")
     return parser
 
 
@@ -79,7 +105,8 @@ def register(result: TrainResult, server: str | None, store: str | None, token: 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    # The other task's fields are not options of this one: they keep their defaults.
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     try:
         result = train(config, progress=not args.no_progress)
         reference = register(result, args.register, args.store, args.token)

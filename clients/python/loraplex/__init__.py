@@ -1,7 +1,7 @@
 """loraplex client SDK (grpc + protobuf only; no torch)."""
 
-from .adapters import AdapterInfo
-from .client import AsyncClient, Classification, Client, Generation, GenerationChunk
+from .adapters import AdapterInfo, Adapters, AsyncAdapters
+from .client import AsyncClient, Client
 from .errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -11,8 +11,10 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .health import HealthStatus
+from .results import Classification, Generation, GenerationChunk
 
 __version__ = "0.1.0"
-__all__ = ["AdapterInfo", "AsyncClient", "Classification", "Client", "FailedPrecondition", "Generation",
-           "GenerationChunk", "InvalidArgument", "LoraplexError", "NotFound", "ResourceExhausted", "Unauthenticated",
-           "Unavailable"]
+__all__ = ["AdapterInfo", "Adapters", "AsyncAdapters", "AsyncClient", "Classification", "Client",
+           "FailedPrecondition", "Generation", "GenerationChunk", "HealthStatus", "InvalidArgument", "LoraplexError",
+           "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]

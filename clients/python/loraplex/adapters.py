@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import tarfile
@@ -19,6 +20,7 @@ from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 from .errors import error_from
 
 CHUNK_BYTES = 1 << 20
+MAX_PAGE_SIZE = 1000  # ListRequest.page_size
 RESIDENCY = {pb.RESIDENCY_DEVICE: "device", pb.RESIDENCY_HOST: "host", pb.RESIDENCY_DISK: "disk"}
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
 
@@ -81,6 +83,33 @@ def _messages(archive: Path, metadata: pb.UploadMetadata, progress: Progress | N
                 progress(sent, metadata.size_bytes)
 
 
+def _upload_metadata(archive: Path, name: str, labels: list[str] | None, metrics: dict | None,
+                     base_fingerprint: str) -> pb.UploadMetadata:
+    return pb.UploadMetadata(name=name, labels=labels or [], size_bytes=archive.stat().st_size,
+                             sha256=_sha256(archive), metrics_json=json.dumps(metrics or {}),
+                             base_fingerprint=base_fingerprint)
+
+
+def _upload_timeout(timeout: float, metadata: pb.UploadMetadata) -> float:
+    # The deadline grows with the size: at least 1 MB/s on top of the usual timeout.
+    return timeout + metadata.size_bytes / 1e6
+
+
+def _list_request(page_size: int, page_token: str) -> pb.ListRequest:
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be 1 to {MAX_PAGE_SIZE}, or 0 for the server's default")
+    return pb.ListRequest(page_size=page_size, page_token=page_token)
+
+
+def _next_token(response: pb.ListResponse, seen: set[str]) -> str:
+    """The next page's token; empty at the end. A token seen before would loop forever: stop with an error."""
+    token = response.next_page_token
+    if token and token in seen:
+        raise RuntimeError("the server returned the same page token twice; the listing is incomplete")
+    seen.add(token)
+    return token
+
+
 class Adapters:
     """Adapter management through a Client's channel; every method raises the client's typed errors."""
 
@@ -93,20 +122,24 @@ class Adapters:
         """Upload a PEFT folder or a .tar/.tar.gz of one as the next version of `name`."""
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
             archive = pack(Path(path), Path(tmp))
-            size = archive.stat().st_size
-            metadata = pb.UploadMetadata(name=name, labels=labels or [], size_bytes=size, sha256=_sha256(archive),
-                                         metrics_json=json.dumps(metrics or {}), base_fingerprint=base_fingerprint)
-            # The deadline grows with the size: at least 1 MB/s on top of the usual timeout.
-            timeout = self._timeout + size / 1e6
+            metadata = _upload_metadata(archive, name, labels, metrics, base_fingerprint)
             try:
-                response = self._stub.Upload(_messages(archive, metadata, progress), timeout=timeout,
+                response = self._stub.Upload(_messages(archive, metadata, progress),
+                                             timeout=_upload_timeout(self._timeout, metadata),
                                              metadata=self._metadata)
             except grpc.RpcError as exc:
                 raise error_from(exc) from None
         return _info(response.adapter)
 
-    def list(self) -> list[AdapterInfo]:
-        return [_info(m) for m in self._call(self._stub.List, pb.ListRequest()).adapters]
+    def list(self, page_size: int = 0) -> list[AdapterInfo]:
+        """Every registered version, fetched `page_size` at a time (0: the server's default page)."""
+        adapters, token, seen = [], "", set()
+        while True:
+            response = self._call(self._stub.List, _list_request(page_size, token))
+            adapters.extend(_info(m) for m in response.adapters)
+            token = _next_token(response, seen)
+            if not token:
+                return adapters
 
     def get(self, adapter: str) -> AdapterInfo:
         """`name` (the latest version) or `name@version`."""
@@ -122,6 +155,50 @@ class Adapters:
 
     def unload(self, adapter: str) -> AdapterInfo:
         return _info(self._call(self._stub.Unload, pb.UnloadRequest(adapter=adapter)).adapter)
+
+
+class AsyncAdapters:
+    """The asyncio twin of Adapters (an AsyncClient's `.adapters`): the same methods, awaited."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: list[tuple[str, str]], timeout: float, call) -> None:
+        self._stub = pb_grpc.AdapterServiceStub(channel)
+        self._metadata, self._timeout, self._call = metadata, timeout, call
+
+    async def upload(self, path: str | Path, name: str, labels: list[str] | None = None,
+                     metrics: dict | None = None, base_fingerprint: str = "",
+                     progress: Progress | None = None) -> AdapterInfo:
+        with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
+            # Packing and hashing read the whole adapter: off the event loop.
+            archive = await asyncio.to_thread(pack, Path(path), Path(tmp))
+            metadata = await asyncio.to_thread(_upload_metadata, archive, name, labels, metrics, base_fingerprint)
+            try:
+                response = await self._stub.Upload(_messages(archive, metadata, progress),
+                                                   timeout=_upload_timeout(self._timeout, metadata),
+                                                   metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise error_from(exc) from None
+        return _info(response.adapter)
+
+    async def list(self, page_size: int = 0) -> list[AdapterInfo]:
+        adapters, token, seen = [], "", set()
+        while True:
+            response = await self._call(self._stub.List, _list_request(page_size, token))
+            adapters.extend(_info(m) for m in response.adapters)
+            token = _next_token(response, seen)
+            if not token:
+                return adapters
+
+    async def get(self, adapter: str) -> AdapterInfo:
+        return _info((await self._call(self._stub.Get, pb.GetRequest(adapter=adapter))).adapter)
+
+    async def delete(self, adapter: str) -> list[int]:
+        return list((await self._call(self._stub.Delete, pb.DeleteRequest(adapter=adapter))).versions)
+
+    async def load(self, adapter: str, pin: bool = False) -> AdapterInfo:
+        return _info((await self._call(self._stub.Load, pb.LoadRequest(adapter=adapter, pin=pin))).adapter)
+
+    async def unload(self, adapter: str) -> AdapterInfo:
+        return _info((await self._call(self._stub.Unload, pb.UnloadRequest(adapter=adapter))).adapter)
 
 
 class ProgressBar:

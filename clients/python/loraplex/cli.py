@@ -1,15 +1,21 @@
-"""The `loraplex` command: serve, classify, generate, health, and `adapters ...` management."""
+"""The `loraplex` command: serve, classify, generate, chat, health, base, and `adapters ...` management."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
 from .adapters import AdapterInfo, ProgressBar
+from .cli_base import BaseUnavailable, embedded_base_folder, export
+from .cli_chat import add_chat_options, run_chat
+from .cli_options import HelpFormatter, add_connection, add_sampling, connection_defaults, sampling_kwargs
 from .client import Client
 from .errors import LoraplexError
+
+LABELS_HINT = ("pass the classification head's label names, in head order, with --labels "
+               "(e.g. --labels negative,neutral,positive)")
 
 
 def _client(args) -> Client:
@@ -25,8 +31,7 @@ def _classify(args) -> int:
 
 def _generate(args) -> int:
     with _client(args) as client:
-        for chunk in client.generate_stream(args.prompt, adapter=args.adapter, max_tokens=args.max_tokens,
-                                            temperature=args.temperature, seed=args.seed):
+        for chunk in client.generate_stream(args.prompt, adapter=args.adapter, **sampling_kwargs(args)):
             if chunk.finish_reason is None:
                 print(chunk.text, end="", flush=True)
             else:
@@ -35,19 +40,31 @@ def _generate(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    with _client(args) as client:
+        return run_chat(client, args)
+
+
 def _health(args) -> int:
     with _client(args) as client:
         status = client.health()
     print(status)
-    return 0 if status == "SERVING" else 1
+    return 0 if status else 1
 
 
 def _upload(args) -> int:
     show = args.progress or (args.progress is None and sys.stderr.isatty())
     progress = ProgressBar(f"upload {args.name}", sys.stderr) if show else None
+    labels = [x for x in args.labels.split(",") if x]
     with _client(args) as client:
-        info = client.adapters.upload(args.path, name=args.name, labels=[x for x in args.labels.split(",") if x],
-                                      metrics=json.loads(args.metrics) if args.metrics else None, progress=progress)
+        try:
+            info = client.adapters.upload(args.path, name=args.name, labels=labels,
+                                          metrics=json.loads(args.metrics) if args.metrics else None,
+                                          progress=progress)
+        except LoraplexError as exc:
+            if not labels and "label names" in exc.details:
+                raise LoraplexError(exc.code, f"{exc.details}; {LABELS_HINT}") from None
+            raise
     print(f"uploaded {info.reference} ({info.task}, rank {info.rank}, {info.size_bytes} bytes)")
     return 0
 
@@ -93,28 +110,97 @@ def _unload(args) -> int:
     return 0
 
 
+def _base_path(args) -> int:
+    print(embedded_base_folder())
+    return 0
+
+
+def _base_export(args) -> int:
+    print(export(Path(args.dir)))
+    return 0
+
+
+def _elsewhere(args) -> int:
+    print(f"error: `loraplex {args.elsewhere}` takes its own options after it: see `loraplex {args.elsewhere} "
+          "--help`", file=sys.stderr)
+    return 2
+
+
+def _command(commands, name: str, text: str, connection: bool = True) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+    if connection:
+        add_connection(parser)
+    return parser
+
+
 def _adapter_commands(commands) -> None:
-    adapters = commands.add_parser("adapters", help="manage a server's adapters (admin token)")
-    actions = adapters.add_subparsers(dest="action", required=True)
-    actions.add_parser("publish", help="add an adapter to a local store (see `loraplex adapters publish --help`)")
-    upload = actions.add_parser("upload", help="upload a PEFT folder or .tar/.tar.gz as the next version of NAME")
-    upload.add_argument("path")
-    upload.add_argument("--name", required=True)
-    upload.add_argument("--labels", default="", help="comma-separated label names of a classification adapter")
-    upload.add_argument("--metrics", default=None, help="training metrics to keep in the manifest, as JSON")
+    adapters = _command(commands, "adapters", "manage a server's adapters (admin token)")
+    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("publish", help="add an adapter to a local store (see `loraplex adapters publish --help`)",
+                       add_help=False).set_defaults(run=_elsewhere, elsewhere="adapters publish")
+    upload = _command(actions, "upload", "upload a PEFT folder or .tar/.tar.gz as the next version of NAME")
+    upload.add_argument("path", help="a PEFT folder, or a .tar/.tar.gz of one")
+    upload.add_argument("--name", required=True, help="the adapter's name; each upload adds a version")
+    upload.add_argument("--labels", default="", help="comma-separated label names of a classification adapter, "
+                        "in head order (default: none, for a generation adapter)")
+    upload.add_argument("--metrics", default=None, help="training metrics to keep in the manifest, as JSON "
+                        "(default: none)")
     upload.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: when stderr is a terminal)")
     upload.set_defaults(run=_upload)
-    actions.add_parser("list", help="every registered version").set_defaults(run=_list)
+    _command(actions, "list", "every registered version").set_defaults(run=_list)
     for action, run, text in (("show", _show, "print a version's manifest (NAME is the latest)"),
                               ("rm", _rm, "delete NAME@VERSION, or every version of NAME"),
                               ("load", _load, "put an adapter into a device slot now"),
                               ("unload", _unload, "drop an adapter from the device (it stays registered)")):
-        command = actions.add_parser(action, help=text)
+        command = _command(actions, action, text)
         command.add_argument("adapter", help="NAME or NAME@VERSION")
         command.set_defaults(run=run)
         if action == "load":
             command.add_argument("--pin", action="store_true", help="never evict it")
+
+
+def _inference_commands(commands) -> None:
+    classify = _command(commands, "classify", "classify texts with a classification adapter")
+    classify.add_argument("--adapter", required=True, help="NAME or NAME@VERSION")
+    classify.add_argument("texts", nargs="+", help="texts to classify, one result line each")
+    classify.set_defaults(run=_classify)
+    generate = _command(commands, "generate", "stream a completion of PROMPT to stdout")
+    generate.add_argument("--adapter", default=None, help="NAME or NAME@VERSION (default: the base model)")
+    add_sampling(generate, max_tokens=64)
+    generate.add_argument("prompt", help="raw text to continue (no chat template; see `loraplex chat`)")
+    generate.set_defaults(run=_generate)
+    chat = _command(commands, "chat", "chat with a generation adapter; the server applies the chat template")
+    add_chat_options(chat)
+    add_sampling(chat, max_tokens=256)
+    chat.set_defaults(run=_chat)
+    _command(commands, "health", "print the server's health; exit 0 only when SERVING").set_defaults(run=_health)
+
+
+def _base_commands(commands) -> None:
+    base = _command(commands, "base", "the embedded base model's Hugging Face folder (needs the server extra)",
+                    connection=False)
+    actions = base.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _command(actions, "path", "print the folder (converted from the shipped GGUF on first use)",
+             connection=False).set_defaults(run=_base_path)
+    export_command = _command(actions, "export", "copy the folder to DIR", connection=False)
+    export_command.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    export_command.set_defaults(run=_base_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", formatter_class=HelpFormatter,
+                                     description="loraplex client. Connection options go before or after the "
+                                     "subcommand; `loraplex serve --help` for the server.")
+    add_connection(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("serve", "start the server (see `loraplex serve --help`)"),
+                       ("train", "fine-tune a LoRA adapter (see `loraplex train --help`)")):
+        commands.add_parser(name, help=text, add_help=False).set_defaults(run=_elsewhere, elsewhere=name)
+    _inference_commands(commands)
+    _adapter_commands(commands)
+    _base_commands(commands)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,36 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         from loraplex_adapters.publish_cli import main as publish
 
         return publish(argv[2:])
-    parser = argparse.ArgumentParser(prog="loraplex", description="loraplex client; `loraplex serve --help` for "
-                                     "the server")
-    parser.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER", "127.0.0.1:50051"))
-    parser.add_argument("--token", default=os.environ.get("LORAPLEX_TOKEN"))
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--tls", action="store_true", default=bool(os.environ.get("LORAPLEX_TLS")))
-    parser.add_argument("--ca-cert", default=os.environ.get("LORAPLEX_CA_CERT"),
-                        help="PEM of a private CA (implies TLS)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="start the server (see `loraplex serve --help`)")
-    commands.add_parser("train", help="fine-tune a LoRA adapter (see `loraplex train --help`)")
-    _adapter_commands(commands)
-    classify = commands.add_parser("classify", help="classify texts with a classification adapter")
-    classify.add_argument("--adapter", required=True)
-    classify.add_argument("texts", nargs="+")
-    classify.set_defaults(run=_classify)
-    generate = commands.add_parser("generate", help="stream a completion to stdout")
-    generate.add_argument("--adapter", default=None)
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("prompt")
-    generate.set_defaults(run=_generate)
-    commands.add_parser("health", help="print the server's health status").set_defaults(run=_health)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    connection_defaults(args)
     try:
         return args.run(args)
-    except (LoraplexError, OSError, ValueError) as exc:  # ValueError: bad --metrics JSON
+    except (LoraplexError, OSError, ValueError, BaseUnavailable) as exc:  # ValueError: bad --metrics
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,80 +1,35 @@
-"""The loraplex client: typed results, typed errors, retries on UNAVAILABLE only. No torch."""
+"""The loraplex client: typed results, typed errors, retries on UNAVAILABLE only. No torch.
+
+`Client` and `AsyncClient` have the same methods; the async ones are awaited (streams: `async for`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
-from .adapters import Adapters
-from .errors import error_from
+from .adapters import Adapters, AsyncAdapters
+from .chat import Message, chat_messages
+from .errors import LoraplexError, error_from
+from .health import HealthStatus, health_request, health_status, health_stub, not_serving_after
+from .results import Classification, Generation, GenerationChunk, chunk, classifications, generation, sampling
 
-FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+__all__ = ["AsyncClient", "Classification", "Client", "Generation", "GenerationChunk", "HealthStatus"]
 
-
-@dataclass
-class Classification:
-    label: str
-    score: float
-    scores: dict[str, float]
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class GenerationChunk:
-    """A streamed piece: new text and token ids; the last chunk has finish_reason and token counts."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
-             seed: int | None) -> pb.SamplingParameters:
-    params = pb.SamplingParameters(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   stop=stop or [])
-    if seed is not None:
-        params.seed = seed
-    return params
-
-
-def _classifications(response: pb.ClassifyResponse) -> list[Classification]:
-    return [Classification(r.label, r.score, {s.label: s.score for s in r.scores}) for r in response.results]
-
-
-def _generation(r: pb.GenerateResponse) -> Generation:
-    return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
-                      r.completion_tokens)
-
-
-def _chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
-    if message.HasField("delta"):
-        return GenerationChunk(message.delta.text, list(message.delta.token_ids))
-    done = message.done
-    return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
-                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+HEALTH_POLL_SECONDS = 0.2
 
 
 def _credentials(tls: bool, ca_cert: str | None) -> grpc.ChannelCredentials | None:
     if not (tls or ca_cert):
         return None
-    roots = open(ca_cert, "rb").read() if ca_cert else None
-    return grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca_cert).read_bytes() if ca_cert else None)
 
 
 def _metadata(token: str | None) -> list[tuple[str, str]]:
@@ -83,6 +38,13 @@ def _metadata(token: str | None) -> list[tuple[str, str]]:
 
 def _backoff(attempt: int) -> float:
     return min(2.0, 0.1 * 2 ** attempt)
+
+
+def _request(kind, adapter: str | None, prompt: str, messages: Iterable[Message] | None, max_tokens: int,
+             temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None):
+    """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages."""
+    return kind(adapter=adapter or "", prompt=prompt, messages=chat_messages(messages) if messages is not None else [],
+                sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
 
 
 class Client:
@@ -117,41 +79,81 @@ class Client:
                 time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
+    def _stream(self, request) -> Iterator[GenerationChunk]:
+        try:
+            for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+                yield chunk(message)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
-        return _classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
+        return classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None
                  ) -> Generation:
-        request = pb.GenerateRequest(adapter=adapter or "", prompt=prompt,
-                                     sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
-        return _generation(self._call(self._stub.Generate, request))
+        request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
+                           seed)
+        return generation(self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                         stop: list[str] | None = None, seed: int | None = None) -> Iterator[GenerationChunk]:
-        request = pb.GenerateStreamRequest(adapter=adapter or "", prompt=prompt,
-                                           sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+        return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
+                                     top_k, stop, seed))
+
+    def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+             seed: int | None = None) -> Generation:
+        """The assistant's reply to `messages` ({"role", "content"} dicts or (role, content) tuples), rendered
+        with the base model's chat template by the server."""
+        request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
+                           seed)
+        return generation(self._call(self._stub.Generate, request))
+
+    def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+                    seed: int | None = None) -> Iterator[GenerationChunk]:
+        # Built now, not on the first next(): a malformed message fails at the call.
+        return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
+                                     top_k, stop, seed))
+
+    def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
+        """`if client.health(): ...` is true only while the server is SERVING."""
         try:
-            for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
-                yield _chunk(message)
+            response = health_stub(self._channel).Check(health_request(service), timeout=timeout or self.timeout,
+                                                        metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
+        return health_status(response)
 
-    def health(self, service: str = "") -> str:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self._channel)
+    def is_serving(self) -> bool:
+        """True if the server answers SERVING; False if it answers otherwise or cannot be reached."""
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout,
-                                  metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            return bool(self.health())
+        except LoraplexError:
+            return False
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Poll the health service until SERVING; TimeoutError (naming the last answer) after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                status = self.health(timeout=max(remaining, 0.01))
+                if status:
+                    return
+                last = status.value
+            except LoraplexError as exc:
+                last = exc.code.name
+            if deadline - time.monotonic() <= 0:
+                raise not_serving_after(timeout, last)
+            time.sleep(min(HEALTH_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
 
 class AsyncClient:
-    """The asyncio twin of Client: `await c.classify(...)`, `async for chunk in c.generate_stream(...)`."""
+    """The asyncio twin of Client: `await c.classify(...)`, `async for chunk in c.generate_stream(...)`,
+    `await c.adapters.list()`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls: bool = False, ca_cert: str | None = None) -> None:
@@ -161,6 +163,7 @@ class AsyncClient:
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(token)
         self.timeout, self.retries = timeout, retries
+        self.adapters = AsyncAdapters(self._channel, self._metadata, timeout, self._call)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -172,8 +175,6 @@ class AsyncClient:
         await self.close()
 
     async def _call(self, method, request):
-        import asyncio
-
         for attempt in range(self.retries + 1):
             try:
                 return await method(request, timeout=self.timeout, metadata=self._metadata)
@@ -183,25 +184,68 @@ class AsyncClient:
                 await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
+    async def _stream(self, request) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+                yield chunk(message)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
     async def classify(self, texts: list[str], adapter: str) -> list[Classification]:
-        return _classifications(await self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter,
-                                                                                          texts=texts)))
+        return classifications(await self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter,
+                                                                                         texts=texts)))
 
     async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
                        seed: int | None = None) -> Generation:
-        request = pb.GenerateRequest(adapter=adapter or "", prompt=prompt,
-                                     sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
-        return _generation(await self._call(self._stub.Generate, request))
+        request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
+                           seed)
+        return generation(await self._call(self._stub.Generate, request))
 
-    async def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
-                              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                              stop: list[str] | None = None, seed: int | None = None
-                              ) -> AsyncIterator[GenerationChunk]:
-        request = pb.GenerateStreamRequest(adapter=adapter or "", prompt=prompt,
-                                           sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+    def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                        stop: list[str] | None = None, seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+        return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
+                                     top_k, stop, seed))
+
+    async def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
+                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+                   seed: int | None = None) -> Generation:
+        request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
+                           seed)
+        return generation(await self._call(self._stub.Generate, request))
+
+    def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+                    seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+        return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
+                                     top_k, stop, seed))
+
+    async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         try:
-            async for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
-                yield _chunk(message)
+            response = await health_stub(self._channel).Check(health_request(service),
+                                                              timeout=timeout or self.timeout,
+                                                              metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
+        return health_status(response)
+
+    async def is_serving(self) -> bool:
+        try:
+            return bool(await self.health())
+        except LoraplexError:
+            return False
+
+    async def wait_until_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = await self.health(timeout=max(deadline - time.monotonic(), 0.01))
+                if status:
+                    return
+                last = status.value
+            except LoraplexError as exc:
+                last = exc.code.name
+            if deadline - time.monotonic() <= 0:
+                raise not_serving_after(timeout, last)
+            await asyncio.sleep(min(HEALTH_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
