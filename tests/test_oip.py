@@ -74,7 +74,8 @@ def test_health_server_metadata_and_reflection(server):
     _, client, port = server
     assert client.is_server_live() and client.is_server_ready()
     metadata = client.get_server_metadata(as_json=True)
-    assert metadata["name"] == "loraplex" and metadata["version"] and "parameters" in metadata["extensions"]
+    assert metadata["name"] == "loraplex" and metadata["version"]
+    assert {"classification", "parameters"} <= set(metadata["extensions"])
     assert client.is_model_ready(CLS) and client.is_model_ready(CLS, "1") and client.is_model_ready(f"{GEN}@2")
     assert not client.is_model_ready("no-such-adapter") and not client.is_model_ready(CLS, "9")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -113,6 +114,22 @@ def test_classification_equals_classify(server):
         assert (response.model_name, response.model_version, response.id) == (model, "2", "r1")
     only = client.infer(CLS, [text_input("text", TEXTS[:1])], outputs=[triton.InferRequestedOutput("label")])
     assert only.get_output("probabilities") is None and only.as_numpy("label")[0].decode() == expected[0].label
+
+
+def test_classification_extension_names_the_top_classes(server):
+    ours, client, _ = server
+    expected = ours.classify(TEXTS, adapter=CLS)
+    result = client.infer(CLS, [text_input("text", TEXTS)], outputs=[triton.InferRequestedOutput("probabilities",
+                                                                                                  class_count=2)])
+    top = result.as_numpy("probabilities")
+    assert top.shape == (3, 2) and result.get_output("label") is None
+    for row, e in zip(top, expected, strict=True):
+        best = sorted(e.scores.items(), key=lambda item: -item[1])[:2]
+        parsed = [element.decode().split(":") for element in row]
+        assert [(int(index), label) for _, index, label in parsed] == [(CLS_LABELS.index(k), k) for k, _ in best]
+        np.testing.assert_allclose([float(p) for p, _, _ in parsed], [v for _, v in best], atol=1e-5)
+    assert client.infer(CLS, [text_input("text", TEXTS[:1])], outputs=[triton.InferRequestedOutput(
+        "probabilities", class_count=99)]).as_numpy("probabilities").shape == (1, 5)
 
 
 def test_generation_equals_generate(server):
@@ -169,7 +186,8 @@ TRITON_REFUSALS = [  # (model, inputs, infer keyword arguments, status)
     (CLS, lambda: [text_input("text", [""])], {}, "INVALID_ARGUMENT"),
     (GEN, lambda: [text_input("text_input", ["a", "b"])], {}, "INVALID_ARGUMENT"),
     (CLS, _one_text, {"outputs": [triton.InferRequestedOutput("logits")]}, "INVALID_ARGUMENT"),
-    (CLS, _one_text, {"outputs": [triton.InferRequestedOutput("probabilities", class_count=2)]}, "INVALID_ARGUMENT"),
+    (CLS, _one_text, {"outputs": [triton.InferRequestedOutput("label", class_count=2)]}, "INVALID_ARGUMENT"),
+    (CLS, _one_text, {"outputs": [triton.InferRequestedOutput("probabilities", class_count=-1)]}, "INVALID_ARGUMENT"),
     (f"{CLS}@1", _one_text, {"model_version": "2"}, "INVALID_ARGUMENT"),
     (CLS, _one_text, {"parameters": {"max_tokens": 4}}, "INVALID_ARGUMENT"),
     (GEN, lambda: _one_text("text_input"), {"parameters": {"beam_width": 4}}, "INVALID_ARGUMENT"),

@@ -3,7 +3,9 @@ scheduler and adapter cache as our InferenceService, through the same RequestBui
 
 A model is an adapter: `name` (its latest version), `name@version`, or `name` plus `model_version`.
 - classification adapters: input `text` BYTES [N] -> `label` BYTES [N], `probabilities` FP32 [N, L]
-  (columns in the order of the labels ModelMetadata lists on `probabilities`);
+  (columns in the order of the labels ModelMetadata lists on `probabilities`), or with Triton's
+  classification parameter on `probabilities` (tritonclient's class_count=k) its top k classes as
+  BYTES [N, k] "probability:index:label";
 - generation adapters: input `text_input` BYTES [1] and request parameters max_tokens, temperature,
   top_p, top_k, seed, stop -> `text_output` BYTES [1] (Triton's generate extension naming).
 The base model alone is not a model here (an adapter may be named anything, "base" too); it is
@@ -30,7 +32,7 @@ from .engine import WrongTask
 from .failure_status import abort_with_status
 from .metrics import Metrics
 from .oip_parameters import sampling_arguments
-from .oip_tensors import decode_texts, pack_bytes, pack_fp32, split_bytes, texts_of_shape
+from .oip_tensors import decode_texts, pack_bytes, pack_fp32, split_bytes, texts_of_shape, top_classes
 from .request_builder import InvalidRequest, RequestBuilder
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -92,6 +94,21 @@ def _reference(name: str, version: str) -> str:
     return f"{name}@{version}"
 
 
+def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    """The `classification` parameter of a requested output (tritonclient's class_count), on probabilities."""
+    unknown = sorted(set(output.parameters) - {"classification"})
+    if unknown:
+        raise InvalidRequest(f"output {output.name}: unknown output parameter {unknown[0][:MAX_NAME_CHARS]!r}")
+    if not output.parameters:
+        return 0
+    count = _parameter_value(output.parameters["classification"])
+    if output.name != "probabilities":
+        raise InvalidRequest(f"output {output.name}: the classification parameter applies to probabilities only")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise InvalidRequest(f"output probabilities: classification must be an integer >= 1, got {count!r}")
+    return count
+
+
 def _parameter_value(parameter: pb.InferParameter) -> object:
     choice = parameter.WhichOneof("parameter_choice")
     return None if choice is None else getattr(parameter, choice)
@@ -111,7 +128,8 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.requests.engine is not None)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="loraplex", version=_server_version(), extensions=["parameters"])
+        return pb.ServerMetadataResponse(name="loraplex", version=_server_version(),
+                                         extensions=["classification", "parameters"])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         """Ready = registered, fits this base and has a task we serve; it loads on demand. An unknown
@@ -149,7 +167,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if task is CLASSIFICATION:
                 if request.parameters:
                     raise InvalidRequest("a classification model takes no request parameters")
-                outputs = await self._classify(key, texts, manifest.labels)
+                outputs = await self._classify(key, texts, manifest.labels, wanted)
             else:
                 outputs = await self._generate(key, texts[0], request.parameters)
         except Exception as exc:
@@ -157,17 +175,22 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(manifest.version),
                                          id=request.id)
         for name in wanted:
-            datatype, shape, raw = outputs[name]
+            datatype, shape, raw = outputs[name]  # name: the output, or its top classes (wanted[name] = k)
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             response.raw_output_contents.append(raw)
         return response
 
-    async def _classify(self, key: str, texts: list[str], labels: list[str]) -> dict:
+    async def _classify(self, key: str, texts: list[str], labels: list[str], wanted: dict[str, int]) -> dict:
         ids = await self.requests.tokens(texts, lambda i: f"text[{i}]")
         results = await self.requests.scheduler.classify(ids, key)
-        probabilities = [r.scores[label] for r in results for label in labels]
-        return {"label": (BYTES, [len(results)], pack_bytes([r.label.encode() for r in results])),
-                "probabilities": (FP32, [len(results), len(labels)], pack_fp32(probabilities))}
+        rows = [[r.scores[label] for label in labels] for r in results]
+        outputs = {"label": (BYTES, [len(results)], pack_bytes([r.label.encode() for r in results])),
+                   "probabilities": (FP32, [len(results), len(labels)], pack_fp32([p for row in rows for p in row]))}
+        count = wanted.get("probabilities", 0)
+        if count:  # Triton's classification extension: the top classes instead of the whole row
+            count = min(count, len(labels))
+            outputs["probabilities"] = (BYTES, [len(results), count], pack_bytes(top_classes(rows, labels, count)))
+        return outputs
 
     async def _generate(self, key: str, text: str, parameters) -> dict:
         params = self.requests.sampling(**sampling_arguments(
@@ -230,20 +253,18 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return list(contents.bytes_contents)
 
     @staticmethod
-    def _requested_outputs(request: pb.ModelInferRequest, task: ModelTask) -> list[str]:
+    def _requested_outputs(request: pb.ModelInferRequest, task: ModelTask) -> dict[str, int]:
+        """Output name -> the classes asked for with Triton's `classification` parameter (0: none)."""
         if not request.outputs:
-            return list(task.outputs)
-        names = []
+            return dict.fromkeys(task.outputs, 0)
+        names: dict[str, int] = {}
         for output in request.outputs:
             if output.name not in task.outputs:
                 raise InvalidRequest(f"unknown output {output.name[:MAX_NAME_CHARS]!r}; this model has "
                                      f"{', '.join(task.outputs)}")
             if output.name in names:
                 raise InvalidRequest(f"output {output.name} is requested twice")
-            if output.parameters:
-                raise InvalidRequest(f"output {output.name}: output parameters (such as classification) are "
-                                     "not supported; request the output without them")
-            names.append(output.name)
+            names[output.name] = _class_count(output)
         return names
 
     @staticmethod

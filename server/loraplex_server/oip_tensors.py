@@ -61,3 +61,13 @@ def pack_bytes(elements: Sequence[bytes]) -> bytes:
 
 def pack_fp32(values: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
+
+
+def top_classes(rows: Sequence[Sequence[float]], labels: Sequence[str], count: int) -> list[bytes]:
+    """Triton's classification output: per row, the `count` best classes as "probability:index:label",
+    best first (row-major, so the tensor is [rows, count])."""
+    elements = []
+    for row in rows:
+        best = sorted(range(len(row)), key=lambda i: -row[i])[:count]
+        elements += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in best]
+    return elements
