@@ -7,6 +7,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers started by tests (they inherit this) keep the HTTP API off unless a test passes --http-port:
+# several run at once, and the default port 8000 would collide.
+os.environ.setdefault("LORAPLEX_HTTP_PORT", "0")
 
 from loraplex.cli import main as cli_main  # noqa: E402
 from tiny_models import BERT_ADAPTERS, GPT2_ADAPTERS, LLAMA_ADAPTERS, make_adapter, make_base  # noqa: E402

@@ -24,9 +24,11 @@ from .admin_service import AdapterAdminService
 from .auth import BearerAuth
 from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES, load_base_model
 from .engine import Engine
+from .http_server import open_http_api
 from .kv_cache import KVCacheTooSmall
 from .metrics import Metrics
 from .oip_service import add_open_inference_service
+from .request_decoding import RequestDecoding
 from .scheduler import Scheduler
 from .service import InferenceService, Limits
 
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "it off")
     parser.add_argument("--metrics-host", default=_env("metrics_host", None),
                         help="address the metrics endpoint binds (default: --host)")
+    parser.add_argument("--http-port", type=int, default=int(_env("http_port", 8000)),
+                        help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                             "/classify, /health, /metrics) on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
                         help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
@@ -144,7 +149,9 @@ async def serve(args: argparse.Namespace) -> None:
     service = InferenceService(metrics, Limits())
     admin = AdapterAdminService(metrics, args.max_upload_bytes)
     health_servicer = health.aio.HealthServicer()
-    interceptors = [BearerAuth(args.token, args.admin_token)] if args.token or args.admin_token else []
+    interceptors = [RequestDecoding()]  # outermost: it also wraps the refusals that auth returns
+    if args.token or args.admin_token:
+        interceptors.append(BearerAuth(args.token, args.admin_token))
     # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", args.max_message_bytes), ("grpc.so_reuseport", 0)])
@@ -167,9 +174,12 @@ async def serve(args: argparse.Namespace) -> None:
     if port == 0:
         raise SystemExit(f"cannot listen on {address}: the port is in use or the address is not this machine's; "
                          "choose another with --port/--host")
+    http = open_http_api(args, service.requests, metrics)  # binds now: a busy --http-port stops the start
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    if http:
+        http.start()
     log.info("listening on %s; loading the base model", address)
 
     def load() -> tuple[Engine, AdapterCache]:
@@ -204,8 +214,10 @@ async def serve(args: argparse.Namespace) -> None:
              args.drain_delay, args.grace)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if http:
+        http.drain()
     await asyncio.sleep(args.drain_delay)  # lets load balancers see NOT_SERVING and steer away first
-    await server.stop(args.grace)
+    await asyncio.gather(server.stop(args.grace), http.stop() if http else asyncio.sleep(0))
     await _let_cancelled_rpcs_finish()
     scheduler.stop()
     metrics.close()

@@ -1,0 +1,237 @@
+"""Request bodies of the OpenAI-compatible HTTP API, checked field by field before any work.
+
+Every field is either used, refused with a 400 naming it (an option we do not implement, unless it
+holds its neutral value, e.g. n=1), or unknown and refused like OpenAI itself does. The one field
+accepted and ignored is `user` (an end-user id for the provider's abuse monitoring). `top_k` is
+accepted as an extension, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from .chat_template import ChatMessage
+from .sampling import MAX_STOP_STRINGS
+
+
+class BadRequestBody(ValueError):
+    """A 400 with OpenAI's error JSON; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# Options we do not implement -> their neutral value(s): anything else is a 400, never a silent ignore.
+_NEUTRAL = {
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
+}
+_SAMPLING = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+             "user"}
+COMPLETION_FIELDS = _SAMPLING | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "logit_bias",
+                                 "presence_penalty", "frequency_penalty"}
+CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "n", "logprobs", "top_logprobs", "tools",
+                           "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+                           "logit_bias", "presence_penalty", "frequency_penalty"}
+CLASSIFY_FIELDS = {"model", "input", "user"}
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenerationBody:
+    model: str
+    sampling: Sampling
+    stream: bool = False
+    include_usage: bool = False
+    prompt: str = ""
+    messages: list[ChatMessage] = field(default_factory=list)
+
+
+@dataclass
+class ClassifyBody:
+    model: str
+    texts: list[str]
+
+
+def _reject_constant(name: str):
+    raise BadRequestBody(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object; NaN and Infinity are refused (standard JSON has neither)."""
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except BadRequestBody:
+        raise
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a number with thousands of digits, deep nesting
+        raise BadRequestBody("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequestBody("the request body must be a JSON object")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequestBody(f"{name} must be a finite number", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and not _is_int(value):
+        raise BadRequestBody(f"{name} must be an integer", name)
+    return value
+
+
+def _string(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequestBody(f"{name} must be a non-empty string", name)
+    return value
+
+
+def _is_neutral(value, neutral: tuple) -> bool:
+    """Equal to a neutral value and of its kind (True is not 1, but 0.0 is 0)."""
+    def kind(v):
+        return "number" if isinstance(v, int | float) and not isinstance(v, bool) else type(v)
+    return any(value == n and kind(value) == kind(n) for n in neutral)
+
+
+def check_fields(body: dict, allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise BadRequestBody(f"unrecognized request argument supplied: {str(name)[:64]}", str(name)[:64])
+    for name, neutral in _NEUTRAL.items():
+        if name in body and not _is_neutral(body[name], neutral):
+            raise BadRequestBody(f"{name} is not supported by this server; leave it out", name)
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
+        raise BadRequestBody(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
+    return stop
+
+
+def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling:
+    max_tokens = _integer(body, "max_tokens")
+    if max_tokens_field != "max_tokens" and body.get(max_tokens_field) is not None:
+        if max_tokens is not None:
+            raise BadRequestBody(f"set max_tokens or {max_tokens_field}, not both", max_tokens_field)
+        max_tokens = _integer(body, max_tokens_field)
+    top_k = _integer(body, "top_k")
+    return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
+                    top_p=_number(body, "top_p", 1.0), top_k=0 if top_k in (None, -1) else top_k, stop=_stop(body),
+                    seed=_integer(body, "seed"))
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequestBody("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise BadRequestBody("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"} \
+            or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequestBody("stream_options takes only include_usage (a boolean)", "stream_options")
+    return True, options.get("include_usage", False)
+
+
+def _user(body: dict) -> None:
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequestBody("user must be a string", "user")
+
+
+def parse_completion(body: dict) -> GenerationBody:
+    check_fields(body, COMPLETION_FIELDS)
+    _user(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise BadRequestBody("one prompt per request (a list of several prompts is not supported)", "prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequestBody("prompt must be a non-empty string (token-id prompts are not supported)", "prompt")
+    stream, usage = _stream(body)
+    return GenerationBody(model=_string(body, "model"), sampling=_sampling(body), stream=stream, include_usage=usage,
+                          prompt=prompt)
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: only text parts
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   and set(p) == {"type", "text"} for p in content):
+            raise BadRequestBody(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequestBody(f"messages[{i}].content must be a string or a list of text parts",
+                             f"messages[{i}].content")
+    return content
+
+
+def _messages(body: dict) -> list[ChatMessage]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequestBody("messages must be a non-empty list of {role, content} objects", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequestBody(f"messages[{i}] must be an object with a string role", f"messages[{i}]")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            name = sorted(map(str, extra))[0][:64]
+            raise BadRequestBody(f"messages[{i}].{name} is not supported; send role and content",
+                                 f"messages[{i}].{name}")
+        role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name for it
+        parsed.append(ChatMessage(role, _content(message, i)))
+    return parsed
+
+
+def parse_chat(body: dict) -> GenerationBody:
+    check_fields(body, CHAT_FIELDS)
+    _user(body)
+    stream, usage = _stream(body)
+    return GenerationBody(model=_string(body, "model"), sampling=_sampling(body, "max_completion_tokens"),
+                          stream=stream, include_usage=usage, messages=_messages(body))
+
+
+def parse_classify(body: dict, max_texts: int) -> ClassifyBody:
+    check_fields(body, CLASSIFY_FIELDS)
+    _user(body)
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRequestBody("input must be a string or a non-empty list of strings", "input")
+    if len(texts) > max_texts:
+        raise BadRequestBody(f"{len(texts)} inputs; at most {max_texts} per request", "input")
+    return ClassifyBody(model=_string(body, "model"), texts=texts)
