@@ -7,35 +7,24 @@ import io
 import shutil
 
 import pytest
+from chat_base import chat_base, rendered
 from server_process import free_port, start_server
-from transformers import AutoTokenizer
 
 from loraplex.cli import build_parser
 from loraplex.cli import main as cli_main
 from loraplex.cli_options import HelpFormatter
 
 GEN, CLS = "gen_qv_r4", "cls3_r2"
-# A tiny chat template, so the tiny base can chat; rendered() writes out what it gives.
-TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
-            "{% if add_generation_prompt %}<bos>assistant\n{% endif %}")
 SAMPLING = ["--max-tokens", "--temperature", "--top-p", "--top-k", "--stop", "--seed"]
 CLASSIFICATION_ONLY = ["--text-field", "--label-field", "--labels"]
 GENERATION_ONLY = ["--prompt-field", "--completion-field", "--messages-field"]
-
-
-def rendered(messages: list[dict]) -> str:
-    return "".join(f"<bos>{m['role']}\n{m['content']}<eos>\n" for m in messages) + "<bos>assistant\n"
 
 
 @pytest.fixture(scope="module")
 def server(tiny, adapter_dir, tmp_path_factory):
     """(client, target) of a server on the tiny Llama base plus a chat template, over a copy of the store."""
     root = tmp_path_factory.mktemp("cli")
-    base = root / "base"
-    shutil.copytree(tiny("llama")[0], base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(base)
+    base = chat_base(tiny("llama")[0], root / "base")
     store = shutil.copytree(adapter_dir, root / "store")
     port = free_port()
     process, client = start_server(base, store, port, client_kwargs={"timeout": 60})
