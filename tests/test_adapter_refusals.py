@@ -125,3 +125,83 @@ def test_parsed_adapter_reports_ranks_and_scaling(llama):
     scaling = {name.rsplit(".", 1)[-1]: w.scaling for name, w in adapter.modules.items()}
     assert scaling == {"down_proj": 4 / 2, "up_proj": 16 / 6}
     assert adapter.task == "generation" and adapter.max_rank == 6
+
+
+BAD_MANIFESTS = [  # (id, manifest fields) each refused by publish and by read_manifest alike
+    ("empty label", {"labels": ["", "x", "y"]}),
+    ("duplicate labels", {"labels": ["a", "a", "a"]}),
+    ("control char label", {"labels": ["a", "b\n", "c"]}),
+    ("257-char label", {"labels": ["x" * 257, "y", "z"]}),
+    ("4097 labels", {"labels": [f"l{i}" for i in range(4097)]}),
+    ("label not a string", {"labels": [1, 2, 3]}),
+    ("name trailing newline", {"name": "sentiment\n"}),
+    ("name with slash", {"name": "a/b"}),
+    ("name dot-dot", {"name": "a..b"}),
+    ("name not a string", {"name": 7}),
+    ("metrics not an object", {"metrics": [1]}),
+]
+
+
+@pytest.mark.parametrize("fields", [case[1] for case in BAD_MANIFESTS], ids=[case[0] for case in BAD_MANIFESTS])
+def test_publish_and_read_manifest_refuse_the_same_manifests(llama, tmp_path, fields):
+    from loraplex_adapters.manifest import MANIFEST_FILE, read_manifest
+    from loraplex_adapters.store import AdapterStore
+
+    source = llama[1]["cls3_r2"][0]
+    store = AdapterStore(tmp_path / "store")
+    name, labels = fields.get("name", "ok"), fields.get("labels", ["a", "b", "c"])
+    with pytest.raises(AdapterFormatError):
+        store.publish(source, name, labels=labels, metrics=fields.get("metrics"))
+    assert store.list() == []
+    folder = tmp_path / "written"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text(json.dumps({"name": "ok", "version": 1, "labels": ["a", "b", "c"], **fields}))
+    with pytest.raises(AdapterFormatError):
+        read_manifest(folder)
+
+
+def test_a_published_manifest_reads_back_equal(llama, tmp_path):
+    from loraplex_adapters.manifest import read_manifest
+    from loraplex_adapters.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    published = store.publish(llama[1]["cls3_r2"][0], "x" * 128, labels=["n\u00e9g", "neu", "p" * 256],
+                              metrics={"acc": 0.5, "nested": {"a": [1, 2]}})
+    _, folder = store.resolve(published.name)
+    assert read_manifest(folder).to_dict() == published.to_dict()
+
+
+@pytest.mark.parametrize("module", ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                                    "model.layers.10.self_attn.q_proj", "q_proj", "xq_proj"])
+def test_pattern_keys_match_as_peft_does(module):
+    """Plain keys matched as literal dotted suffixes pick the same key as PEFT's regex match."""
+    from peft.utils.other import get_pattern_key
+
+    from loraplex_adapters.lora_config import pattern_value
+
+    patterns = {"down_proj": 1, "layers.1.self_attn.q_proj": 2, "q_proj": 3, "model.layers.10.self_attn.q_proj": 4}
+    expected = get_pattern_key(list(patterns), module)
+    assert pattern_value(patterns, module, default=-1) == patterns.get(expected, -1)
+
+
+def test_a_regex_pattern_key_is_refused_without_running_it(adapter_copy):
+    edit_config(adapter_copy, alpha_pattern={"(a|aa)+$x" + "a" * 50: 4})
+    with pytest.raises(AdapterFormatError, match="not a plain module name"):
+        load_peft_folder(adapter_copy)
+
+
+def test_shapes_and_rank_are_checked_before_any_tensor_data_is_read(adapter_copy):
+    """check_shapes sees meta tensors (no data), and a rank over max_rank is refused from the header."""
+    seen = []
+    load_peft_folder(adapter_copy, check_shapes=lambda adapter: seen.extend(
+        m.A.device.type for m in adapter.modules.values()))
+    assert seen and set(seen) == {"meta"}
+    with pytest.raises(AdapterFormatError, match="rank 4 is above the server's max rank 2"):
+        load_peft_folder(adapter_copy, max_rank=2, check_shapes=lambda adapter: pytest.fail("checked after rank"))
+
+
+def test_refusal_messages_name_files_not_server_paths(adapter_copy):
+    (adapter_copy / "adapter_config.json").write_text("{oops")
+    with pytest.raises(AdapterFormatError) as refused:
+        load_peft_folder(adapter_copy)
+    assert str(adapter_copy.parent) not in str(refused.value) and "adapter_config.json" in str(refused.value)
