@@ -182,6 +182,7 @@ def test_neutral_values_of_unsupported_options_are_accepted(server):
     ("/v1/completions", {**COMPLETION, "temperature": "hot"}, 400, "temperature must be a finite number"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 1.5}, 400, "max_tokens must be an integer"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 100000}, 400, "max_tokens must be in"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens must be in"),
     ("/v1/completions", {**COMPLETION, "stop": 5}, 400, "stop must be a string"),
     ("/v1/completions", {**COMPLETION, "stop": ["x"] * 10_000}, 400, "stop must be a string or a list of at most"),
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, 400, "stream must be a boolean"),

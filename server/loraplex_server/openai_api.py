@@ -189,8 +189,8 @@ class OpenAIApi:
         reference = self._model(body.model, labels)
         key = requests.adapter_key(reference, "generation") if reference else None
         s = body.sampling
-        params = requests.sampling(s.max_tokens or requests.limits.max_tokens, s.temperature, s.top_p, s.top_k,
-                                   s.stop, s.seed)
+        max_tokens = requests.limits.max_tokens if s.max_tokens is None else s.max_tokens  # OpenAI: up to context
+        params = requests.sampling(max_tokens, s.temperature, s.top_p, s.top_k, s.stop, s.seed)
         prompt = await (requests.chat_tokens(body.messages) if chat else requests.prompt_ids(body.prompt, []))
         generation, events = await requests.start(key, prompt, params)
         reply = _Reply(body.model, chat)
