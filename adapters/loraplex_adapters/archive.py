@@ -72,19 +72,23 @@ def _extract_members(tar: tarfile.TarFile, target: Path, max_bytes: int) -> None
         if count > MAX_MEMBERS:
             raise AdapterFormatError(f"the archive has more than {MAX_MEMBERS} members; an adapter folder holds "
                                      "a handful of files")
-        relative = _member_path(member, seen)
+        relative = _member_path(member)
+        if member.isfile():
+            limit = min(_name_limit(relative.name, max_bytes), max_bytes - total)
+            if member.size > limit:
+                raise _too_large(member.name, max_bytes)
+        if relative in seen:
+            raise AdapterFormatError(f"archive member {brief(member.name)} appears twice")
+        seen.add(relative)
         if member.isdir():
             (target / relative).mkdir(parents=True, exist_ok=True)
             continue
-        limit = min(_name_limit(relative.name, max_bytes), max_bytes - total)
-        if member.size > limit:
-            raise _too_large(member.name, max_bytes)
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         total += _copy_out(tar, member, destination, limit, max_bytes)
 
 
-def _member_path(member: tarfile.TarInfo, seen: set[Path]) -> Path:
+def _member_path(member: tarfile.TarInfo) -> Path:
     name = member.name
     if member.issym() or member.islnk():
         raise AdapterFormatError(f"archive member {brief(name)} is a link; links are refused")
@@ -93,9 +97,6 @@ def _member_path(member: tarfile.TarInfo, seen: set[Path]) -> Path:
     relative = Path(name)
     if name.startswith("/") or ".." in relative.parts or not relative.parts:
         raise AdapterFormatError(f"archive member {brief(name)} escapes the adapter folder")
-    if relative in seen:
-        raise AdapterFormatError(f"archive member {brief(name)} appears twice")
-    seen.add(relative)
     return relative
 
 
