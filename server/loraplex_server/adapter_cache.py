@@ -78,7 +78,8 @@ class AdapterCache:
     # -- any thread ------------------------------------------------------------------------------
 
     def resolve(self, reference: str) -> tuple[str, Manifest]:
-        """'name' (latest) or 'name@N' -> (key, manifest); NOT_FOUND / wrong-base errors say why."""
+        """'name' (latest) or 'name@N' -> (key, manifest); NOT_FOUND / wrong-base errors say why. The
+        store re-reads the name's folder, so another process's publish or delete shows here at once."""
         name, version = parse_reference(reference)
         try:
             manifest, _ = self.store.resolve(name, version)
@@ -124,11 +125,16 @@ class AdapterCache:
 
     def _read(self, key: str) -> HostEntry:  # loader thread
         name, version = split_key(key)
-        try:
+        try:  # the store re-reads the name from disk: another process may have deleted it
             manifest, folder = self.store.resolve(name, version)
-            adapter = self.engine.slots.prepare(load_peft_folder(folder))
-        except (AdapterNotInStore, FileNotFoundError):  # deleted since the request resolved it
+        except AdapterNotInStore:  # deleted since the request resolved it
             raise AdapterNotFound(f"adapter {key} was deleted") from None
+        try:
+            adapter = self.engine.slots.prepare(load_peft_folder(folder))
+        except Exception:
+            if not folder.is_dir():  # deleted (by any process) while it was being read
+                raise AdapterNotFound(f"adapter {key} was deleted") from None
+            raise
         return HostEntry(adapter, manifest, _bytes(adapter), _bytes(adapter, self._element_size))
 
     def arrived(self, key: str) -> BaseException | None:
