@@ -207,3 +207,39 @@ s.AdapterStore({str(store.root)!r}).publish({str(sources[GEN])!r}, "half")
     assert not dead.exists() and not Path(f"{dead}.lock").exists()
     assert sorted(p for p in staging.iterdir() if p.is_dir()) == sorted([store.staging, reopened.staging])
     assert reopened.publish(sources[GEN], "half").version == 1
+
+
+def test_two_store_objects_on_one_folder_see_each_other(store, sources):
+    other = AdapterStore(store.root)
+    assert store.publish(sources[GEN], "replies").version == 1
+    assert other.publish(sources[GEN], "replies").version == 2  # claimed from the disk, not other's index
+    assert store.resolve("replies")[0].version == 2 and store.has("replies")
+    assert other.delete("replies", 1) == [1]
+    with pytest.raises(AdapterNotInStore, match="no version 1"):
+        store.resolve("replies", 1)
+    assert store.publish(sources[GEN], "replies").version == 3
+    assert other.delete("replies") == [2, 3]  # what is on disk now, including what other never saw
+    assert not store.has("replies") and store.list() == []
+    for hostile in ("", "../adapters", "replies/../..", "a" * 10_000):
+        assert not store.has(hostile)
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda f: (f / "loraplex.json").unlink(), "manifest is missing"),
+    (lambda f: (f / "loraplex.json").write_text("{oops"), "not valid JSON"),
+    (lambda f: (f / "notes.txt").write_text("hi"), "differ from the manifest"),
+    (lambda f: (f / "adapter_config.json").write_text("{}"), "sha256"),
+    (lambda f: f.rename(f.parent / "9"), "names replies@2"),
+])
+def test_an_unreadable_version_is_quarantined_with_its_reason(store, sources, caplog, damage, reason):
+    store.publish(sources[GEN], "replies")
+    store.publish(sources[GEN], "replies")
+    damage(store.root / "adapters" / "replies" / "2")
+    with caplog.at_level("WARNING", logger="loraplex_adapters.store"):
+        reopened = AdapterStore(store.root)
+        AdapterStore(store.root)
+    (record,) = caplog.records
+    assert "replies@" in record.getMessage() and reason in record.getMessage()
+    assert [m.version for m in reopened.list()] == [1]
+    assert [p.name.rsplit("-", 1)[0] for p in (store.root / "quarantine").iterdir()] in (["replies-2"], ["replies-9"])
+    assert reopened.publish(sources[GEN], "replies").version == (10 if reason.startswith("names") else 3)

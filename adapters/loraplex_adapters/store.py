@@ -265,8 +265,7 @@ class AdapterStore:
     # -- reading --------------------------------------------------------------------------------
 
     def has(self, name: str) -> bool:
-        if name in self._index:
-            return True
+        """Whether `name` has a version on disk now (one listdir, like `resolve`)."""
         return _is_name(name) and bool(self._refresh_name(name))
 
     def list(self) -> list[Manifest]:
