@@ -23,7 +23,7 @@ from loraplex_adapters.store import AdapterStore, AdapterTooLarge
 from .adapter_cache import AdapterCache, adapter_key
 from .scheduler import Scheduler
 from .service import InvalidRequest, observed
-from .status import abort_or_internal
+from .status import abort_for
 
 RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -115,7 +115,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
                 None, lambda: self.store.publish(path, meta.name, labels=list(meta.labels),
                                                  base_fingerprint=meta.base_fingerprint or None, metrics=metrics))
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
@@ -148,7 +148,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             more = len(page) < len(manifests)
             token = encode_page_token(page[-1].name, page[-1].version) if more else ""
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         return pb.ListResponse(adapters=page, next_page_token=token)
 
     @observed
@@ -157,7 +157,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
         try:
             manifest, _ = self.store.resolve(*parse_reference(request.adapter))
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         return pb.GetResponse(adapter=self._info(manifest))
 
     @observed
@@ -168,7 +168,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             versions = await asyncio.get_running_loop().run_in_executor(None, self.store.delete, name, version)
             await self.scheduler.call(lambda: [self.cache.forget(adapter_key(name, v)) for v in versions])
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         return pb.DeleteResponse(versions=versions)
 
     @observed
@@ -178,7 +178,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             key, manifest = self.cache.resolve(request.adapter)
             await self.scheduler.warm(key, request.pin)
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         return pb.LoadResponse(adapter=self._info(manifest))
 
     @observed
@@ -188,7 +188,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             key, manifest = self.cache.resolve(request.adapter)
             await self.scheduler.call(lambda: self.cache.unload(key))
         except Exception as exc:
-            await abort_or_internal(context, exc)
+            await abort_for(context, exc)
         return pb.UnloadResponse(adapter=self._info(manifest))
 
 

@@ -29,11 +29,11 @@ from loraplex.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from loraplex_adapters.manifest import Manifest
 
 from .engine import WrongTask
-from .failure_status import abort_with_status
 from .metrics import Metrics
 from .oip_parameters import sampling_arguments
 from .oip_tensors import decode_texts, pack_bytes, pack_fp32, split_bytes, texts_of_shape, top_classes
 from .request_builder import InvalidRequest, RequestBuilder
+from .status import abort_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 BYTES, FP32 = "BYTES", "FP32"
@@ -149,7 +149,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             _, manifest, task = self._model(_reference(request.name, request.version))
         except Exception as exc:
-            await abort_with_status(context, exc)
+            await abort_for(context, exc)
         versions = [str(m.version) for m in self.requests.cache.store.list() if m.name == manifest.name]
         return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform=task.platform,
                                         inputs=[self._input_metadata(task)],
@@ -171,7 +171,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 outputs = await self._generate(key, texts[0], request.parameters)
         except Exception as exc:
-            await abort_with_status(context, exc)
+            await abort_for(context, exc)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(manifest.version),
                                          id=request.id)
         for name in wanted:

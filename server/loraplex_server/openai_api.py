@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions, vLLM's
 /classify, /health and /metrics. It calls the scheduler through the same RequestBuilder as the gRPC
-service, and derives each HTTP status from the gRPC status the failure maps to (failure_status.py).
+service, and derives each HTTP status from the gRPC status the failure maps to (status.py).
 
 `model` is an adapter reference (`name` = latest, `name@version`), or the base's id (its folder's name)
 for the base alone.
@@ -24,11 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .auth import _matches
-from .failure_status import http_status, status_of
 from .metrics import Metrics
 from .openai_schema import BadRequestBody, GenerationBody, parse_chat, parse_classify, parse_completion, parse_json
 from .request_builder import BaseLoading, RequestBuilder
 from .sequence import GenerationRequest
+from .status import http_status, status_of
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's names: EOS is a natural stop
@@ -104,7 +104,7 @@ class OpenAIApi:
             return error_response(exc.status, str(exc)), exc.code.name
         if isinstance(exc, BaseLoading):
             return error_response(503, str(exc), headers={"Retry-After": "5"}), "UNAVAILABLE"
-        known = await status_of(exc)
+        known = status_of(exc)
         if known is None:  # a bug: the log has the traceback, the client a message without internals
             log.exception("HTTP request failed")
             return error_response(500, "the server failed this request"), "INTERNAL"
@@ -223,7 +223,7 @@ class OpenAIApi:
                 yield _data(reply.usage_chunk(_usage(len(generation.prompt_ids), completion)))
             code = "OK"
         except Exception as exc:  # the engine failed the row after the headers went out: say so in the stream
-            known = await status_of(exc)
+            known = status_of(exc)
             code = known[0].name if known else "INTERNAL"
             message = known[1] if known else "the server failed this request"
             yield _data({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})

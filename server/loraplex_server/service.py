@@ -16,12 +16,12 @@ from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from .adapter_cache import AdapterCache
 from .chat_template import ChatMessage
 from .engine import Engine, WrongTask
-from .failure_status import abort_with_status
 from .metrics import Metrics
 from .request_builder import CHARS_PER_TOKEN, InvalidRequest, Limits, RequestBuilder
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import GenerationRequest
+from .status import abort_for
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 __all__ = ["CHARS_PER_TOKEN", "InferenceService", "InvalidRequest", "Limits", "observed"]
@@ -127,7 +127,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             ids = await self.requests.tokens(list(request.texts), lambda i: f"texts[{i}]")
             results = await self.scheduler.classify(ids, key)
         except Exception as exc:
-            await abort_with_status(context, exc)
+            await abort_for(context, exc)
         return pb.ClassifyResponse(results=[
             pb.Classification(label=r.label, score=r.score,
                               scores=[pb.LabelScore(label=k, score=v) for k, v in r.scores.items()])
@@ -143,7 +143,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             prompt = await self.requests.prompt_ids(request.prompt, messages)
             return await self.requests.start(key, prompt, params)
         except Exception as exc:
-            await abort_with_status(context, exc)
+            await abort_for(context, exc)
 
     async def _events(self, generation: GenerationRequest, events: asyncio.Queue, context):
         """Token events until the finish; a caller that goes away frees its row (RequestBuilder.events),
@@ -152,7 +152,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             async for event in self.requests.events(generation, events):
                 yield event
         except Exception as exc:
-            await abort_with_status(context, exc)
+            await abort_for(context, exc)
 
     @observed
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:

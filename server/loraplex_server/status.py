@@ -1,4 +1,5 @@
-"""Every failure a servicer sees, mapped to the gRPC status a client can act on."""
+"""Every failure a front end sees, mapped to the gRPC status a client can act on, and from it the HTTP status
+of the HTTP API, so the two front ends cannot disagree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import grpc
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge, BaseMismatch
 
 from .adapter_cache import PinRefused, WrongBase
+from .chat_template import NoChatTemplate
 from .engine import AdapterInUse, AdapterNotFound, EngineFailure, WrongTask
 from .scheduler import QueueFull
 
@@ -16,7 +18,8 @@ log = logging.getLogger(__name__)
 
 _CODES = [  # first match wins: several of these are ValueErrors too
     ((AdapterNotFound, AdapterNotInStore), grpc.StatusCode.NOT_FOUND),
-    ((WrongTask, WrongBase, BaseMismatch, AdapterInUse, PinRefused), grpc.StatusCode.FAILED_PRECONDITION),
+    ((WrongTask, WrongBase, BaseMismatch, AdapterInUse, PinRefused, NoChatTemplate),
+     grpc.StatusCode.FAILED_PRECONDITION),
     ((QueueFull, AdapterTooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
     # InvalidRequest, AdapterFormatError and every other ValueError (UnicodeDecodeError, JSONDecodeError...):
     # the input was wrong, and the message says how.
@@ -25,25 +28,41 @@ _CODES = [  # first match wins: several of these are ValueErrors too
 ]
 INTERNAL_MESSAGE = "internal error while handling the request; the server log has the details"
 
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # the request cannot work on this model (vLLM answers 400 too)
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 
-async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Abort the RPC with exc's status and message; re-raise what is not a known failure."""
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message of a known failure; None for anything else (a bug: an internal error)."""
     for types, code in _CODES:
         if isinstance(exc, types):
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            await context.abort(code, message)
-    raise exc
+            return code, exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return None
 
 
-async def abort_or_internal(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """abort_for, and INTERNAL with a generic message (the traceback goes to the log) for any other
-    exception: a client never sees UNKNOWN with an exception's class name or a server path."""
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Abort the RPC with exc's status and message. Anything unknown becomes INTERNAL with a generic message
+    (the traceback goes to the log): a client never sees UNKNOWN, an exception's class name or a server path."""
     if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
         raise exc  # an abort already under way, or a cancellation
-    try:
-        await abort_for(context, exc)
-    except grpc.aio.AbortError:
-        raise
-    except Exception:
+    known = status_of(exc)
+    if known is None:
         log.error("unexpected failure in an RPC", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        known = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    await context.abort(*known)
