@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from loraplex import Client, LoraplexError
@@ -27,11 +29,13 @@ def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, ex
          "--device", TEST_DEVICE,
          "--max-pending", str(max_pending), *extra_args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _keep_reading(process)
     client = Client(target or f"127.0.0.1:{port}", **{"timeout": 5, "retries": 0, **(client_kwargs or {})})
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()}")
+            process.output_reader.join(timeout=30)
+            raise RuntimeError(f"server exited: {''.join(process.output)}")
         try:
             if client.health() == "SERVING":
                 return process, client
@@ -39,4 +43,18 @@ def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, ex
             pass
         time.sleep(0.2)
     process.kill()
-    raise RuntimeError("server did not become healthy")
+    process.output_reader.join(timeout=30)
+    raise RuntimeError(f"server did not become healthy in 120 s: {''.join(list(process.output)[-40:])}")
+
+
+def _keep_reading(process: subprocess.Popen) -> None:
+    """Read the server's output as it comes, into process.output (its last 10,000 lines): unread, a
+    full pipe (64 KiB) would block a server that logs a lot, and every later request would stall."""
+    process.output = collections.deque(maxlen=10_000)
+
+    def read() -> None:
+        for line in process.stdout:
+            process.output.append(line)
+
+    process.output_reader = threading.Thread(target=read, name=f"server-{process.pid}-output", daemon=True)
+    process.output_reader.start()

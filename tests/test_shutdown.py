@@ -29,7 +29,9 @@ def test_sigterm_with_a_short_grace_cuts_streams_without_tracebacks(tiny, adapte
         for stream in streams:
             assert next(stream).HasField("delta")  # running in the engine, not queued
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        process.wait(timeout=120)
+        process.output_reader.join(timeout=30)
+        output = "".join(process.output)
         codes = [_end_of(stream) for stream in streams] + [_code_of(call) for call in unary]
     finally:
         channel.close()
