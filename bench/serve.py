@@ -1,13 +1,21 @@
-"""Serving benchmark: closed-loop gRPC load against `loraplex serve`, against the engine alone.
+"""Serving benchmark: every protocol the server speaks, against the same server in one run.
 
-    python -m bench.serve [--clients 64] [--adapters 16] [--seconds 20] [--dtype auto]
+    python -m bench.serve [--protocol grpc openai oip] [--requests 32] [--concurrency 8] [--max-tokens 32]
+    python -m bench.serve --vs-engine [--clients 64] [--adapters 16] [--seconds 20]
 
-The server runs on the embedded default base (SmolLM2-135M, CPU, at the `auto` dtype: bf16 where the CPU
-has native bf16, else fp32; the engine baseline uses the same) with random rank-8
-classification adapters. `--clients` closed loops (asyncio, in this process) each send one short
-Classify at a time to a random adapter. Then, in the same run with the server stopped, the engine
-classifies the same texts in batches of the size the server actually formed (from its metrics).
-Ends with one JSON line.
+One `loraplex serve` on the embedded default base (SmolLM2-135M, CPU) at the server's default dtype
+(`auto`: bf16 where the CPU has native bf16, else fp32), with one random rank-8 generation adapter and
+one random 3-label classification adapter. First one greedy generation and one classification per
+protocol, whose outputs must agree. Then, per protocol, `--concurrency` closed-loop clients (asyncio,
+in this process) send `--requests` streamed greedy generations of `--max-tokens` tokens (OIP: unary
+ModelInfer), then `--classify-requests` one-text classifications. Protocols run interleaved over
+`--rounds` rounds (the order rotating) and each figure is the median over rounds, so the machine's
+drift hits every protocol alike. openai_vs_grpc = OpenAI streaming requests/s over our gRPC
+streaming requests/s, the median of the per-round ratios (target >= 0.8). Ends with one JSON line.
+
+--vs-engine (issue 3): `--clients` closed loops each send one short Classify at a time to a random one
+of `--adapters` classifiers; then, with the server stopped, the engine classifies the same texts in
+batches of the size the server actually formed (from its metrics): grpc_vs_engine.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +38,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForSequenceClassification
 
-from bench.engine import announce_dtype, random_copies
+from bench.engine import announce_dtype, make_adapters, random_copies
+from bench.protocols import PROTOCOLS, Figures, closed_loop, open_driver
 from loraplex import AsyncClient, Client, LoraplexError
 from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
@@ -38,6 +48,8 @@ from loraplex_server.base_model import DTYPE_CHOICES, load_base_model
 from loraplex_server.engine import Engine
 
 LABELS = ["neg", "neu", "pos"]
+GENERATOR = "gen"
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
 TEXTS = ["great movie", "awful plot", "fine acting, slow start", "I loved it", "never again", "ok I guess",
          "the music was lovely", "what a waste of time"]
 
@@ -64,11 +76,12 @@ def free_port() -> int:
 
 
 def start_server(store_root: Path, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int, int]:
-    """`loraplex serve` on the embedded base and this store; returns once it reports SERVING."""
+    """`loraplex serve` on the embedded base and this store; returns once it reports SERVING. The HTTP API
+    is off unless extra_args names an --http-port."""
     port, metrics_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
                                str(metrics_port), "--adapter-dir", str(store_root), "--max-pending", "1024",
-                               *extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--http-port", "0", *extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:
         for _ in range(600):
             try:
@@ -127,14 +140,8 @@ def engine_rows_per_s(store: AdapterStore, adapters: list[str], batch: int, rows
     return rows / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="auto: bf16 on CPUs with native bf16, else fp32")
-    args = parser.parse_args()
+def engine_comparison(args: argparse.Namespace) -> None:
+    """Issue 3: classification over gRPC against the engine alone at the batch size the server formed."""
     dtype = announce_dtype(args.dtype, "cpu")
     store = AdapterStore(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
     adapters = make_classifiers(embedded_default_path(), store, args.adapters)
@@ -161,6 +168,152 @@ def main() -> None:
     print(f"grpc_vs_engine {result['grpc_vs_engine']:.3f} (target >= 0.8: "
           f"{'met' if result['grpc_vs_engine'] >= 0.8 else 'NOT met'})")
     print(json.dumps({"dtype": dtype, "cpu": cpu_description(), **{k: round(v, 4) for k, v in result.items()}}))
+
+
+def protocol_comparison(args: argparse.Namespace) -> None:
+    """Issue 12: the same workloads over each protocol, against one server."""
+    dtype = announce_dtype(args.dtype, "cpu")
+    with tempfile.TemporaryDirectory(prefix="loraplex-protocols-bench-") as scratch:
+        store = AdapterStore(Path(scratch) / "store")
+        classifier = make_classifiers(embedded_default_path(), store, 1)[0]
+        store.publish(make_adapters(embedded_default_path(), Path(scratch) / "peft", 1, rank=8)[0], GENERATOR)
+        http_port = free_port()
+        server, port, _ = start_server(store.root, ("--dtype", args.dtype, "--http-port", str(http_port)))
+        try:
+            results = asyncio.run(run_protocols(args, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}",
+                                                classifier))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    report(args, dtype, results)
+
+
+async def run_protocols(args: argparse.Namespace, grpc_target: str, http_url: str, classifier: str) -> dict:
+    """{"agree": bool, (protocol, workload): [Figures per round]}, after the greedy check and a warm-up."""
+    drivers = {p: open_driver(p, grpc_target, http_url, GENERATOR, classifier) for p in args.protocol}
+    try:
+        results: dict = {"agree": await outputs_agree(drivers, args.max_tokens)}
+        workloads = {
+            "generate": (args.requests, lambda d: d.generate(PROMPT, args.max_tokens)),
+            "classify": (args.classify_requests, lambda d: d.classify(TEXTS[0])),
+        }
+        for driver in drivers.values():  # warm-up: every protocol's connections and code paths, briefly
+            await closed_loop(lambda d=driver: d.generate(PROMPT, min(4, args.max_tokens)), args.concurrency,
+                              args.concurrency)
+            await closed_loop(lambda d=driver: d.classify(TEXTS[0]), args.concurrency, args.concurrency)
+        order = list(drivers)
+        for round_index in range(args.rounds):
+            for protocol in order[round_index % len(order):] + order[:round_index % len(order)]:
+                for workload, (requests, call) in workloads.items():
+                    figures = await closed_loop(lambda call=call, d=drivers[protocol]: call(d), requests,
+                                                args.concurrency)
+                    results.setdefault((protocol, workload), []).append(figures)
+                    print(f"round {round_index + 1} {protocol:6} {workload}: {describe(figures)}", flush=True)
+        return results
+    finally:
+        for driver in drivers.values():
+            await driver.close()
+
+
+async def outputs_agree(drivers: dict, max_tokens: int) -> bool:
+    """One greedy generation and one classification per protocol, alone on the server; prints them."""
+    texts, labels, tokens = {}, {}, {}
+    for protocol, driver in drivers.items():
+        reply = await driver.generate(PROMPT, max_tokens)
+        texts[protocol], tokens[protocol] = reply.text, reply.tokens
+        labels[protocol] = await driver.classify(TEXTS[0])
+    agree = len(set(texts.values())) == 1 and len(set(labels.values())) == 1
+    counts = ", ".join(f"{p} {n}" for p, n in tokens.items() if n is not None)
+    print(f"greedy check, one request each ({max_tokens} max tokens; completion tokens: {counts}): "
+          f"{'outputs agree' if agree else 'OUTPUTS DIFFER'}")
+    for protocol in drivers if not agree else list(drivers)[:1]:
+        print(f"  {protocol if not agree else 'all'}: label {labels[protocol]!r}, text {texts[protocol]!r}")
+    return agree
+
+
+def describe(figures: Figures) -> str:
+    line = f"{figures.requests_per_s:.2f} req/s, p50 {figures.p50_ms:.0f} ms, p99 {figures.p99_ms:.0f} ms"
+    if figures.tokens_per_s is not None:
+        line += f", {figures.tokens_per_s:.1f} tok/s"
+    if figures.first_text_p50_ms is not None:
+        line += f", first text p50 {figures.first_text_p50_ms:.0f} ms"
+    return line
+
+
+def median_figures(rounds: list[Figures]) -> Figures:
+    def median(name: str) -> float | None:
+        values = [getattr(f, name) for f in rounds]
+        return None if None in values else statistics.median(values)
+    return Figures(*(median(name) for name in Figures.__dataclass_fields__))
+
+
+def ratio(results: dict, protocol: str, workload: str) -> float | None:
+    """Median over rounds of protocol's requests/s over gRPC's in the same round."""
+    if protocol not in {p for p, _ in results if p != "agree"} or ("grpc", workload) not in results:
+        return None
+    return statistics.median(o.requests_per_s / g.requests_per_s
+                             for o, g in zip(results[(protocol, workload)], results[("grpc", workload)], strict=True))
+
+
+def report(args: argparse.Namespace, dtype: str, results: dict) -> None:
+    summary: dict[str, object] = {"dtype": dtype, "cpu": cpu_description(), "requests": args.requests,
+                                  "classify_requests": args.classify_requests, "concurrency": args.concurrency,
+                                  "max_tokens": args.max_tokens, "rounds": args.rounds,
+                                  "outputs_agree": results["agree"]}
+    print(f"medians over {args.rounds} rounds, {args.concurrency} concurrent clients:")
+    for (protocol, workload), rounds in ((k, v) for k, v in results.items() if k != "agree"):
+        figures = median_figures(rounds)
+        print(f"  {protocol:6} {workload}: {describe(figures)}")
+        for name, value in vars(figures).items():
+            if value is not None:
+                summary[f"{protocol}_{workload}_{name}"] = round(value, 3)
+    ratios = {"openai_vs_grpc": ratio(results, "openai", "generate"),
+              "oip_vs_grpc": ratio(results, "oip", "generate"),
+              "openai_classify_vs_grpc": ratio(results, "openai", "classify"),
+              "oip_classify_vs_grpc": ratio(results, "oip", "classify")}
+    ratios = {k: round(v, 4) for k, v in ratios.items() if v is not None}
+    if "openai_vs_grpc" in ratios:
+        met = "met" if ratios["openai_vs_grpc"] >= 0.8 else "NOT met"
+        print(f"openai_vs_grpc {ratios['openai_vs_grpc']:.3f} (OpenAI streaming over HTTP / gRPC streaming, "
+              f"requests/s; target >= 0.8: {met})")
+    print(json.dumps({**summary, **ratios}))
+
+
+def protocol_list(value: str) -> list[str]:
+    names = [name for name in value.split(",") if name]
+    unknown = sorted(set(names) - set(PROTOCOLS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", type=protocol_list, nargs="+", action="extend",
+                        help="grpc, openai and/or oip (space or comma separated; default: all three)")
+    parser.add_argument("--requests", type=int, default=32, help="generations per protocol and round (%(default)s)")
+    parser.add_argument("--classify-requests", type=int, help="classifications per protocol and round "
+                        "(default: 4 x --requests)")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent clients per protocol (%(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per greedy generation (%(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; figures are their medians (%(default)s)")
+    parser.add_argument("--vs-engine", action="store_true", help="issue 3's gRPC classification vs engine instead")
+    parser.add_argument("--clients", type=int, default=64, help="--vs-engine: closed-loop clients (%(default)s)")
+    parser.add_argument("--adapters", type=int, default=16, help="--vs-engine: classification adapters (%(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="--vs-engine: seconds of load (%(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bf16 on CPUs with native bf16, else fp32")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
+    if args.vs_engine:
+        engine_comparison(args)
+        return
+    args.protocol = list(dict.fromkeys(sum(args.protocol or [list(PROTOCOLS)], [])))
+    args.classify_requests = args.classify_requests or 4 * args.requests
+    if min(args.requests, args.classify_requests, args.concurrency, args.max_tokens, args.rounds) < 1:
+        parser.error("--requests, --classify-requests, --concurrency, --max-tokens and --rounds must be >= 1")
+    protocol_comparison(args)
 
 
 if __name__ == "__main__":
