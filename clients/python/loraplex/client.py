@@ -24,6 +24,7 @@ from .results import Classification, Generation, GenerationChunk, chunk, classif
 __all__ = ["AsyncClient", "Classification", "Client", "Generation", "GenerationChunk", "HealthStatus"]
 
 HEALTH_POLL_SECONDS = 0.2
+_INFERENCE_REQUESTS = (pb.ClassifyRequest, pb.GenerateRequest, pb.GenerateStreamRequest)
 
 
 def _credentials(tls: bool, ca_cert: str | None) -> grpc.ChannelCredentials | None:
@@ -34,6 +35,15 @@ def _credentials(tls: bool, ca_cert: str | None) -> grpc.ChannelCredentials | No
 
 def _metadata(token: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _routed(metadata: list[tuple[str, str]], request) -> list[tuple[str, str]]:
+    """The metadata of an inference call: Ray Serve's gRPC proxy routes by `multiplexed_model_id` to a
+    replica that holds the adapter (loraplex_server.ray_app); a single server ignores it."""
+    adapter = getattr(request, "adapter", "") if isinstance(request, _INFERENCE_REQUESTS) else ""
+    # Only a value gRPC can carry: a malformed reference still reaches the server, which says what is wrong.
+    routable = adapter and len(adapter) <= 256 and adapter.isascii() and adapter.isprintable()
+    return [*metadata, ("multiplexed_model_id", adapter)] if routable else metadata
 
 
 def _backoff(attempt: int) -> float:
@@ -72,7 +82,7 @@ class Client:
     def _call(self, method, request):
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return method(request, timeout=self.timeout, metadata=_routed(self._metadata, request))
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise error_from(exc) from None
@@ -81,7 +91,8 @@ class Client:
 
     def _stream(self, request) -> Iterator[GenerationChunk]:
         try:
-            for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+            for message in self._stub.GenerateStream(request, timeout=self.timeout,
+                                                      metadata=_routed(self._metadata, request)):
                 yield chunk(message)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
@@ -177,7 +188,7 @@ class AsyncClient:
     async def _call(self, method, request):
         for attempt in range(self.retries + 1):
             try:
-                return await method(request, timeout=self.timeout, metadata=self._metadata)
+                return await method(request, timeout=self.timeout, metadata=_routed(self._metadata, request))
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise error_from(exc) from None
@@ -186,7 +197,8 @@ class AsyncClient:
 
     async def _stream(self, request) -> AsyncIterator[GenerationChunk]:
         try:
-            async for message in self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata):
+            async for message in self._stub.GenerateStream(request, timeout=self.timeout,
+                                                            metadata=_routed(self._metadata, request)):
                 yield chunk(message)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
