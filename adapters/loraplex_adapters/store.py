@@ -32,20 +32,11 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .archive import AdapterTooLarge, extract_archive
-from .fingerprint import file_sha256
-from .manifest import MANIFEST_FILE, Manifest, check_name, read_manifest, write_manifest
-from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, LoraAdapter, load_peft_folder
+from .manifest import Manifest, check_name, write_manifest
+from .peft_folder import AdapterFormatError, LoraAdapter
+from .store_rules import ALLOWED_FILES, AdapterNotInStore, AdapterTooLarge, BaseMismatch, StoreRules, check_committed
 
-ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
-
-
-class AdapterNotInStore(KeyError):
-    pass
-
-
-class BaseMismatch(AdapterFormatError):
-    """The adapter was trained on another base model."""
+__all__ = ["ALLOWED_FILES", "AdapterNotInStore", "AdapterStore", "AdapterTooLarge", "BaseMismatch"]
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -129,20 +120,17 @@ def _release_staging(folder: Path, fd: int) -> None:
     os.close(fd)
 
 
-class AdapterStore:
+class AdapterStore(StoreRules):
     def __init__(self, root: str | Path, base_fingerprint: str | None = None, max_rank: int = 256,
                  max_bytes: int = 512 * 1024 * 1024, allow_base_mismatch: bool = False,
                  check_fits: Callable[[LoraAdapter], None] | None = None) -> None:
         """check_fits raises AdapterFormatError when an adapter does not fit the served base (target
         modules, shapes); the server passes its slot table's check."""
+        super().__init__(base_fingerprint, max_rank, max_bytes, allow_base_mismatch, check_fits)
         self.root = Path(root)
-        self.check_fits = check_fits
         self.adapters_dir = self.root / "adapters"
         self.claims_dir = self.root / "claims"
         self.quarantine_dir = self.root / "quarantine"
-        self.base_fingerprint = base_fingerprint
-        self.max_rank, self.max_bytes = max_rank, max_bytes
-        self.allow_base_mismatch = allow_base_mismatch
         self._lock = threading.Lock()  # serializes index swaps between this object's threads
         self._unmovable: set[tuple[str, int]] = set()
         for folder in (self.adapters_dir, self.claims_dir, self.quarantine_dir, self.root / "staging"):
@@ -200,28 +188,11 @@ class AdapterStore:
         None when it vanished meanwhile (deleted by another process) or was quarantined."""
         folder = self.adapters_dir / name / str(version)
         try:
-            return self._check_committed(folder, name, version)
+            return check_committed(folder, name, version)
         except (AdapterFormatError, OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             if folder.is_dir():
                 self._quarantine(name, version, _reason(exc))
             return None
-
-    def _check_committed(self, folder: Path, name: str, version: int) -> Manifest:
-        if not (folder / MANIFEST_FILE).is_file():
-            raise AdapterFormatError("its manifest is missing")
-        manifest = read_manifest(folder)
-        if (manifest.name, manifest.version) != (name, version):
-            raise AdapterFormatError(f"its manifest names {manifest.name}@{manifest.version}")
-        checksums = manifest.extra.get("sha256")
-        if not isinstance(checksums, dict) or not checksums:
-            raise AdapterFormatError("its manifest lists no file checksums")
-        present = {p.name for p in folder.iterdir()} - {MANIFEST_FILE}
-        if present != set(checksums):
-            raise AdapterFormatError(f"its files {sorted(present)} differ from the manifest's {sorted(checksums)}")
-        for file_name, digest in checksums.items():
-            if file_sha256(folder / file_name) != digest:
-                raise AdapterFormatError(f"{file_name} fails its sha256 check")
-        return manifest
 
     def _quarantine(self, name: str, version: int, reason: str) -> None:
         """Move an unreadable version aside, so it neither serves nor blocks; logged by the one
@@ -284,77 +255,15 @@ class AdapterStore:
             raise AdapterNotInStore(f"adapter {name!r} has no version {version}")
         return versions[version], self.adapters_dir / name / str(version)
 
-    def base_mismatch(self, manifest: Manifest) -> str | None:
-        """Why an adapter may not be served on this store's base (None when it may)."""
-        trained_on = manifest.extra.get("base_fingerprint")
-        if not (self.base_fingerprint and trained_on) or trained_on == self.base_fingerprint:
-            return None
-        if self.allow_base_mismatch:
-            return None
-        return (f"adapter was trained on base {trained_on}, this server runs {self.base_fingerprint} "
-                "(start with --allow-base-mismatch to accept)")
-
     # -- writing --------------------------------------------------------------------------------
-
-    def _validate(self, folder: Path, manifest: Manifest) -> None:
-        # Imported here: this method's owner may not touch the module's imports (hoist them at will).
-        from .archive import file_limit
-        from .manifest import check_manifest
-
-        check_manifest(manifest)  # the same rules read_manifest applies at index rebuild
-        for path in folder.iterdir():  # regular files only: publish copied nothing else
-            if path.name.endswith(PICKLE_SUFFIXES):
-                raise AdapterFormatError(f"pickle file {path.name} refused; save with safetensors")
-            if path.name not in ALLOWED_FILES:
-                raise AdapterFormatError(f"unexpected entry {path.name!r}; a PEFT folder holds "
-                                         f"{', '.join(sorted(ALLOWED_FILES))}")
-            limit = file_limit(path.name, self.max_bytes)
-            if limit is not None and path.stat().st_size > limit:
-                raise AdapterTooLarge(f"{path.name} is {path.stat().st_size} bytes, over the {limit} byte limit")
-        size = sum(p.stat().st_size for p in folder.iterdir())
-        if size > self.max_bytes:
-            raise AdapterTooLarge(f"adapter is {size} bytes, over the {self.max_bytes} byte limit")
-        mismatch = self.base_mismatch(manifest)
-        if mismatch:
-            raise BaseMismatch(mismatch)
-        # Ranks and shapes (check_fits on meta tensors) are checked from the safetensors header, before
-        # any tensor data is read.
-        adapter = load_peft_folder(folder, max_rank=self.max_rank, check_shapes=self.check_fits)
-        if adapter.head is None and manifest.labels:
-            raise AdapterFormatError("label names given, but the adapter has no classification head (save it "
-                                     "with the task's head in modules_to_save)")
-        if adapter.head is not None:
-            if not manifest.labels:
-                raise AdapterFormatError("a classification adapter needs label names")
-            if len(manifest.labels) != adapter.head.num_labels:
-                raise AdapterFormatError(f"{len(manifest.labels)} label names for a head with "
-                                         f"{adapter.head.num_labels} outputs")
-        manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
-                              size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              sha256={p.name: file_sha256(p) for p in sorted(folder.iterdir())})
 
     def publish(self, source: str | Path, name: str, labels: list[str] | None = None,
                 base_fingerprint: str | None = None, metrics: dict | None = None) -> Manifest:
         """Validate a PEFT folder (or .tar/.tar.gz of one) and commit it as the next version of `name`."""
         check_name(name)
-        source = Path(source)
         work = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
         try:
-            if source.is_file():
-                source = extract_archive(source, work / "unpacked", self.max_bytes)
-            folder = work / "adapter"
-            folder.mkdir()
-            for path in source.iterdir():
-                if path.name == MANIFEST_FILE:
-                    continue
-                if path.is_symlink() or not path.is_file():
-                    raise AdapterFormatError(f"unexpected entry {path.name!r} in the adapter folder")
-                shutil.copyfile(path, folder / path.name)
-            manifest = Manifest(name=name, labels=list(labels or []))
-            manifest.extra["base_fingerprint"] = base_fingerprint or self.base_fingerprint
-            if metrics:
-                manifest.extra["metrics"] = metrics
-            self._validate(folder, manifest)
+            folder, manifest = self._stage(source, work, name, labels, base_fingerprint, metrics)
             _fsync_tree(folder)  # the bulk of the syncing, before taking the lock
             self._commit(folder, manifest)
             return manifest
