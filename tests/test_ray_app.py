@@ -1,0 +1,190 @@
+"""loraplex on Ray Serve: a local Ray cluster (2 CPUs, 127.0.0.1), 2 replicas of the tiny Llama base on one
+shared folder store, requests through Ray Serve's gRPC proxy with the SDK."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+pytest.importorskip("ray.serve", reason="the cluster extra: pip install 'loraplex[cluster]'")
+
+from loraplex import Client, LoraplexError  # noqa: E402
+from loraplex.v1 import inference_pb2 as pb  # noqa: E402
+from loraplex.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+from server_process import free_port, start_server  # noqa: E402
+from tiny_models import TEST_DEVICE  # noqa: E402
+
+TEXTS = ["great movie, awful plot", "the quick brown fox"]
+ROUNDS = 16  # unrouted calls spread over both replicas by Ray's power-of-two choice: all on one is 2**-15
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny, adapter_dir, tmp_path_factory):
+    """(proxy address, the replicas' metrics ports, the shared store folder)."""
+    import ray
+    from ray import serve
+
+    from loraplex_server.ray_app import APP_NAME, application, grpc_options
+
+    base, _ = tiny("llama")
+    store = tmp_path_factory.mktemp("ray") / "store"
+    shutil.copytree(adapter_dir, store)  # this module uploads and deletes: the session's store stays as it is
+    os.environ["LORAPLEX_CPU_KERNEL"] = "0"  # replicas inherit the driver's environment
+    grpc_port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(grpc_port))
+        argv = ["--base", str(base), "--adapter-dir", str(store), "--dtype", "float32", "--quantize", "none",
+                "--device", TEST_DEVICE, "--max-batch", "8", "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(metrics_port)]
+        serve.run(application(argv, replicas=2, num_cpus=1), name=APP_NAME)
+        yield f"127.0.0.1:{grpc_port}", [metrics_port, metrics_port + 1], store
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """One replica's Prometheus samples: 'name{labels}' -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) (\S+)", line)
+        if match:
+            samples[match[1]] = float(match[2])
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def test_answers_equal_a_single_server(cluster, tiny, adapter_dir):
+    address, _, _ = cluster
+    base, _ = tiny("llama")
+    port = free_port()
+    process, single = start_server(base, adapter_dir, port)
+    try:
+        with Client(address, timeout=60) as ray_client:
+            for adapter in ("cls3_r2", "cls5_r6@1"):
+                expected, got = single.classify(TEXTS, adapter), ray_client.classify(TEXTS, adapter)
+                assert [r.label for r in got] == [r.label for r in expected]
+                assert [r.scores for r in got] == [pytest.approx(r.scores, rel=1e-4, abs=1e-6) for r in expected]
+            for adapter in ("gen_qv_r4", "gen_all_r8", None):
+                expected = single.generate("hello world", adapter=adapter, max_tokens=8)
+                got = ray_client.generate("hello world", adapter=adapter, max_tokens=8)
+                assert got.token_ids == expected.token_ids and got.text == expected.text
+                streamed = list(ray_client.generate_stream("hello world", adapter=adapter, max_tokens=8))
+                assert "".join(c.text for c in streamed) == expected.text
+            assert ray_client.health() == "SERVING"  # grpc.health.v1 through the proxy
+    finally:
+        single.close()
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_requests_stick_to_the_replica_that_holds_their_adapter(cluster):
+    """Per-replica metrics show the affinity: one replica loads the adapter, later requests hit it there."""
+    address, ports, _ = cluster
+    before = [scrape(p) for p in ports]
+    with Client(address, timeout=60) as client:
+        first = client.generate("the quick", adapter="gen_mlp_r2", max_tokens=2)
+        time.sleep(2)  # the replica reports its new id to the controller; the proxy's router hears it
+        for _ in range(8):
+            assert client.generate("the quick", adapter="gen_mlp_r2", max_tokens=2).token_ids == first.token_ids
+    after = [scrape(p) for p in ports]
+    loads = [total(a, "loraplex_routed_adapter_loads_total") - total(b, "loraplex_routed_adapter_loads_total")
+             for a, b in zip(after, before)]
+    hits = [total(a, 'loraplex_routed_requests_total{residency="device"}')
+            - total(b, 'loraplex_routed_requests_total{residency="device"}') for a, b in zip(after, before)]
+    assert sorted(loads) == [0, 1]  # one replica loaded it, once
+    assert sum(hits) >= 8 and hits[loads.index(1)] >= 8  # and served the rest from its device tier
+    for samples in after:
+        assert samples["loraplex_device_adapters"] >= 0  # the resident count is exported per replica
+
+
+def unrouted_classify(address: str, adapter: str) -> list:
+    """ROUNDS calls without multiplexed_model_id, so both replicas answer; (label count or status) each."""
+    results = []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(ROUNDS):
+            try:
+                reply = stub.Classify(pb.ClassifyRequest(adapter=adapter, texts=TEXTS[:1]), timeout=60)
+                results.append(len(reply.results[0].scores))
+            except grpc.RpcError as exc:
+                results.append(exc.code())
+    return results
+
+
+def per_replica(ports, prefix: str, before) -> list[float]:
+    return [total(scrape(p), prefix) - total(b, prefix) for p, b in zip(ports, before)]
+
+
+def test_upload_publish_and_delete_reach_every_replica(cluster, tiny):
+    address, ports, _ = cluster
+    _, adapters = tiny("llama")
+    three_labels, five_labels = adapters["cls3_r2"][0], adapters["cls5_r6"][0]
+    ok = 'loraplex_requests_total{adapter="fresh",code="OK",method="Classify"}'
+    with Client(address, timeout=60) as client:
+        first = client.adapters.upload(three_labels, "fresh", labels=["a", "b", "c"])
+        before = [scrape(p) for p in ports]
+        assert unrouted_classify(address, "fresh") == [3] * ROUNDS
+        assert all(n > 0 for n in per_replica(ports, ok, before))  # both replicas served version 1
+        second = client.adapters.upload(five_labels, "fresh", labels=[f"l{i}" for i in range(5)])
+        assert second.version == first.version + 1
+        before = [scrape(p) for p in ports]
+        assert unrouted_classify(address, "fresh") == [5] * ROUNDS  # no replica kept serving version 1
+        assert all(n > 0 for n in per_replica(ports, ok, before))
+        assert client.adapters.delete("fresh") == [first.version, second.version]
+        before = [scrape(p) for p in ports]
+        assert unrouted_classify(address, "fresh") == [grpc.StatusCode.NOT_FOUND] * ROUNDS
+        not_found = 'loraplex_requests_total{adapter="unknown",code="NOT_FOUND",method="Classify"}'
+        assert all(n > 0 for n in per_replica(ports, not_found, before))  # both answer NOT_FOUND
+        with pytest.raises(LoraplexError) as refused:
+            client.classify(TEXTS, "fresh")
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND and "fresh" in refused.value.details
+
+
+def test_a_killed_replica_is_restarted(cluster):
+    """SIGKILL one replica's process. Ray's controller notices and starts a new one (its own base, engine
+    and empty tiers). What a caller sees meanwhile: a request the dead replica held fails with UNAVAILABLE
+    (the SDK retries UNAVAILABLE, 3 times by default, so an SDK caller with retries sees a success), and
+    new requests go to the surviving replica; after the restart both replicas answer."""
+    from ray import serve
+
+    from loraplex_server.ray_app import APP_NAME
+
+    address, ports, _ = cluster
+    handle = serve.get_app_handle(APP_NAME)
+    victim = handle.replica_pid.remote().result(timeout_s=60)
+    os.kill(victim, signal.SIGKILL)
+    seen = set()
+    with Client(address, timeout=60, retries=0) as raw, Client(address, timeout=60, retries=6) as patient:
+        for _ in range(6):
+            try:
+                raw.classify(TEXTS, "cls3_r2")
+                seen.add("OK")
+            except LoraplexError as exc:
+                seen.add(exc.code.name)
+            assert len(patient.classify(TEXTS, "cls3_r2")) == 2
+        assert seen <= {"OK", "UNAVAILABLE"}, seen
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            status = serve.status().applications[APP_NAME]
+            replicas = status.deployments["LoraplexReplica"].replica_states
+            if status.status == "RUNNING" and replicas.get("RUNNING", 0) == 2:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the killed replica was not replaced: {serve.status().applications[APP_NAME]}")
+        pids = {handle.replica_pid.remote().result(timeout_s=60) for _ in range(ROUNDS)}
+        assert victim not in pids and len(pids) == 2
+        assert unrouted_classify(address, "cls3_r2") == [3] * ROUNDS
