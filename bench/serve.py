@@ -180,19 +180,21 @@ def protocol_comparison(args: argparse.Namespace) -> None:
         http_port = free_port()
         server, port, _ = start_server(store.root, ("--dtype", args.dtype, "--http-port", str(http_port)))
         try:
-            results = asyncio.run(run_protocols(args, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}",
-                                                classifier))
+            agree, results = asyncio.run(run_protocols(args, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}",
+                                                       classifier))
         finally:
             server.terminate()
             server.wait(timeout=60)
-    report(args, dtype, results)
+    report(args, dtype, agree, results)
 
 
-async def run_protocols(args: argparse.Namespace, grpc_target: str, http_url: str, classifier: str) -> dict:
-    """{"agree": bool, (protocol, workload): [Figures per round]}, after the greedy check and a warm-up."""
+async def run_protocols(args: argparse.Namespace, grpc_target: str, http_url: str,
+                        classifier: str) -> tuple[bool, dict[tuple[str, str], list[Figures]]]:
+    """Whether the greedy outputs agree, and {(protocol, workload): [Figures per round]}."""
     drivers = {p: open_driver(p, grpc_target, http_url, GENERATOR, classifier) for p in args.protocol}
     try:
-        results: dict = {"agree": await outputs_agree(drivers, args.max_tokens)}
+        agree = await outputs_agree(drivers, args.max_tokens)
+        results: dict[tuple[str, str], list[Figures]] = {}
         workloads = {
             "generate": (args.requests, lambda d: d.generate(PROMPT, args.max_tokens)),
             "classify": (args.classify_requests, lambda d: d.classify(TEXTS[0])),
@@ -209,7 +211,7 @@ async def run_protocols(args: argparse.Namespace, grpc_target: str, http_url: st
                                                 args.concurrency)
                     results.setdefault((protocol, workload), []).append(figures)
                     print(f"round {round_index + 1} {protocol:6} {workload}: {describe(figures)}", flush=True)
-        return results
+        return agree, results
     finally:
         for driver in drivers.values():
             await driver.close()
@@ -247,21 +249,22 @@ def median_figures(rounds: list[Figures]) -> Figures:
     return Figures(*(median(name) for name in Figures.__dataclass_fields__))
 
 
-def ratio(results: dict, protocol: str, workload: str) -> float | None:
+def ratio(results: dict[tuple[str, str], list[Figures]], protocol: str, workload: str) -> float | None:
     """Median over rounds of protocol's requests/s over gRPC's in the same round."""
-    if protocol not in {p for p, _ in results if p != "agree"} or ("grpc", workload) not in results:
+    if (protocol, workload) not in results or ("grpc", workload) not in results:
         return None
     return statistics.median(o.requests_per_s / g.requests_per_s
                              for o, g in zip(results[(protocol, workload)], results[("grpc", workload)], strict=True))
 
 
-def report(args: argparse.Namespace, dtype: str, results: dict) -> None:
-    summary: dict[str, object] = {"dtype": dtype, "cpu": cpu_description(), "requests": args.requests,
+def report(args: argparse.Namespace, dtype: str, agree: bool, results: dict[tuple[str, str], list[Figures]]) -> None:
+    summary: dict[str, object] = {"dtype": dtype, "cpu": cpu_description(), "protocols": args.protocol,
+                                  "requests": args.requests,
                                   "classify_requests": args.classify_requests, "concurrency": args.concurrency,
                                   "max_tokens": args.max_tokens, "rounds": args.rounds,
-                                  "outputs_agree": results["agree"]}
+                                  "outputs_agree": agree}
     print(f"medians over {args.rounds} rounds, {args.concurrency} concurrent clients:")
-    for (protocol, workload), rounds in ((k, v) for k, v in results.items() if k != "agree"):
+    for (protocol, workload), rounds in results.items():
         figures = median_figures(rounds)
         print(f"  {protocol:6} {workload}: {describe(figures)}")
         for name, value in vars(figures).items():
