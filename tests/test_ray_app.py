@@ -156,9 +156,10 @@ def test_upload_publish_and_delete_reach_every_replica(cluster, tiny):
 
 def test_a_killed_replica_is_restarted(cluster):
     """SIGKILL one replica's process. Ray's controller notices and starts a new one (its own base, engine
-    and empty tiers). What a caller sees meanwhile: a request the dead replica held fails with UNAVAILABLE
-    (the SDK retries UNAVAILABLE, 3 times by default, so an SDK caller with retries sees a success), and
-    new requests go to the surviving replica; after the restart both replicas answer."""
+    and empty tiers). What a caller sees meanwhile: a request the dead replica held, or one routed to it
+    before the router heard of the death, fails: Ray's proxy answers UNAVAILABLE when it knows the replica
+    is gone and INTERNAL (with Ray's message) for a request lost inside it; the SDK retries UNAVAILABLE only
+    (3 times by default). Later requests go to the survivor, and after the restart to both."""
     from ray import serve
 
     from loraplex_server.ray_app import APP_NAME
@@ -168,15 +169,14 @@ def test_a_killed_replica_is_restarted(cluster):
     victim = handle.replica_pid.remote().result(timeout_s=60)
     os.kill(victim, signal.SIGKILL)
     seen = set()
-    with Client(address, timeout=60, retries=0) as raw, Client(address, timeout=60, retries=6) as patient:
+    with Client(address, timeout=60, retries=0) as raw, Client(address, timeout=60) as sdk:
         for _ in range(6):
             try:
                 raw.classify(TEXTS, "cls3_r2")
                 seen.add("OK")
             except LoraplexError as exc:
                 seen.add(exc.code.name)
-            assert len(patient.classify(TEXTS, "cls3_r2")) == 2
-        assert seen <= {"OK", "UNAVAILABLE"}, seen
+        assert "OK" in seen and seen <= {"OK", "UNAVAILABLE", "INTERNAL"}, seen
         deadline, pids = time.time() + 180, set()
         while time.time() < deadline:  # the controller notices the death, then a new replica loads the base
             pids = {handle.replica_pid.remote().result(timeout_s=60) for _ in range(ROUNDS)}
@@ -186,3 +186,17 @@ def test_a_killed_replica_is_restarted(cluster):
         else:
             pytest.fail(f"the killed replica was not replaced (answering pids: {pids}, killed: {victim})")
         assert unrouted_classify(address, "cls3_r2") == [3] * ROUNDS
+        assert len(sdk.classify(TEXTS, "cls3_r2")) == 2
+
+
+def test_the_single_node_server_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, loraplex_server.serve as s; a = s.build_parser().parse_args(['--replicas', '3']); "
+            "assert 'ray' not in sys.modules and not a.ray and a.replicas == 3")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from loraplex_server.ray_launch import replica_argv
+
+    assert replica_argv(["--ray", "--replicas", "3", "--base", "b", "--replicas=4", "--port", "1"]) == [
+        "--base", "b", "--port", "1"]

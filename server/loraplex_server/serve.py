@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-from loraplex_adapters.store import AdapterStore
+from loraplex_adapters.s3_store import StoreUnavailable  # boto3 is imported only for an s3:// store
+from loraplex_adapters.store_protocol import open_store
 
 from .adapter_cache import AdapterCache
 from .admin_service import AdapterAdminService
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "/classify, /health, /metrics) on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
                         help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
+    parser.add_argument("--adapter-store", default=_env("adapter_store", None),
+                        help="the adapter store as a folder or s3://bucket/prefix, shared by every replica (boto3 "
+                             "reads endpoint, region and credentials the usual AWS way: AWS_ENDPOINT_URL, "
+                             "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         default=bool(_env("allow_base_mismatch", "")),
                         help="serve adapters whose manifest names another base model fingerprint")
@@ -127,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bearer token for adapter management (repeatable; env LORAPLEX_ADMIN_TOKENS)")
     parser.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert")
+    parser.add_argument("--ray", action="store_true", default=bool(_env("ray", "")),
+                        help="serve --replicas replicas on a local Ray cluster, through Ray Serve's gRPC proxy on "
+                             "--port, routed by adapter (needs loraplex[cluster])")
+    parser.add_argument("--replicas", type=int, default=int(_env("replicas", 2)), help="replicas with --ray")
     return parser
 
 
@@ -186,14 +196,14 @@ async def serve(args: argparse.Namespace) -> None:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch,
                         max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
-        store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
-                             max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
-                             check_fits=engine.slots.shapes.validate)
+        store = open_store(args.adapter_store or args.adapter_dir, base_fingerprint=engine.base.fingerprint,
+                           max_rank=args.max_rank, max_bytes=args.max_upload_bytes,
+                           allow_base_mismatch=args.allow_base_mismatch, check_fits=engine.slots.shapes.validate)
         return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
     try:
         engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)
-    except KVCacheTooSmall as exc:
+    except (KVCacheTooSmall, StoreUnavailable) as exc:
         await server.stop(None)  # the port is already open: close it before exiting
         raise SystemExit(str(exc)) from None
     scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending)
@@ -203,7 +213,8 @@ async def serve(args: argparse.Namespace) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%s, quantize=%s) with %d adapter versions in %s on %s", engine.base.path.name,
-             engine.base.device, engine.base.quantize, len(cache.store.list()), args.adapter_dir, address)
+             engine.base.device, engine.base.quantize, len(cache.store.list()), args.adapter_store or args.adapter_dir,
+             address)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,7 +247,13 @@ async def _let_cancelled_rpcs_finish(timeout: float = 5.0) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    if args.ray:  # imported only here: the single-node server never imports ray
+        from .ray_launch import run_on_ray
+
+        run_on_ray(list(sys.argv[1:] if argv is None else argv), args)
+        return
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":
