@@ -243,6 +243,10 @@ class AdapterStore(StoreRules):
         self.refresh()
         return [m for versions in sorted(self._index.items()) for _, m in sorted(versions[1].items())]
 
+    def lookup(self, name: str, version: int | None = None) -> Manifest:
+        """The manifest of `name@version` (latest when None): `resolve` without the folder."""
+        return self.resolve(name, version)[0]
+
     def resolve(self, name: str, version: int | None = None) -> tuple[Manifest, Path]:
         """The manifest and folder of `name@version` (latest when None), as on disk now."""
         check_name(name)

@@ -22,7 +22,8 @@ import torch
 
 from loraplex_adapters.manifest import Manifest, parse_reference
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
-from loraplex_adapters.store import AdapterNotInStore, AdapterStore, AdapterTooLarge
+from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge
+from loraplex_adapters.store_protocol import AdapterStoreLike
 
 from .engine import AdapterInUse, AdapterNotFound, Engine
 from .metrics import Metrics
@@ -62,7 +63,7 @@ def _bytes(adapter: LoraAdapter, element_size: int | None = None) -> int:
 
 
 class AdapterCache:
-    def __init__(self, engine: Engine, store: AdapterStore, device_bytes: int, host_bytes: int,
+    def __init__(self, engine: Engine, store: AdapterStoreLike, device_bytes: int, host_bytes: int,
                  metrics: Metrics) -> None:
         self.engine, self.store, self.metrics = engine, store, metrics
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
@@ -82,7 +83,7 @@ class AdapterCache:
         store re-reads the name's folder, so another process's publish or delete shows here at once."""
         name, version = parse_reference(reference)
         try:
-            manifest, _ = self.store.resolve(name, version)
+            manifest = self.store.lookup(name, version)  # no download: the loader thread fetches files
         except AdapterNotInStore as exc:
             raise AdapterNotFound(exc.args[0]) from None
         mismatch = self.store.base_mismatch(manifest)
