@@ -198,3 +198,16 @@ def test_a_server_on_the_s3_store_serves_publishes_from_elsewhere_and_uploads_in
         client.close()
         process.kill()
         process.wait()
+
+
+def test_open_store_picks_the_backend_and_a_folder_store_never_imports_boto3(s3, tmp_path):
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from loraplex_adapters.store_protocol import open_store
+        from loraplex_adapters.store import AdapterStore
+        assert type(open_store({str(tmp_path / "folder")!r})) is AdapterStore
+        assert "boto3" not in sys.modules and "botocore" not in sys.modules, "a folder store imported boto3"
+        store = open_store("s3://{BUCKET}/picked", max_rank=4)
+        assert type(store).__name__ == "S3AdapterStore" and store.max_rank == 4 and store.staging.is_dir()
+    """)], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert probe.returncode == 0, probe.stderr
