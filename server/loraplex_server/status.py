@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from loraplex_adapters.s3_store import StoreUnavailable  # boto3 itself is imported only by an s3:// store
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge, BaseMismatch
 
 from .adapter_cache import PinRefused, WrongBase
@@ -21,6 +22,7 @@ _CODES = [  # first match wins: several of these are ValueErrors too
     ((WrongTask, WrongBase, BaseMismatch, AdapterInUse, PinRefused, NoChatTemplate),
      grpc.StatusCode.FAILED_PRECONDITION),
     ((QueueFull, AdapterTooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ((StoreUnavailable,), grpc.StatusCode.UNAVAILABLE),  # the shared store (S3) did not answer: retry later
     # InvalidRequest, AdapterFormatError and every other ValueError (UnicodeDecodeError, JSONDecodeError...):
     # the input was wrong, and the message says how.
     ((ValueError,), grpc.StatusCode.INVALID_ARGUMENT),
