@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import Counter
 
 from loraplex_adapters.manifest import parse_reference
-from loraplex_adapters.store import AdapterStore
+from loraplex_adapters.store_protocol import open_store
 
 from .adapter_cache import AdapterCache
 from .admin_service import AdapterAdminService
@@ -136,11 +136,13 @@ class ReplicaServer:
 
 
 def build_tiers(args: argparse.Namespace, metrics: Metrics) -> tuple[Engine, AdapterCache]:
-    """The engine and adapter tiers exactly as `loraplex serve` builds them (serve.py's load())."""
+    """The engine and adapter tiers exactly as `loraplex serve` builds them (serve.py's load()); the store is
+    the folder or S3 store every replica shares (--adapter-store / --adapter-dir)."""
     engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                     max_adapters=args.max_adapters, max_batch=args.max_batch,
                     max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
-    store = AdapterStore(args.adapter_dir, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
-                         max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
-                         check_fits=engine.slots.shapes.validate)
+    store = open_store(args.adapter_store or args.adapter_dir, base_fingerprint=engine.base.fingerprint,
+                       max_rank=args.max_rank,
+                       max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
+                       check_fits=engine.slots.shapes.validate)
     return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
