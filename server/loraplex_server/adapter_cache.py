@@ -13,6 +13,7 @@ on a loader thread, so a cold adapter never stalls the forward passes of residen
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ from loraplex_adapters.store_protocol import AdapterStoreLike
 
 from .engine import AdapterInUse, AdapterNotFound, Engine
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class WrongBase(RuntimeError):
@@ -145,7 +148,10 @@ class AdapterCache:
             entry = future.result()
         except Exception as exc:
             return exc
-        self.metrics.adapter_load_seconds.labels("disk").observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.adapter_load_seconds.labels("disk").observe(seconds)
+        log.info("adapter %s read from the store in %.0f ms (%d bytes in host memory)", key, 1000 * seconds,
+                 entry.host_bytes)
         self.host[key] = entry
         self._trim_host(keep=key)
         self._publish()
@@ -182,13 +188,17 @@ class AdapterCache:
         entry.validated = True
         self.host.move_to_end(key)
         self.metrics.adapter_lookups.labels("host").inc()
-        self.metrics.adapter_load_seconds.labels("host").observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.adapter_load_seconds.labels("host").observe(seconds)
+        log.info("adapter %s loaded into a device slot in %.1f ms (%d on the device)", key, 1000 * seconds,
+                 len(self.device))
         self._publish()
         return True
 
     def _evict(self, key: str) -> None:
         self.engine.unload_adapter(key)
         self.metrics.adapter_evictions.inc()
+        log.info("adapter %s left the device (its slot is free)", key)
         self._publish()
 
     def pin(self, key: str) -> None:

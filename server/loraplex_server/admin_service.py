@@ -7,6 +7,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from .scheduler import Scheduler
 from .service import InvalidRequest, observed
 from .status import abort_for
 
+log = logging.getLogger(__name__)
 RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FINGERPRINT = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
@@ -119,6 +121,8 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
+        log.info("published %s@%d (%s, rank %s, %s bytes)", manifest.name, manifest.version,
+                 manifest.extra.get("task"), manifest.extra.get("rank"), manifest.extra.get("size"))
         return pb.UploadResponse(adapter=self._info(manifest))
 
     # -- the rest -------------------------------------------------------------------------------
@@ -169,6 +173,7 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
             await self.scheduler.call(lambda: [self.cache.forget(adapter_key(name, v)) for v in versions])
         except Exception as exc:
             await abort_for(context, exc)
+        log.info("deleted %s version(s) %s", name, ", ".join(map(str, versions)))
         return pb.DeleteResponse(versions=versions)
 
     @observed

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bearer token for adapter management (repeatable; env LORAPLEX_ADMIN_TOKENS)")
     parser.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert")
+    parser.add_argument("--access-log", action="store_true", default=bool(_env("access_log", "")),
+                        help="log one line per request: method, adapter, status, milliseconds")
     parser.add_argument("--ray", action="store_true", default=bool(_env("ray", "")),
                         help="serve --replicas replicas on a local Ray cluster, through Ray Serve's gRPC proxy on "
                              "--port, routed by adapter (needs loraplex[cluster])")
@@ -248,6 +250,7 @@ async def _let_cancelled_rpcs_finish(timeout: float = 5.0) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    logging.getLogger("loraplex.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     if args.ray:  # imported only here: the single-node server never imports ray
         from .ray_launch import run_on_ray
 

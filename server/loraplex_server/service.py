@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +37,10 @@ def _status(context, error: BaseException | None) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
+# One line per RPC; off unless `loraplex serve --access-log` (or this logger's level) turns it on.
+access_log = logging.getLogger("loraplex.access")
+
+
 def observed(method):
     """Count the RPC by method, adapter and final status, and time it."""
     name = method.__name__
@@ -49,7 +54,11 @@ def observed(method):
             adapter = "none"
         else:
             adapter = self.metrics.adapter_label(adapter_name) if registered or not adapter_name else "unknown"
-        self.metrics.requests.labels(name, adapter, _status(context, error)).inc()
+        status = _status(context, error)
+        self.metrics.requests.labels(name, adapter, status).inc()
+        # %r: the reference is the client's text, so a newline in it cannot forge a log line.
+        access_log.info("%s adapter=%r status=%s %.1f ms", name, reference or "", status,
+                        1000 * (time.perf_counter() - started))
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
