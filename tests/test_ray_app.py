@@ -23,6 +23,7 @@ from loraplex.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from tiny_models import TEST_DEVICE  # noqa: E402
 
 TEXTS = ["great movie, awful plot", "the quick brown fox"]
+USER_TOKEN, ADMIN_TOKEN = "ray-user-token", "ray-admin-token"  # Ray's proxy checks none: the replicas do
 ROUNDS = 16  # unrouted calls spread over both replicas by Ray's power-of-two choice: all on one is 2**-15
 
 
@@ -44,7 +45,7 @@ def cluster(tiny, adapter_dir, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(grpc_port))
         argv = ["--base", str(base), "--adapter-dir", str(store), "--dtype", "float32", "--quantize", "none",
                 "--device", TEST_DEVICE, "--max-batch", "8", "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(metrics_port)]
+                "--metrics-port", str(metrics_port), "--token", USER_TOKEN, "--admin-token", ADMIN_TOKEN]
         serve.run(application(argv, replicas=2, num_cpus=1), name=APP_NAME)
         yield f"127.0.0.1:{grpc_port}", [metrics_port, metrics_port + 1], store
     finally:
@@ -73,7 +74,7 @@ def test_answers_equal_a_single_server(cluster, tiny, adapter_dir):
     port = free_port()
     process, single = start_server(base, adapter_dir, port)
     try:
-        with Client(address, timeout=60) as ray_client:
+        with Client(address, timeout=60, token=ADMIN_TOKEN) as ray_client:
             for adapter in ("cls3_r2", "cls5_r6@1"):
                 expected, got = single.classify(TEXTS, adapter), ray_client.classify(TEXTS, adapter)
                 assert [r.label for r in got] == [r.label for r in expected]
@@ -95,7 +96,7 @@ def test_requests_stick_to_the_replica_that_holds_their_adapter(cluster):
     """Per-replica metrics show the affinity: one replica loads the adapter, later requests hit it there."""
     address, ports, _ = cluster
     before = [scrape(p) for p in ports]
-    with Client(address, timeout=60) as client:
+    with Client(address, timeout=60, token=ADMIN_TOKEN) as client:
         first = client.generate("the quick", adapter="gen_mlp_r2", max_tokens=2)
         time.sleep(2)  # the replica reports its new id to the controller; the proxy's router hears it
         for _ in range(8):
@@ -118,7 +119,8 @@ def unrouted_classify(address: str, adapter: str) -> list:
         stub = pb_grpc.InferenceServiceStub(channel)
         for _ in range(ROUNDS):
             try:
-                reply = stub.Classify(pb.ClassifyRequest(adapter=adapter, texts=TEXTS[:1]), timeout=60)
+                reply = stub.Classify(pb.ClassifyRequest(adapter=adapter, texts=TEXTS[:1]), timeout=60,
+                                     metadata=[("authorization", f"Bearer {USER_TOKEN}")])
                 results.append(len(reply.results[0].scores))
             except grpc.RpcError as exc:
                 results.append(exc.code())
@@ -134,7 +136,7 @@ def test_upload_publish_and_delete_reach_every_replica(cluster, tiny):
     _, adapters = tiny("llama")
     three_labels, five_labels = adapters["cls3_r2"][0], adapters["cls5_r6"][0]
     ok = 'loraplex_requests_total{adapter="fresh",code="OK",method="Classify"}'
-    with Client(address, timeout=60) as client:
+    with Client(address, timeout=60, token=ADMIN_TOKEN) as client:
         first = client.adapters.upload(three_labels, "fresh", labels=["a", "b", "c"])
         before = [scrape(p) for p in ports]
         assert unrouted_classify(address, "fresh") == [3] * ROUNDS
@@ -169,7 +171,8 @@ def test_a_killed_replica_is_restarted(cluster):
     victim = handle.replica_pid.remote().result(timeout_s=60)
     os.kill(victim, signal.SIGKILL)
     seen = set()
-    with Client(address, timeout=60, retries=0) as raw, Client(address, timeout=60) as sdk:
+    with Client(address, timeout=60, retries=0, token=ADMIN_TOKEN) as raw, \
+            Client(address, timeout=60, token=ADMIN_TOKEN) as sdk:
         for _ in range(6):
             try:
                 raw.classify(TEXTS, "cls3_r2")
@@ -187,6 +190,23 @@ def test_a_killed_replica_is_restarted(cluster):
             pytest.fail(f"the killed replica was not replaced (answering pids: {pids}, killed: {victim})")
         assert unrouted_classify(address, "cls3_r2") == [3] * ROUNDS
         assert len(sdk.classify(TEXTS, "cls3_r2")) == 2
+
+
+def test_tokens_are_checked_behind_the_proxy(cluster):
+    address, _, _ = cluster
+    for token in (None, "wrong"):
+        with Client(address, timeout=60, retries=0, token=token) as client:
+            with pytest.raises(LoraplexError) as refused:
+                client.classify(TEXTS, "cls3_r2")
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(address, timeout=60, retries=0, token=USER_TOKEN) as user:
+        assert len(user.classify(TEXTS, "cls3_r2")) == 2  # a user token serves inference
+        assert list(user.generate_stream("hi", adapter="gen_qv_r4", max_tokens=2))[-1].finish_reason
+        with pytest.raises(LoraplexError) as refused:
+            user.adapters.list()  # adapter management needs an admin token
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(address, timeout=60, retries=0, token=ADMIN_TOKEN) as admin:
+        assert admin.adapters.list()
 
 
 def test_the_single_node_server_does_not_import_ray():

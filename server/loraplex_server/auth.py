@@ -49,22 +49,41 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
+class TokenPolicy:
+    """Who may call what: user or admin tokens for inference, admin tokens for adapter management. Used by
+    the gRPC interceptor below and by Ray Serve replicas, whose proxy checks nothing itself."""
+
     def __init__(self, tokens: list[str], admin_tokens: list[str]) -> None:
         self.tokens = list(tokens)
         self.admin_tokens = list(admin_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens or self.admin_tokens)
+
+    def refusal(self, metadata, admin: bool) -> str | None:
+        """Why a call with this metadata is refused (UNAUTHENTICATED), or None when it may go on."""
+        if not self.enabled:
+            return None
+        token = _bearer(metadata)
+        if admin:
+            if _matches(token, self.admin_tokens):
+                return None
+            return "this method needs an admin token (authorization: Bearer <admin token>)"
+        if _matches(token, self.tokens + self.admin_tokens):
+            return None
+        reason = "missing" if token is None else "invalid"
+        return f"{reason} bearer token; send metadata `authorization: Bearer <token>`"
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: list[str], admin_tokens: list[str]) -> None:
+        self.policy = TokenPolicy(tokens, admin_tokens)
 
     async def intercept_service(self, continuation, details):
         method = details.method
         handler = await continuation(details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        token = _bearer(details.invocation_metadata)
-        if method.startswith(ADMIN_PREFIXES):
-            if _matches(token, self.admin_tokens):
-                return handler
-            return _refusal(handler, "this method needs an admin token (authorization: Bearer <admin token>)")
-        if _matches(token, self.tokens + self.admin_tokens):
-            return handler
-        reason = "missing" if token is None else "invalid"
-        return _refusal(handler, f"{reason} bearer token; send metadata `authorization: Bearer <token>`")
+        message = self.policy.refusal(details.invocation_metadata, admin=method.startswith(ADMIN_PREFIXES))
+        return handler if message is None else _refusal(handler, message)

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from .ray_replica import ReplicaServer
-from .serve import build_parser
+from .serve_options import build_parser
 
 APP_NAME = "loraplex"
 DEPLOYMENT_NAME = "LoraplexReplica"
@@ -60,22 +60,22 @@ def replica_class(max_adapters: int) -> type:
 
         # AdapterService -- any replica: the store is shared, the others see changes on their next lookup.
         async def Upload(self, requests, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Upload(requests, _context(grpc_context))
+            return await self.server.admin.Upload(requests, await self.server.context(grpc_context, admin=True))
 
         async def List(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.List(request, _context(grpc_context))
+            return await self.server.admin.List(request, await self.server.context(grpc_context, admin=True))
 
         async def Get(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Get(request, _context(grpc_context))
+            return await self.server.admin.Get(request, await self.server.context(grpc_context, admin=True))
 
         async def Delete(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Delete(request, _context(grpc_context))
+            return await self.server.admin.Delete(request, await self.server.context(grpc_context, admin=True))
 
         async def Load(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Load(request, _context(grpc_context))
+            return await self.server.admin.Load(request, await self.server.context(grpc_context, admin=True))
 
         async def Unload(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Unload(request, _context(grpc_context))
+            return await self.server.admin.Unload(request, await self.server.context(grpc_context, admin=True))
 
         def Check(self, request, grpc_context=None):  # noqa: N802 - grpc.health.v1
             return self.server.health()
@@ -92,12 +92,6 @@ def replica_class(max_adapters: int) -> type:
                 server.close()
 
     return LoraplexReplica
-
-
-def _context(grpc_context):
-    from .ray_grpc_context import RayServicerContext
-
-    return RayServicerContext(grpc_context)
 
 
 def application(argv: list[str], replicas: int = 2, num_cpus: float = 1.0,

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 
+import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import Counter
 
@@ -22,12 +23,13 @@ from loraplex_adapters.store_protocol import open_store
 
 from .adapter_cache import AdapterCache
 from .admin_service import AdapterAdminService
+from .auth import TokenPolicy
 from .base_model import load_base_model
 from .engine import Engine
 from .metrics import Metrics
 from .ray_grpc_context import RayServicerContext
 from .scheduler import Scheduler
-from .serve import build_parser
+from .serve_options import build_parser
 from .service import InferenceService, Limits
 
 log = logging.getLogger("loraplex.ray")
@@ -68,6 +70,7 @@ class ReplicaServer:
         self.metrics = Metrics()
         self.affinity = ReplicaMetrics(self.metrics)
         self.rank = replica_rank()
+        self.auth = TokenPolicy(args.token, args.admin_token)  # Ray's proxy checks no tokens: each replica does
         if args.metrics_port:  # one port per replica on a node: --metrics-port + the replica's rank
             self.metrics.serve_http(args.metrics_host or args.host, args.metrics_port + self.rank,
                                     args.tls_cert, args.tls_key)
@@ -81,6 +84,14 @@ class ReplicaServer:
         self.cache = cache
         log.info("replica %d (pid %d) serving %s with adapters in %s", self.rank, os.getpid(), engine.base.path.name,
                  args.adapter_dir)
+
+    async def context(self, grpc_context, admin: bool = False) -> RayServicerContext:
+        """Our servicer context for this call, once its bearer token passes (else UNAUTHENTICATED)."""
+        context = RayServicerContext(grpc_context)
+        message = self.auth.refusal(context.invocation_metadata(), admin)
+        if message is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        return context
 
     # -- routing ----------------------------------------------------------------------------------
 
@@ -113,16 +124,19 @@ class ReplicaServer:
     # -- InferenceService ------------------------------------------------------------------------
 
     async def classify(self, routed, request, grpc_context):
+        context = await self.context(grpc_context)
         await self._route(routed)
-        return await self.inference.Classify(request, RayServicerContext(grpc_context))
+        return await self.inference.Classify(request, context)
 
     async def generate(self, routed, request, grpc_context):
+        context = await self.context(grpc_context)
         await self._route(routed)
-        return await self.inference.Generate(request, RayServicerContext(grpc_context))
+        return await self.inference.Generate(request, context)
 
     async def generate_stream(self, routed, request, grpc_context):
+        context = await self.context(grpc_context)
         await self._route(routed)
-        async for message in self.inference.GenerateStream(request, RayServicerContext(grpc_context)):
+        async for message in self.inference.GenerateStream(request, context):
             yield message
 
     # -- health (grpc.health.v1, so the SDK's health() works through the proxy) --------------------
