@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -256,14 +258,32 @@ def test_async_client_mirrors_the_client(server):
     assert chunks[-1].finish_reason == generated.finish_reason
 
 
+def _http_refused_while_loading(http_port: int) -> int:
+    """1 when the HTTP API refused a completion with 503 + Retry-After (the base still loading), 0 when the
+    load finished first; anything else fails."""
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", method="POST",
+                                     data=json.dumps({"model": "x", "prompt": "hi", "max_tokens": 2}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=5)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:
+            assert exc.headers["Retry-After"] and "loading" in json.load(exc)["error"]["message"]
+            return 1
+        assert exc.code == 404, exc.code  # loaded meanwhile: model "x" does not exist
+    except (urllib.error.URLError, ConnectionError):
+        pass  # not listening yet
+    return 0
+
+
 def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
     """A fresh cache makes the embedded default convert its GGUF first: seconds of NOT_SERVING."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {**os.environ, "LORAPLEX_CACHE_DIR": str(tmp_path)}
     process = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port),
-                                "--metrics-port", "0", "--device", "cpu"], env=env,
+                                "--metrics-port", "0", "--device", "cpu", "--http-port", str(http_port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seen, refused = [], 0
+    seen, refused, http_refused = [], 0, 0
     try:
         with Client(f"127.0.0.1:{port}", timeout=2, retries=0) as client:
             deadline = time.time() + 180
@@ -281,9 +301,11 @@ def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
                     except Unavailable as exc:
                         assert "still loading" in exc.details
                         refused += 1
+                    http_refused += _http_refused_while_loading(http_port)
                 time.sleep(0.05)
             assert seen == ["NOT_SERVING", "SERVING"]
             assert refused > 0, "inference while loading should be refused with UNAVAILABLE"
+            assert http_refused > 0, "the HTTP API should answer 503 while the base loads"
             assert client.generate("The capital of France is", max_tokens=4).completion_tokens == 4
     finally:
         process.terminate()

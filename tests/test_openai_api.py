@@ -290,3 +290,28 @@ def test_a_busy_http_port_is_refused_with_the_flag_to_change(server, chat_base, 
     assert second.returncode != 0
     assert f":{server['http_port']}" in second.stderr and "--http-port" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_overload_is_429_with_retry_after(chat_base, adapter_dir):  # noqa: F811
+    """Past --max-pending requests in flight, the HTTP API refuses at once, as gRPC does with
+    RESOURCE_EXHAUSTED, and tells the client when to retry."""
+    port, http_port = free_port(), free_port()
+    process, client = start_server(chat_base, adapter_dir, port, max_pending=1,
+                                   extra_args=["--http-port", str(http_port)])
+    body = {"model": GEN, "prompt": "hello", "max_tokens": 64, "temperature": 0}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(8)))
+
+    try:
+        replies = asyncio.run(flood())
+        refused = [r for r in replies if r.status_code == 429]
+        assert refused and {r.status_code for r in replies} <= {200, 429}
+        assert all(r.headers["retry-after"].isdigit() for r in refused)
+        assert all(r.json()["error"]["message"] for r in refused)
+        assert any(r.status_code == 200 for r in replies)
+    finally:
+        client.close()
+        process.kill()
+        process.wait()
