@@ -54,3 +54,4 @@ def test_generations_beyond_the_cache_queue_and_finish_as_alone(small_kv_server)
     assert sample(samples, "loraplex_step_tokens_count") > 0
     assert sample(samples, "loraplex_kv_waiting_rows") == 0
     assert sample(samples, "loraplex_kv_preemptions_total") > 0
+    assert 0 < sample(samples, "loraplex_kv_cache_touched_bytes") <= KV_BYTES

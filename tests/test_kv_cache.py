@@ -26,7 +26,7 @@ operations = st.lists(st.tuples(st.integers(0, 5), st.one_of(st.none(), st.integ
 @settings(max_examples=200, deadline=None)
 @given(operations)
 def test_blocks_are_never_shared_lost_or_taken_on_failure(ops):
-    kv, tables = cache(), {}
+    kv, tables, ever_used = cache(), {}, 0
     for row, tokens in ops:
         table = tables.setdefault(row, [])
         if tokens is None:
@@ -40,6 +40,8 @@ def test_blocks_are_never_shared_lost_or_taken_on_failure(ops):
         else:
             assert table == before and needed - len(before) > kv.free_blocks
         owned = [b for t in tables.values() for b in t]
+        ever_used = max(ever_used, max(owned, default=-1) + 1)
+        assert kv.touched_blocks == ever_used, "touched_blocks is the highest block ever handed out, plus one"
         assert len(owned) == len(set(owned)), "a block belongs to two rows"
         assert len(owned) + kv.free_blocks == BLOCKS, "a block was lost"
         for t in tables.values():
@@ -82,3 +84,18 @@ def test_a_new_row_gets_one_run_and_growing_rows_keep_theirs():
 def test_a_budget_below_one_block_is_refused():
     with pytest.raises(ValueError, match="kv-cache-memory"):
         PagedKVCache(CONFIG, torch.float32, torch.device("cpu"), 10, block_size=4)
+
+
+def test_rows_that_come_and_go_reuse_the_lowest_blocks():
+    """Steady traffic keeps writing the same low blocks, so the resident part of a lazily allocated host
+    cache stops growing: a join after a leave takes the blocks the leaver freed."""
+    kv = cache()
+    tables = [[] for _ in range(3)]
+    for table in tables:
+        assert kv.grow(table, 8)
+    high = kv.touched_blocks
+    for _ in range(20):
+        for table in tables:
+            kv.release(table)
+            assert kv.grow(table, 8)
+    assert kv.touched_blocks == high == 6

@@ -54,6 +54,9 @@ class PagedKVCache:
         self._free = set(range(self.num_blocks))
         self._heap = list(range(self.num_blocks))
         self._claimed: dict[int, int] = {}  # the block after a row's last one -> how many rows claim it
+        self.block_bytes = bytes_per_token(config, dtype) * block_size
+        # Blocks below this were handed out at least once: on the host, the part of the cache that is resident.
+        self.touched_blocks = 0
 
     @property
     def capacity_tokens(self) -> int:
@@ -75,6 +78,7 @@ class PagedKVCache:
             return True
         if table:
             self._unclaim(table[-1] + 1)
+        had = len(table)
         if not table and need > 1:
             table += self._run(need)
             need = 0
@@ -82,6 +86,7 @@ class PagedKVCache:
             block = table[-1] + 1 if table and table[-1] + 1 in self._free else self._lowest_free()
             self._free.remove(block)
             table.append(block)
+        self.touched_blocks = max(self.touched_blocks, max(table[had:]) + 1)
         self._claimed[table[-1] + 1] = self._claimed.get(table[-1] + 1, 0) + 1
         return True
 

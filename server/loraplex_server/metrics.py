@@ -44,6 +44,9 @@ class Metrics:
                                   registry=r)
         self.kv_blocks = Gauge("loraplex_kv_cache_blocks", "KV cache blocks by state (used, free)", ["state"],
                                registry=r)
+        self.kv_touched = Gauge("loraplex_kv_cache_touched_bytes", "KV cache bytes below the highest block ever "
+                                "used: on the host the cache is allocated lazily, so this part is resident",
+                                registry=r)
         self.kv_waiting = Gauge("loraplex_kv_waiting_rows", "Generation rows queued in the engine until KV blocks "
                                 "(and step tokens) are free for them", registry=r)
         self.preemptions = Counter("loraplex_kv_preemptions", "Rows preempted to free KV blocks (recomputed later)",
@@ -96,6 +99,7 @@ class Metrics:
             self.kv_blocks.labels("free").set(engine.kv.free_blocks)
             self.kv_blocks.labels("used").set(engine.kv.num_blocks - engine.kv.free_blocks)
             self.kv_waiting.set(planner.waiting_for_kv)
+            self.kv_touched.set(engine.kv.touched_blocks * engine.kv.block_bytes)
             if planner.preemptions > self._preempted:
                 self.preemptions.inc(planner.preemptions - self._preempted)
                 self._preempted = planner.preemptions
