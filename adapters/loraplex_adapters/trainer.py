@@ -111,7 +111,11 @@ def _base_dir(base: str | None) -> Path:
 def _load_model(config: TrainConfig, base_dir: Path, num_labels: int):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Our own tqdm bar shows training; HF's load bar and its report of the new (untrained) head are noise.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
     quantize = ("nf4" if cuda else "none") if config.quantize == "auto" else config.quantize
     dtype = auto_dtype("cuda" if cuda else "cpu") if config.dtype == "auto" else getattr(torch, config.dtype)
