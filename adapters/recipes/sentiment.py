@@ -37,8 +37,8 @@ def load_rows() -> list[dict]:
 
 def main() -> None:
     args = parser(__doc__, "sentiment").parse_args()
-    # 1,800 rows per class (all the high-confidence positives there are): 600 per class scored 0.30 lower
-    # on everyday short sentences (data/everyday_sentiment.csv, never trained on).
+    # 1,800 rows per class, near all the high-confidence positives there are: 600 per class called "great
+    # movie" negative; 1,800 scored 0.967 on data/everyday_sentiment.csv (never trained on).
     train_rows, held = balanced_split(load_rows(), 1800 + 200, 200, args.seed)
     run(args, train_rows, held, task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
         warmup=0.1, epochs=1, batch_size=16, max_length=48)
