@@ -7,9 +7,9 @@ import re
 import time
 
 import pytest
+from server_process import free_port, start_server
 
 from loraplex import InvalidArgument
-from server_process import free_port, start_server
 
 
 def _wait_for(process, pattern: str, timeout: float = 30.0) -> str:
