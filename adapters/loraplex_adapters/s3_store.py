@@ -184,6 +184,12 @@ class S3AdapterStore(StoreRules):
             return self._list_name(name)
         return listing.versions
 
+    def known(self, name: str) -> bool:
+        """Whether `name` had versions at its last listing (no S3 call: for labelling a request whose
+        lookup has just listed the name)."""
+        listing = self._index.get(name)
+        return bool(listing and listing.versions)
+
     def has(self, name: str) -> bool:
         try:
             check_name(name)

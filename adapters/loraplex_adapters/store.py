@@ -239,6 +239,11 @@ class AdapterStore(StoreRules):
         """Whether `name` has a version on disk now (one listdir, like `resolve`)."""
         return _is_name(name) and bool(self._refresh_name(name))
 
+    def known(self, name: str) -> bool:
+        """Whether `name` had versions when this store last read it (no I/O: for labelling a request
+        whose lookup has just refreshed the name)."""
+        return name in self._index
+
     def list(self) -> list[Manifest]:
         self.refresh()
         return [m for versions in sorted(self._index.items()) for _, m in sorted(versions[1].items())]

@@ -73,7 +73,7 @@ def _observed(method):
         finally:
             self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - started)
             name = request.model_name.split("@")[0]
-            known = self.requests.cache is not None and self.requests.cache.store.has(name)
+            known = self.requests.cache is not None and self.requests.cache.store.known(name)
             adapter = self.metrics.adapter_label(name) if known else "unknown"
             self.metrics.requests.labels(method.__name__, adapter, code).inc()
     return unary

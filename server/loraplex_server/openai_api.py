@@ -146,7 +146,7 @@ class OpenAIApi:
             labels["adapter"] = "base"
             return ""
         name = model.split("@")[0]
-        registered = self.requests.cache.store.has(name)
+        registered = self.requests.cache.store.has(name)  # before the lookup: this refreshes the name
         labels["adapter"] = self.metrics.adapter_label(name) if registered else "unknown"
         return model
 

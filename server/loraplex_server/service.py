@@ -49,7 +49,7 @@ def observed(method):
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
         reference = getattr(request, "adapter", None)  # None: an RPC about no single adapter (List, Upload)
         adapter_name = (reference or "").split("@")[0]
-        registered = self.cache is not None and self.cache.store.has(adapter_name)
+        registered = self.cache is not None and self.cache.store.known(adapter_name)
         if reference is None:
             adapter = "none"
         else:
