@@ -52,8 +52,14 @@ def test_classification_learns_loads_in_peft_and_serves_the_trainers_predictions
     base, _ = tiny("llama")
     eval_rows = sentences(1, 40)
     # Training truncates to max_length; evaluation must not, or it would not see what a server sees.
-    cfg = config(tmp_path, base, eval_data=write_jsonl(tmp_path / "eval.jsonl", eval_rows), max_length=7)
+    # A second held-out set, the same texts with the labels swapped: scored with the kept weights, it must
+    # come out at exactly 1 - the held-out accuracy.
+    flipped = [{"text": r["text"], "label": {"neg": "pos", "pos": "neg"}[r["label"]]} for r in eval_rows]
+    cfg = config(tmp_path, base, eval_data=write_jsonl(tmp_path / "eval.jsonl", eval_rows), max_length=7,
+                 extra_eval={"flipped": write_jsonl(tmp_path / "flipped.jsonl", flipped)})
     result = train(cfg, progress=False)
+    assert result.held_out["flipped"]["accuracy"] == pytest.approx(1 - result.after["accuracy"])
+    assert result.manifest.extra["metrics"]["held_out"] == result.held_out
     assert result.after["accuracy"] >= 0.9 > result.before["accuracy"]
     assert result.manifest.labels == ["neg", "pos"]
     assert result.manifest.extra["metrics"]["training"]["data_sha256"].startswith("sha256:")

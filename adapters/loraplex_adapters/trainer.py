@@ -49,6 +49,8 @@ class TrainConfig:
     base: str | None = None  # a local HF folder; None = the embedded default base
     eval_data: str | None = None
     eval_fraction: float = 0.1
+    # more held-out sets, {name: file}, scored with the kept weights into the manifest's metrics["held_out"]
+    extra_eval: dict[str, str] = field(default_factory=dict)
     text_field: str = "text"
     label_field: str = "label"
     labels: list[str] = field(default_factory=list)
@@ -80,26 +82,28 @@ class TrainResult:
     after: dict
     best_epoch: int
     history: list[dict]
+    held_out: dict[str, dict] = field(default_factory=dict)
 
 
 def load_data(config: TrainConfig):
     """(train, eval) checked and split; raises DataError before any model is loaded."""
-    records = read_records(config.data)
-    if config.task == "classification":
-        data = classification_data(records, config.data, config.text_field, config.label_field, config.labels or None)
-        if config.eval_data:
-            held = classification_data(read_records(config.eval_data), config.eval_data, config.text_field,
-                                       config.label_field, data.label_names, training_labels=False)
-            return data, held
-    elif config.task == "generation":
-        data = generation_data(records, config.data, config.prompt_field, config.completion_field,
-                               config.messages_field)
-        if config.eval_data:
-            return data, generation_data(read_records(config.eval_data), config.eval_data, config.prompt_field,
-                                         config.completion_field, config.messages_field)
-    else:
+    if config.task not in ("classification", "generation"):
         raise DataError(f"unknown task {config.task!r}: classification or generation")
+    data = _held_out(config, config.data, None)
+    if config.eval_data:
+        return data, _held_out(config, config.eval_data, data)
     return split(data, config.eval_fraction, config.seed)
+
+
+def _held_out(config: TrainConfig, path: str, training=None):
+    """The rows of one file; held-out classification rows (training given) must use the training labels."""
+    records = read_records(path)
+    if config.task == "classification":
+        if training is None:
+            return classification_data(records, path, config.text_field, config.label_field, config.labels or None)
+        return classification_data(records, path, config.text_field, config.label_field, training.label_names,
+                                   training_labels=False)
+    return generation_data(records, path, config.prompt_field, config.completion_field, config.messages_field)
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -209,6 +213,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     train_data, eval_data = load_data(config)  # bad data fails here, before the model loads
+    extra_data = {name: _held_out(config, path, train_data) for name, path in config.extra_eval.items()}
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(config.seed)
@@ -264,6 +269,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     bar.close()
 
     model.load_state_dict(state["best_weights"], strict=False)
+    held_out = {name: evaluate(model, tokenizer, config, data, device) for name, data in extra_data.items()}
     adapter_dir = output / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)
@@ -271,10 +277,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                         extra={"task": config.task, "base_fingerprint": model_fingerprint(base_dir),
                                "metrics": {"before": state["before"], "after": state["best"],
                                            "best_epoch": state["best_epoch"], "history": state["history"],
+                                           "held_out": held_out,
                                            "training": {**asdict(config), "quantize": quantize,
                                                         "data_sha256": "sha256:" + file_sha256(Path(config.data))}}})
     write_manifest(adapter_dir, manifest)
-    return TrainResult(adapter_dir, manifest, state["before"], state["best"], state["best_epoch"], state["history"])
+    return TrainResult(adapter_dir, manifest, state["before"], state["best"], state["best_epoch"], state["history"],
+                       held_out)
 
 
 def _resumable(config: TrainConfig) -> dict:

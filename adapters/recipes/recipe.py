@@ -67,6 +67,7 @@ def run(args, train_rows: list[dict], eval_rows: list[dict], **settings) -> dict
     reference = register(result, args.register, args.store, args.token)
     summary = {"adapter": args.name, "registered": reference, "train_rows": len(train_rows),
                "eval_rows": len(eval_rows), "seconds": round(time.perf_counter() - started),
-               "best_epoch": result.best_epoch, "before": result.before, "after": result.after}
+               "best_epoch": result.best_epoch, "before": result.before, "after": result.after,
+               "held_out": result.held_out}
     print(json.dumps(summary))
     return summary

@@ -11,11 +11,14 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import os
 from pathlib import Path
 
 from recipe import balanced_split, parser, run
 
 LABELS = ["negative", "neutral", "positive"]
+# 60 short everyday sentences, written before any training and never trained on: scored into the manifest.
+EVERYDAY = os.path.relpath(Path(__file__).parent / "data" / "everyday_sentiment.csv")
 
 
 def load_rows() -> list[dict]:
@@ -41,7 +44,7 @@ def main() -> None:
     # movie" negative; 1,800 scored 0.967 on data/everyday_sentiment.csv (never trained on).
     train_rows, held = balanced_split(load_rows(), 1800 + 200, 200, args.seed)
     run(args, train_rows, held, task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
-        warmup=0.1, epochs=1, batch_size=16, max_length=48)
+        warmup=0.1, epochs=1, batch_size=16, max_length=48, extra_eval={"everyday": EVERYDAY})
 
 
 if __name__ == "__main__":
