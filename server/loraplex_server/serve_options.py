@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the adapter store as a folder or s3://bucket/prefix, shared by every replica (boto3 "
                              "reads endpoint, region and credentials the usual AWS way: AWS_ENDPOINT_URL, "
                              "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir")
+    parser.add_argument("--no-examples", action="store_true", default=bool(_env("no_examples", "")),
+                        help="do not publish the shipped example adapters (sentiment, topic, replies) when the "
+                             "default --adapter-dir is created on the first start")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         default=bool(_env("allow_base_mismatch", "")),
                         help="serve adapters whose manifest names another base model fingerprint")
