@@ -22,13 +22,16 @@ def free_port() -> int:
 
 def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, extra_args=(), client_kwargs=None,
                  target=None):
-    env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(adapter_dir),
-         "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32", "--quantize", "none",
-         "--device", TEST_DEVICE,
-         "--max-pending", str(max_pending), *extra_args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir",
+               str(adapter_dir), "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32",
+               "--quantize", "none", "--device", TEST_DEVICE, "--max-pending", str(max_pending), *extra_args]
+    return start_server_command(command, port, env={**os.environ, "LORAPLEX_CPU_KERNEL": "0"},
+                                client_kwargs=client_kwargs, target=target)
+
+
+def start_server_command(command, port, env, client_kwargs=None, target=None):
+    """Run a server command line and wait up to 120 s for SERVING; returns (process, client)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _keep_reading(process)
     client = Client(target or f"127.0.0.1:{port}", **{"timeout": 5, "retries": 0, **(client_kwargs or {})})
     deadline = time.time() + 120
