@@ -149,6 +149,19 @@ def wait_until_gone(store: S3AdapterStore, name: str, version: int) -> None:
     pytest.fail(f"{name}@{version} still resolves 30 s after its delete")
 
 
+def test_the_publish_command_commits_into_s3_and_names_a_missing_bucket(s3, prefix, sources, capsys):
+    from loraplex.cli import main as cli_main
+
+    assert cli_main(["adapters", "publish", str(sources[CLS]), "--name", "offline", "--labels", ",".join(LABELS),
+                     "--store", prefix]) == 0
+    assert "published offline@1" in capsys.readouterr().out
+    assert S3AdapterStore(prefix).resolve("offline")[0].labels == LABELS
+    assert cli_main(["adapters", "publish", str(sources[CLS]), "--name", "offline", "--labels", ",".join(LABELS),
+                     "--store", "s3://no-such-bucket/p"]) == 2
+    error = capsys.readouterr().err
+    assert "no-such-bucket" in error and "Traceback" not in error
+
+
 def test_a_missing_bucket_is_refused_with_a_message(s3):
     with pytest.raises(StoreUnavailable, match="no-such-bucket"):
         S3AdapterStore("s3://no-such-bucket/x")

@@ -62,7 +62,8 @@ def _common_options(defaults: dict) -> argparse.ArgumentParser:
     register = parser.add_mutually_exclusive_group()
     register.add_argument("--register", metavar="SERVER", default=None,
                           help="upload the adapter to this server, host:port (default: none; admin token: --token)")
-    register.add_argument("--store", default=None, help="publish the adapter into this local store (default: none)")
+    register.add_argument("--store", default=None,
+                          help="publish the adapter into this store, a folder or s3://bucket/prefix (default: none)")
     parser.add_argument("--token", default=None, help="admin token for --register (default: none)")
     return parser
 
@@ -95,9 +96,9 @@ def register(result: TrainResult, server: str | None, store: str | None, token: 
                                           base_fingerprint=manifest.extra["base_fingerprint"])
         return info.reference
     if store:
-        from .store import AdapterStore
+        from .store_protocol import open_store
 
-        published = AdapterStore(store).publish(result.output, manifest.name, labels=manifest.labels,
+        published = open_store(store).publish(result.output, manifest.name, labels=manifest.labels,
                                                 base_fingerprint=manifest.extra["base_fingerprint"], metrics=metrics)
         return f"{published.name}@{published.version}"
     return None
