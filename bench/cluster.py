@@ -7,8 +7,11 @@ store, Zipf(s) requests through Ray Serve's gRPC proxy, each phase on a fresh de
 - unrouted: the same requests without it, so Ray's default power-of-two-choices router ignores the
   adapter (Ray 2.60 has no built-in round-robin router; this is the adapter-blind baseline);
 device hit rate (slot hits / adapter lookups, summed over the replicas' own metrics) and adapter loads
-into device slots per 1,000 requests for both; requests/s of 2 replicas vs 1; and `ray_vs_direct`:
-1 replica through Ray vs the same flags served by `loraplex serve` directly. Last line: JSON.
+into device slots per 1,000 requests for both, measured for --seconds after --warmup seconds of the
+same traffic (the whole run's rate, cold start included, is printed too); requests/s of 2 replicas vs 1;
+and `ray_vs_direct`: 1 replica through Ray vs the same flags served by `loraplex serve` directly, on the
+embedded base with its shipped example classifiers (the product's real per-request work), and on the
+small random Llama (`ray_vs_direct_tiny`: the proxy's cost against almost no engine work). Last line: JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from bench.serve import TEXTS, free_port, make_classifiers
 from loraplex import AsyncClient, Client, LoraplexError
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_adapters.embedded_base import embedded_default_path
+from loraplex_adapters.examples import publish_examples
+from loraplex_adapters.fingerprint import model_fingerprint
 from loraplex_adapters.store import AdapterStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -55,12 +61,12 @@ def lookups(ports: list[int]) -> dict[str, float]:
     return tiers
 
 
-def drive(target: str, adapters: list[str], args, routed: bool) -> tuple[int, float]:
-    """args.clients closed loops for args.seconds; (requests answered, seconds)."""
+def drive(target: str, adapters: list[str], args, routed: bool, seconds: float) -> tuple[int, float]:
+    """args.clients closed loops for `seconds`; (requests answered, seconds)."""
 
     async def run() -> int:
         done = 0
-        stop_at = time.perf_counter() + args.seconds
+        stop_at = time.perf_counter() + seconds
         async with AsyncClient(target, timeout=120, retries=3) as client, grpc.aio.insecure_channel(target) as ch:
             raw = pb_grpc.InferenceServiceStub(ch)
 
@@ -86,10 +92,18 @@ def drive(target: str, adapters: list[str], args, routed: bool) -> tuple[int, fl
     return count, time.perf_counter() - started
 
 
-def replica_flags(base: Path, store: Path, args, metrics_port: int) -> list[str]:
-    return ["--base", str(base), "--adapter-dir", str(store), "--dtype", "float32", "--quantize", "none",
-            "--device", "cpu", "--max-adapters", str(args.device_adapters), "--max-batch", "16",
+def replica_flags(base: Path | None, store: Path, args, metrics_port: int) -> list[str]:
+    """The tiny random base in fp32, or (base None) the embedded base at the server's default dtype."""
+    model = ["--base", str(base), "--dtype", "float32"] if base else []
+    return [*model, "--adapter-dir", str(store), "--quantize", "none", "--device", "cpu",
+            "--max-adapters", str(args.device_adapters), "--max-batch", "16",
             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--max-pending", "1024"]
+
+
+def hit_rate(before: dict, after: dict, requests: int) -> tuple[float, float]:
+    """(device hit rate, adapter loads per 1,000 requests) between two lookups() readings."""
+    delta = {tier: after[tier] - before[tier] for tier in after}
+    return delta["device"] / (sum(delta.values()) or 1.0), 1000 * (delta["host"] + delta["disk"]) / max(requests, 1)
 
 
 def ray_phase(base, store, adapters, args, grpc_port: int, replicas: int, routed: bool) -> dict:
@@ -101,14 +115,16 @@ def ray_phase(base, store, adapters, args, grpc_port: int, replicas: int, routed
     serve.run(application(replica_flags(base, store, args, metrics_port), replicas=replicas, num_cpus=0),
               name=APP_NAME)
     ports = [metrics_port + rank for rank in range(replicas)]
+    start = lookups(ports)
+    warm_count, _ = drive(f"127.0.0.1:{grpc_port}", adapters, args, routed, args.warmup)
     before = lookups(ports)
-    count, seconds = drive(f"127.0.0.1:{grpc_port}", adapters, args, routed)
+    count, seconds = drive(f"127.0.0.1:{grpc_port}", adapters, args, routed, args.seconds)
     after = lookups(ports)
     serve.delete(APP_NAME)
-    delta = {tier: after[tier] - before[tier] for tier in after}
-    total = sum(delta.values()) or 1.0
-    return {"requests": count, "rps": count / seconds, "hit_rate": delta["device"] / total,
-            "loads_per_1000": 1000 * (delta["host"] + delta["disk"]) / max(count, 1)}
+    rate, loads = hit_rate(before, after, count)
+    whole_rate, _ = hit_rate(start, after, warm_count + count)
+    return {"requests": count, "rps": count / seconds, "hit_rate": rate, "loads_per_1000": loads,
+            "hit_rate_with_cold_start": whole_rate}
 
 
 def direct_rps(base, store, adapters, args) -> float:
@@ -119,7 +135,8 @@ def direct_rps(base, store, adapters, args) -> float:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         Client(f"127.0.0.1:{port}", timeout=5, retries=0).wait_until_serving(timeout=300)
-        count, seconds = drive(f"127.0.0.1:{port}", adapters, args, routed=True)
+        drive(f"127.0.0.1:{port}", adapters, args, True, args.warmup)
+        count, seconds = drive(f"127.0.0.1:{port}", adapters, args, True, args.seconds)
         return count / seconds
     finally:
         server.terminate()
@@ -131,7 +148,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=200)
     parser.add_argument("--device-adapters", type=int, default=80,
                         help="--max-adapters per replica (device slots and Ray's multiplexing cap)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured, per phase")
+    parser.add_argument("--warmup", type=float, default=10.0, help="unmeasured traffic before each phase")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--zipf", type=float, default=1.1)
     args = parser.parse_args()
@@ -145,6 +163,10 @@ def main() -> None:
     base = make_base(root / "base", "llama")
     store = root / "store"
     adapters = make_classifiers(base, AdapterStore(store), args.adapters, rank=8)
+    embedded = embedded_default_path()
+    example_store = root / "examples"
+    examples = [m.name for m in publish_examples(AdapterStore(example_store), model_fingerprint(embedded))
+                if m.labels]
     os.environ["LORAPLEX_CPU_KERNEL"] = "0"
     grpc_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -153,25 +175,34 @@ def main() -> None:
         routed = ray_phase(base, store, adapters, args, grpc_port, 2, routed=True)
         unrouted = ray_phase(base, store, adapters, args, grpc_port, 2, routed=False)
         one = ray_phase(base, store, adapters, args, grpc_port, 1, routed=True)
+        one_embedded = ray_phase(None, example_store, examples, args, grpc_port, 1, routed=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     direct = direct_rps(base, store, adapters, args)
-    print(f"device hit rate: multiplexed {routed['hit_rate']:.3f}, unrouted (power-of-two) {unrouted['hit_rate']:.3f}")
+    direct_embedded = direct_rps(None, example_store, examples, args)
+    print(f"device hit rate after {args.warmup:g} s of warm-up: multiplexed {routed['hit_rate']:.3f}, "
+          f"unrouted (power-of-two) {unrouted['hit_rate']:.3f}; with the cold start: multiplexed "
+          f"{routed['hit_rate_with_cold_start']:.3f}, unrouted {unrouted['hit_rate_with_cold_start']:.3f}")
     print(f"adapter loads per 1,000 requests: multiplexed {routed['loads_per_1000']:.1f}, "
           f"unrouted {unrouted['loads_per_1000']:.1f}")
-    print(f"requests/s: 2 replicas {routed['rps']:.1f}, 1 replica {one['rps']:.1f}, direct {direct:.1f}")
+    print(f"requests/s, small random base: 2 replicas {routed['rps']:.1f}, 1 replica {one['rps']:.1f}, direct "
+          f"{direct:.1f}; embedded base ({', '.join(examples)}): 1 replica {one_embedded['rps']:.1f}, direct "
+          f"{direct_embedded:.1f}")
     print(f"note: this machine has {os.cpu_count()} cores shared by both replicas, the proxy and the load; "
           "2 vs 1 replicas shows Ray's overhead here, not scaling")
     print(json.dumps({"affinity_hit_rate": round(routed["hit_rate"], 4),
                       "unrouted_hit_rate": round(unrouted["hit_rate"], 4),
+                      "affinity_hit_rate_with_cold_start": round(routed["hit_rate_with_cold_start"], 4),
+                      "unrouted_hit_rate_with_cold_start": round(unrouted["hit_rate_with_cold_start"], 4),
                       "affinity_loads_per_1000": round(routed["loads_per_1000"], 2),
                       "unrouted_loads_per_1000": round(unrouted["loads_per_1000"], 2),
                       "rps_2_replicas": round(routed["rps"], 2), "rps_1_replica": round(one["rps"], 2),
                       "two_vs_one": round(routed["rps"] / one["rps"], 3) if one["rps"] else None,
-                      "ray_vs_direct": round(one["rps"] / direct, 3) if direct else None,
+                      "ray_vs_direct": round(one_embedded["rps"] / direct_embedded, 3) if direct_embedded else None,
+                      "ray_vs_direct_tiny": round(one["rps"] / direct, 3) if direct else None,
                       "adapters": args.adapters, "device_adapters": args.device_adapters, "zipf": args.zipf,
-                      "seconds": args.seconds, "cpus": os.cpu_count()}))
+                      "seconds": args.seconds, "warmup": args.warmup, "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":
