@@ -87,6 +87,8 @@ def _build_wheel(tmp: Path) -> Path:
     (wheel,) = (tmp / "dist").glob("loraplex-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "loraplex_server/csrc/bgmv_cpu.cpp" in names
+    assert {f"loraplex_adapters/example_adapters/{name}/{file}" for name in ("sentiment", "topic", "replies")
+            for file in ("adapter_config.json", "adapter_model.safetensors", "loraplex.json")} <= set(names)
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     return wheel
 
