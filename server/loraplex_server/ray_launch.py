@@ -36,12 +36,14 @@ def run_on_ray(argv: list[str], args: argparse.Namespace) -> None:
     if args.replicas < 1:
         raise SystemExit("--replicas must be >= 1")
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.http_port or 8000}, grpc_options=grpc_options(args.port))
-    serve.run(application(replica_argv(argv), replicas=args.replicas), name=APP_NAME)
-    log.info("serving %d replicas through Ray Serve's gRPC proxy on port %d", args.replicas, args.port)
+    # After ray.init (which installs handlers of its own), before the proxy answers anyone: a SIGTERM
+    # that arrives while the replicas start still ends in an orderly shutdown.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": args.host, "port": args.http_port or 8000}, grpc_options=grpc_options(args.port))
+    serve.run(application(replica_argv(argv), replicas=args.replicas), name=APP_NAME)
+    log.info("serving %d replicas through Ray Serve's gRPC proxy on port %d", args.replicas, args.port)
     stop.wait()
     serve.shutdown()
     ray.shutdown()
