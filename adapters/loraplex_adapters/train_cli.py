@@ -99,7 +99,7 @@ def register(result: TrainResult, server: str | None, store: str | None, token: 
         from .store_protocol import open_store
 
         published = open_store(store).publish(result.output, manifest.name, labels=manifest.labels,
-                                                base_fingerprint=manifest.extra["base_fingerprint"], metrics=metrics)
+                                              base_fingerprint=manifest.extra["base_fingerprint"], metrics=metrics)
         return f"{published.name}@{published.version}"
     return None
 

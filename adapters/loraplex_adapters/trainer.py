@@ -89,14 +89,14 @@ def load_data(config: TrainConfig):
     """(train, eval) checked and split; raises DataError before any model is loaded."""
     if config.task not in ("classification", "generation"):
         raise DataError(f"unknown task {config.task!r}: classification or generation")
-    data = _held_out(config, config.data, None)
+    data = _task_data(config, config.data, None)
     if config.eval_data:
-        return data, _held_out(config, config.eval_data, data)
+        return data, _task_data(config, config.eval_data, data)
     return split(data, config.eval_fraction, config.seed)
 
 
-def _held_out(config: TrainConfig, path: str, training=None):
-    """The rows of one file; held-out classification rows (training given) must use the training labels."""
+def _task_data(config: TrainConfig, path: str, training=None):
+    """One file's rows for the task; held-out classification rows (training given) take the training labels."""
     records = read_records(path)
     if config.task == "classification":
         if training is None:
@@ -213,7 +213,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     train_data, eval_data = load_data(config)  # bad data fails here, before the model loads
-    extra_data = {name: _held_out(config, path, train_data) for name, path in config.extra_eval.items()}
+    extra_data = {name: _task_data(config, path, train_data) for name, path in config.extra_eval.items()}
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(config.seed)
