@@ -2,8 +2,9 @@
 # The device check, run on a lent GPU machine from the repository root (see bench/RESULTS.md).
 #   bash bench/gpu_check.sh [tests|bench|all]
 # tests: engine and gRPC tests on CUDA (fp32, nf4 and int8 bases against PEFT; the server on the GPU),
+#        the Triton LoRA kernel compiled (its parity, then the engine against PEFT with it on),
 #        then `loraplex serve --quantize nf4 --device cuda` answering the CLI, on a tiny base.
-# bench: the engine benchmark on a SmolLM2-135M-shaped base, bf16 and nf4.
+# bench: the engine benchmark on a SmolLM2-135M-shaped base, bf16 and nf4, and bf16 with the Triton kernel.
 # Carried: .whl/ (bitsandbytes, transformers, peft, grpcio*, protobuf wheels for cp312) and, for
 # bench, .gpu/smol/ (SmolLM2's config and tokenizer; weights drawn at random, which time the same).
 set -uo pipefail
@@ -24,6 +25,11 @@ if [ "$PART" != bench ]; then
     tests/test_engine_vs_peft.py tests/test_generation_behaviour.py tests/test_step_loop.py tests/test_grpc_service.py \
     tests/test_grpc_security.py -k "not not_serving_until" > "$OUT/tests_cuda.txt" 2>&1
   tail -15 "$OUT/tests_cuda.txt"
+  LORAPLEX_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_lora.py \
+    > "$OUT/tests_triton.txt" 2>&1
+  LORAPLEX_TRITON_LORA=1 LORAPLEX_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_engine_vs_peft.py tests/test_random_batches_vs_peft.py >> "$OUT/tests_triton.txt" 2>&1
+  grep -E "passed|failed|error" "$OUT/tests_triton.txt"
   python3 -c "from pathlib import Path; from tiny_models import make_base; make_base(Path('/tmp/tiny'), 'llama')"
   python3 -m loraplex_server.serve --base /tmp/tiny --quantize nf4 --device cuda --metrics-port 0 \
     > "$OUT/serve_nf4.txt" 2>&1 &
@@ -47,4 +53,6 @@ PY
     timeout 150 python3 -m bench.engine --device cuda --base /tmp/smol --quantize $quant --reps 5 2>&1 \
       | grep -v -E "Loading weights|Writing model" | tee "$OUT/bench_cuda_$quant.txt"
   done
+  LORAPLEX_TRITON_LORA=1 timeout 150 python3 -m bench.engine --device cuda --base /tmp/smol --reps 5 2>&1 \
+    | grep -v -E "Loading weights|Writing model" | tee "$OUT/bench_cuda_triton.txt"
 fi

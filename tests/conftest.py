@@ -10,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Servers started by tests (they inherit this) keep the HTTP API off unless a test passes --http-port:
 # several run at once, and the default port 8000 would collide.
 os.environ.setdefault("LORAPLEX_HTTP_PORT", "0")
+# Where the tests run on the CPU, Triton (if installed) runs tests/test_triton_lora.py's kernels in its
+# interpreter; it reads this when first imported, which the imports below may already do.
+if os.environ.get("LORAPLEX_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from loraplex.cli import main as cli_main  # noqa: E402
 from tiny_models import BERT_ADAPTERS, GPT2_ADAPTERS, LLAMA_ADAPTERS, make_adapter, make_base  # noqa: E402

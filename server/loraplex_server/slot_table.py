@@ -14,6 +14,7 @@ from loraplex_adapters.peft_folder import LoraAdapter, LoraModuleWeights
 from .base_shapes import BaseShapes
 from .cpu_kernel import bgmv_kernel
 from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink
+from .triton_lora import triton_lora
 
 INITIAL_SLOTS = 16  # the tables start this big and double as adapters arrive
 # Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and
@@ -76,7 +77,10 @@ class SlotTable:
         # Taken before any layer is wrapped; upload validation reads it from other threads.
         self.shapes = BaseShapes.capture(model, head_module, hidden_size)
         # Compiled (or loaded from torch's build cache) now, so the first adapter request does not wait for it.
-        self.kernel = bgmv_kernel() if device.type == "cpu" and dtype == torch.bfloat16 else None
+        # On CUDA the Triton kernel only when LORAPLEX_TRITON_LORA=1 (not yet timed against the torch path).
+        self.kernel = None
+        if dtype == torch.bfloat16:
+            self.kernel = bgmv_kernel() if device.type == "cpu" else triton_lora() if device.type == "cuda" else None
 
     @property
     def free_slots(self) -> int:
