@@ -105,21 +105,28 @@ def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> list[Path
 
 
 class Bench:
-    def __init__(self, args) -> None:
+    """`args.batch` rows over `adapters` distinct adapters (default one per row), made by `make`
+    (base folder, output folder, count, rank) -> adapter folders; `kv_cache_memory` bytes (default: the
+    server's)."""
+
+    def __init__(self, args, adapters: int | None = None, make=make_adapters, kv_cache_memory: int | None = None
+                 ) -> None:
         torch.manual_seed(0)
         self.args = args
         self.base = load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device)
         self.tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-        self.folders = make_adapters(self.base.path, self.tmp, args.batch, args.rank)
-        self.engine = Engine(self.base, max_adapters=args.batch)
-        self.names = [f"a{i}" for i in range(args.batch)]
+        count = adapters or args.batch
+        self.folders = make(self.base.path, self.tmp, count, args.rank)
+        self.engine = Engine(self.base, max_adapters=count, kv_cache_memory=kv_cache_memory)
+        self.names = [f"a{i}" for i in range(count)]
         for name, folder in zip(self.names, self.folders, strict=True):
             self.engine.load_adapter(name, folder)
         vocab = self.base.model.config.vocab_size
         gen = torch.Generator().manual_seed(1)
         self.prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=gen).tolist()
                         for _ in range(args.batch)]
-        self.modes = {"base": [None] * args.batch, "single": [self.names[0]] * args.batch, "mixed": self.names}
+        self.modes = {"base": [None] * args.batch, "single": [self.names[0]] * args.batch,
+                      "mixed": [self.names[i % count] for i in range(args.batch)]}
         self.results: dict[str, float] = {}
 
     # -- ours -----------------------------------------------------------------------------------

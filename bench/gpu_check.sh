@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The device check, run on a lent GPU machine from the repository root (see bench/RESULTS.md).
-#   bash bench/gpu_check.sh [tests|bench|all]
+#   bash bench/gpu_check.sh [tests|bench|all|big]
 # tests: engine and gRPC tests on CUDA (fp32, nf4 and int8 bases against PEFT; the server on the GPU),
 #        the Triton LoRA kernel compiled (its parity, then the engine against PEFT with it on),
 #        then `loraplex serve --quantize nf4 --device cuda` answering the CLI, on a tiny base.
 # bench: the engine benchmark on a SmolLM2-135M-shaped base, bf16 and nf4, and bf16 with the Triton kernel.
+# big (alone, not in all): issue 14's Llama-3.1-8B-shaped figures (bench/gpu_big.py), bf16 and nf4, with
+#      the torch LoRA path and then the Triton kernel.
 # Carried: .whl/ (bitsandbytes, transformers, peft, grpcio*, protobuf wheels for cp312) and, for
 # bench, .gpu/smol/ (SmolLM2's config and tokenizer; weights drawn at random, which time the same).
 set -uo pipefail
@@ -19,6 +21,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers, peft, bitsandbytes as b, grpc; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__,
 'grpcio', grpc.__version__)" | tee -a "$OUT/device.txt"
+
+if [ "$PART" = big ]; then
+  timeout 420 python3 -m bench.gpu_big --work /tmp/big 2>&1 | grep -v -E "Loading weights|Writing model" \
+    | tee "$OUT/gpu_big_torch.txt"
+  LORAPLEX_TRITON_LORA=1 timeout 300 python3 -m bench.gpu_big --work /tmp/big2 --quantize none 2>&1 \
+    | grep -v -E "Loading weights|Writing model" | tee "$OUT/gpu_big_triton.txt"
+  exit 0
+fi
 
 if [ "$PART" != bench ]; then
   LORAPLEX_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging \
