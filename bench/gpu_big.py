@@ -167,8 +167,9 @@ def main() -> None:
     args = parser.parse_args()
 
     print(json.dumps(versions()), flush=True)
-    base_dir = make_base(Path(args.work or tempfile.mkdtemp(prefix="loraplex-big-")) / f"llama-{args.shape}",
-                         args.shape, args.device)
+    base_dir = Path(args.work or tempfile.mkdtemp(prefix="loraplex-big-")) / f"llama-{args.shape}"
+    if not (base_dir / "model.safetensors.index.json").exists() and not (base_dir / "model.safetensors").exists():
+        make_base(base_dir, args.shape, args.device)  # else a folder an earlier run of the same --work left
     bandwidth = copy_bandwidth(args.device)
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + written)", flush=True)
     figures = {}

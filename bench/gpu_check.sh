@@ -25,7 +25,7 @@ python3 -c "import torch, transformers, peft, bitsandbytes as b, grpc; print('to
 if [ "$PART" = big ]; then
   timeout 420 python3 -m bench.gpu_big --work /tmp/big 2>&1 | grep -v -E "Loading weights|Writing model" \
     | tee "$OUT/gpu_big_torch.txt"
-  LORAPLEX_TRITON_LORA=1 timeout 300 python3 -m bench.gpu_big --work /tmp/big2 --quantize none 2>&1 \
+  LORAPLEX_TRITON_LORA=1 timeout 300 python3 -m bench.gpu_big --work /tmp/big --quantize none 2>&1 \
     | grep -v -E "Loading weights|Writing model" | tee "$OUT/gpu_big_triton.txt"
   exit 0
 fi
