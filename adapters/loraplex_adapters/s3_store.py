@@ -253,10 +253,7 @@ class S3AdapterStore(StoreRules):
     def publish(self, source: str | Path, name: str, labels: list[str] | None = None,
                 base_fingerprint: str | None = None, metrics: dict | None = None) -> Manifest:
         """Validate a PEFT folder (or .tar/.tar.gz of one) and commit it as the next version of `name`."""
-        check_name(name)
-        work = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
-        try:
-            folder, manifest = self._stage(source, work, name, labels, base_fingerprint, metrics)
+        with self._staged_upload(source, name, labels, base_fingerprint, metrics) as (folder, manifest):
             manifest.version = self._claim(name)
             for path in sorted(folder.iterdir()):
                 self._put_file(path, self._key("adapters", name, manifest.version, path.name))
@@ -264,8 +261,6 @@ class S3AdapterStore(StoreRules):
             _s3(lambda: self.client.put_object(  # the commit
                 Bucket=self.location.bucket, Key=self._key("adapters", name, manifest.version, MANIFEST_FILE),
                 Body=manifest_bytes(manifest), IfNoneMatch="*"))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         self._list_name(name)
         return manifest
 

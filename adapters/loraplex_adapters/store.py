@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -269,15 +268,10 @@ class AdapterStore(StoreRules):
     def publish(self, source: str | Path, name: str, labels: list[str] | None = None,
                 base_fingerprint: str | None = None, metrics: dict | None = None) -> Manifest:
         """Validate a PEFT folder (or .tar/.tar.gz of one) and commit it as the next version of `name`."""
-        check_name(name)
-        work = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
-        try:
-            folder, manifest = self._stage(source, work, name, labels, base_fingerprint, metrics)
+        with self._staged_upload(source, name, labels, base_fingerprint, metrics) as (folder, manifest):
             _fsync_tree(folder)  # the bulk of the syncing, before taking the lock
             self._commit(folder, manifest)
-            return manifest
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        return manifest
 
     def _commit(self, folder: Path, manifest: Manifest) -> None:
         """Claim the next version of the name and rename the folder into place, under the store

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .archive import AdapterTooLarge, extract_archive, file_limit
 from .bounded_json import loads_bounded
 from .fingerprint import file_sha256
-from .manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, check_manifest, read_manifest
+from .manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, check_manifest, check_name, read_manifest
 from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, LoraAdapter, load_peft_folder
 
 ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
@@ -55,6 +57,18 @@ class StoreRules:
             return None
         return (f"adapter was trained on base {trained_on}, this server runs {self.base_fingerprint} "
                 "(start with --allow-base-mismatch to accept)")
+
+    @contextmanager
+    def _staged_upload(self, source: str | Path, name: str, labels: list[str] | None, base_fingerprint: str | None,
+                       metrics: dict | None) -> Iterator[tuple[Path, Manifest]]:
+        """An upload staged and validated in a fresh folder under the backend's `self.staging` (removed
+        afterwards, committed or not); yields (folder, manifest) for the backend to commit."""
+        check_name(name)
+        work = Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging))
+        try:
+            yield self._stage(source, work, name, labels, base_fingerprint, metrics)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _stage(self, source: str | Path, work: Path, name: str, labels: list[str] | None,
                base_fingerprint: str | None, metrics: dict | None) -> tuple[Path, Manifest]:
