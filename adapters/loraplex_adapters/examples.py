@@ -28,7 +28,6 @@ def publish_examples(store: AdapterStoreLike, base_fingerprint: str) -> list[Man
     for folder, shipped in example_manifests():
         if shipped.extra.get("base_fingerprint") != base_fingerprint:
             continue
-        published.append(store.publish(folder, shipped.name, labels=shipped.labels,
-                                       base_fingerprint=shipped.extra.get("base_fingerprint"),
+        published.append(store.publish(folder, shipped.name, labels=shipped.labels, base_fingerprint=base_fingerprint,
                                        metrics=shipped.extra.get("metrics")))
     return published
