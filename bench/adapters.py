@@ -31,10 +31,10 @@ from loraplex import AsyncClient
 from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
-from loraplex_server.adapter_cache import AdapterCache, adapter_key
-from loraplex_server.base_model import DTYPE_CHOICES, load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.metrics import Metrics
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.base_model import DTYPE_CHOICES, load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.runtime.adapter_cache import AdapterCache, adapter_key
 
 RANKS = (8, 16, 64)
 

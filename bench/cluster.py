@@ -109,7 +109,7 @@ def hit_rate(before: dict, after: dict, requests: int) -> tuple[float, float]:
 def ray_phase(base, store, adapters, args, grpc_port: int, replicas: int, routed: bool) -> dict:
     from ray import serve
 
-    from loraplex_server.ray_app import APP_NAME, application
+    from loraplex_server.frontends.ray_app import APP_NAME, application
 
     metrics_port = free_port()
     serve.run(application(replica_flags(base, store, args, metrics_port), replicas=replicas, num_cpus=0),
@@ -130,7 +130,8 @@ def ray_phase(base, store, adapters, args, grpc_port: int, replicas: int, routed
 def direct_rps(base, store, adapters, args) -> float:
     port = free_port()
     env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--http-port", "0",
+    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--port", str(port),
+                               "--http-port", "0",
                                *replica_flags(base, store, args, 0)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -157,7 +158,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from loraplex_server.ray_app import grpc_options
+    from loraplex_server.frontends.ray_app import grpc_options
 
     root = Path(tempfile.mkdtemp(prefix="loraplex-cluster-"))
     base = make_base(root / "base", "llama")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraplex_adapters.compute_dtype import cpu_description
-from loraplex_server.base_model import (
+from loraplex_server.engine.base_model import (
     DTYPE_CHOICES,
     fix_bnb_cpu_fast_path,
     load_base_model,
@@ -32,8 +32,8 @@ from loraplex_server.base_model import (
     resolve_device,
     resolve_dtype,
 )
-from loraplex_server.engine import Engine, GenerationRequest
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.sampling import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -31,9 +31,9 @@ import psutil
 import torch
 
 from bench.engine import announce_dtype
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine, GenerationRequest
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.sampling import SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
 

@@ -41,7 +41,7 @@ if [ "$PART" != bench ]; then
     tests/test_engine_vs_peft.py tests/test_random_batches_vs_peft.py >> "$OUT/tests_triton.txt" 2>&1
   grep -E "passed|failed|error" "$OUT/tests_triton.txt"
   python3 -c "from pathlib import Path; from tiny_models import make_base; make_base(Path('/tmp/tiny'), 'llama')"
-  python3 -m loraplex_server.serve --base /tmp/tiny --quantize nf4 --device cuda --metrics-port 0 \
+  python3 -m loraplex_server.app.serve --base /tmp/tiny --quantize nf4 --device cuda --metrics-port 0 \
     > "$OUT/serve_nf4.txt" 2>&1 &
   for _ in $(seq 120); do python3 -m loraplex.cli health 2>/dev/null | grep -q "^SERVING" && break; sleep 0.5; done
   python3 -m loraplex.cli generate --max-tokens 8 "hello world" 2>&1 | tee -a "$OUT/serve_nf4.txt"

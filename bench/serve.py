@@ -44,8 +44,8 @@ from loraplex import AsyncClient, Client, LoraplexError
 from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
-from loraplex_server.base_model import DTYPE_CHOICES, load_base_model
-from loraplex_server.engine import Engine
+from loraplex_server.engine.base_model import DTYPE_CHOICES, load_base_model
+from loraplex_server.engine.engine import Engine
 
 LABELS = ["neg", "neu", "pos"]
 GENERATOR = "gen"
@@ -79,7 +79,7 @@ def start_server(store_root: Path, extra_args: tuple[str, ...] = ()) -> tuple[su
     """`loraplex serve` on the embedded base and this store; returns once it reports SERVING. The HTTP API
     is off unless extra_args names an --http-port."""
     port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port",
+    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--port", str(port), "--metrics-port",
                                str(metrics_port), "--adapter-dir", str(store_root), "--max-pending", "1024",
                                "--http-port", "0", *extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as probe:

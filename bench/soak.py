@@ -44,7 +44,7 @@ from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_adapters.compute_dtype import cpu_description
 from loraplex_adapters.embedded_base import embedded_default_path
 from loraplex_adapters.store import AdapterStore
-from loraplex_server.base_model import DTYPE_CHOICES
+from loraplex_server.engine.base_model import DTYPE_CHOICES
 
 KINDS = ("classify", "generate", "stream", "cancel")
 MAX_TOKENS = 16

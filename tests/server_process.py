@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, extra_args=(), client_kwargs=None,
                  target=None):
-    command = [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir",
+    command = [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(base_dir), "--adapter-dir",
                str(adapter_dir), "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32",
                "--quantize", "none", "--device", TEST_DEVICE, "--max-pending", str(max_pending), *extra_args]
     return start_server_command(command, port, env={**os.environ, "LORAPLEX_CPU_KERNEL": "0"},

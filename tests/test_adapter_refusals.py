@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex_adapters.peft_folder import AdapterFormatError, load_peft_folder
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.slot_table import SlotsFullError
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.lora.slot_table import SlotsFullError
 from tiny_models import AdapterSpec, make_adapter
 
 

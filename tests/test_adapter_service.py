@@ -18,9 +18,9 @@ from loraplex import FailedPrecondition, InvalidArgument, NotFound, ResourceExha
 from loraplex.cli import main as cli_main
 from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 GEN, CLS = "gen_all_r8", "cls3_r2"

@@ -22,9 +22,9 @@ from loraplex import NotFound
 from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 from loraplex_adapters.store import AdapterStore
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 CLS, GEN_V1, GEN_V2 = "cls3_r2", "gen_qv_r4", "gen_all_r8"
@@ -213,9 +213,9 @@ def test_kill_9_mid_upload_then_restart_serves_every_earlier_adapter(tiny, tmp_p
 
 def test_pins_leave_room_and_pinned_or_running_adapters_are_never_evicted(tiny, tmp_path):
     """In-process: the cache on the engine thread's side, with device room for 2 adapters."""
-    from loraplex_server.adapter_cache import AdapterCache, PinRefused
-    from loraplex_server.metrics import Metrics
-    from loraplex_server.sequence import GenerationRequest
+    from loraplex_server.api.metrics import Metrics
+    from loraplex_server.engine.sequence import GenerationRequest
+    from loraplex_server.runtime.adapter_cache import AdapterCache, PinRefused
 
     base_dir, adapters = tiny("llama")
     store = AdapterStore(tmp_path / "store")

@@ -16,9 +16,9 @@ from loraplex_adapters.peft_folder import (
     LoraModuleWeights,
     load_peft_folder,
 )
-from loraplex_server.base_model import load_base_model
-from loraplex_server.base_shapes import BaseShapes
-from loraplex_server.engine import Engine
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.lora.base_shapes import BaseShapes
 
 Q = "model.layers.0.self_attn.q_proj"
 

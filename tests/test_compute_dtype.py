@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraplex_adapters.compute_dtype import auto_dtype, cpu_description, native_bf16
-from loraplex_server.base_model import BaseModelError, resolve_dtype
+from loraplex_server.engine.base_model import BaseModelError, resolve_dtype
 
 CPU = torch.device("cpu")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex_server.base_model import load_base_model
-from loraplex_server.cpu_kernel import bgmv_kernel
-from loraplex_server.engine import Engine
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.lora.cpu_kernel import bgmv_kernel
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from loraplex_adapters import embedded_base as embedded
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from loraplex_server.base_model import fix_bnb_cpu_fast_path, load_base_model, quantization_config
-from loraplex_server.engine import Engine, GenerationRequest
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import fix_bnb_cpu_fast_path, load_base_model, quantization_config
+from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [7, 7, 7, 7], [30, 31], [40, 41, 42, 43]]
@@ -170,7 +170,7 @@ def test_a_reused_slot_keeps_nothing_of_its_previous_adapter(tiny, dtype):
 
 def test_slot_tables_grow_as_adapters_arrive(tiny):
     """Tables start small and double; adapters written before a growth keep their outputs."""
-    from loraplex_server import slot_table
+    from loraplex_server.lora import slot_table
 
     base_dir, adapters = tiny("llama")
     engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=40)

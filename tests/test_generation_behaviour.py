@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine, GenerationRequest, WrongTask
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine, GenerationRequest, WrongTask
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 PROMPT = [5, 6, 7, 8, 9]

@@ -24,9 +24,9 @@ from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, L
 from loraplex.cli import main as cli_main
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 GEN, CLS, CLS2 = "gen_all_r8", "cls5_r6", "cls3_r2"
@@ -280,7 +280,7 @@ def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
     """A fresh cache makes the embedded default convert its GGUF first: seconds of NOT_SERVING."""
     port, http_port = free_port(), free_port()
     env = {**os.environ, "LORAPLEX_CACHE_DIR": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--port", str(port),
                                 "--metrics-port", "0", "--device", "cpu", "--http-port", str(http_port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen, refused, http_refused = [], 0, 0

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
-from loraplex_server.kv_cache import PagedKVCache, bytes_per_token
+from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
 
 CONFIG = LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 BLOCKS = 12

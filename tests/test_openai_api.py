@@ -284,7 +284,7 @@ def test_http_requests_are_counted_and_a_disconnect_cancels_the_row(server):
 
 def test_a_busy_http_port_is_refused_with_the_flag_to_change(server, chat_base, tmp_path):  # noqa: F811
     second = subprocess.run(
-        [sys.executable, "-m", "loraplex_server.serve", "--base", str(chat_base), "--adapter-dir", str(tmp_path),
+        [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(chat_base), "--adapter-dir", str(tmp_path),
          "--port", str(free_port()), "--metrics-port", "0", "--http-port", str(server["http_port"]),
          "--quantize", "none", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
     assert second.returncode != 0

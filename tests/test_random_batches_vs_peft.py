@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_engine_vs_peft import peft_reference, reference_model, tensor
 
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import ClassifyRequest, Engine, GenerationRequest
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import ClassifyRequest, Engine, GenerationRequest
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE, AdapterSpec, make_adapter
 
 TOL = 1e-4

@@ -33,7 +33,7 @@ def cluster(tiny, adapter_dir, tmp_path_factory):
     import ray
     from ray import serve
 
-    from loraplex_server.ray_app import APP_NAME, application, grpc_options
+    from loraplex_server.frontends.ray_app import APP_NAME, application, grpc_options
 
     base, _ = tiny("llama")
     store = tmp_path_factory.mktemp("ray") / "store"
@@ -164,7 +164,7 @@ def test_a_killed_replica_is_restarted(cluster):
     (3 times by default). Later requests go to the survivor, and after the restart to both."""
     from ray import serve
 
-    from loraplex_server.ray_app import APP_NAME
+    from loraplex_server.frontends.ray_app import APP_NAME
 
     address, ports, _ = cluster
     handle = serve.get_app_handle(APP_NAME)
@@ -213,10 +213,10 @@ def test_the_single_node_server_does_not_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, loraplex_server.serve as s; a = s.build_parser().parse_args(['--replicas', '3']); "
+    code = ("import sys, loraplex_server.app.serve as s; a = s.build_parser().parse_args(['--replicas', '3']); "
             "assert 'ray' not in sys.modules and not a.ray and a.replicas == 3")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    from loraplex_server.ray_launch import replica_argv
+    from loraplex_server.app.ray_launch import replica_argv
 
     assert replica_argv(["--ray", "--replicas", "3", "--base", "b", "--replicas=4", "--port", "1"]) == [
         "--base", "b", "--port", "1"]

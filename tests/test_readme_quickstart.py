@@ -77,7 +77,7 @@ def fresh_server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_DATA_HOME", "LORAPLEX_ADAPTER_DIR")}
     env.update(HOME=str(home), XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
     port = free_port()
-    command = [sys.executable, "-m", "loraplex_server.serve", "--port", str(port), "--metrics-port", "0",
+    command = [sys.executable, "-m", "loraplex_server.app.serve", "--port", str(port), "--metrics-port", "0",
                "--http-port", "0"]
     process, client = start_server_command(command, port, env=env, client_kwargs={"timeout": 60})
     yield env, f"127.0.0.1:{port}", home

@@ -19,9 +19,9 @@ from loraplex import NotFound
 from loraplex_adapters.fingerprint import file_sha256
 from loraplex_adapters.s3_store import S3AdapterStore, StoreUnavailable
 from loraplex_adapters.store import AdapterNotInStore
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import Engine
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 BUCKET = "loraplex-test"

@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 
-import loraplex_server.sequence as sequence_module
-from loraplex_server.detokenizer import IncrementalDetokenizer, pending_stop_prefix
-from loraplex_server.sampling import SamplingParams, gumbel_noise, row_keys, sample
-from loraplex_server.sequence import GenerationRequest, Sequence
+import loraplex_server.engine.sequence as sequence_module
+from loraplex_server.engine.detokenizer import IncrementalDetokenizer, pending_stop_prefix
+from loraplex_server.engine.sampling import SamplingParams, gumbel_noise, row_keys, sample
+from loraplex_server.engine.sequence import GenerationRequest, Sequence
 from tiny_models import write_tokenizer
 
 MULTILINGUAL = [

@@ -26,7 +26,7 @@ def test_a_busy_port_is_refused_with_the_flag_to_change(running, tmp_path, which
     base_dir, port, metrics_port = running
     ports = (port, 0) if which == "grpc" else (free_port(), metrics_port)
     second = subprocess.run(
-        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
+        [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
          "--port", str(ports[0]), "--metrics-port", str(ports[1]), "--quantize", "none", "--dtype", "float32"],
         capture_output=True, text=True, timeout=120)
     assert second.returncode != 0
@@ -45,7 +45,7 @@ def test_a_busy_port_is_refused_with_the_flag_to_change(running, tmp_path, which
 def test_an_unworkable_budget_stops_the_server_with_the_flag_to_change(tiny, tmp_path, flag, value, message):
     base_dir, _ = tiny("llama")
     second = subprocess.run(
-        [sys.executable, "-m", "loraplex_server.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
+        [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
          "--port", str(free_port()), "--metrics-port", "0", "--quantize", "none", "--dtype", "float32",
          f"{flag}={value}"],
         capture_output=True, text=True, timeout=120)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_engine_vs_peft import peft_reference, reference_model, tensor
 
-from loraplex_server.base_model import load_base_model
-from loraplex_server.engine import ClassifyRequest, Engine, GenerationRequest
-from loraplex_server.kv_cache import bytes_per_token
-from loraplex_server.sampling import SamplingParams
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import ClassifyRequest, Engine, GenerationRequest
+from loraplex_server.engine.kv_cache import bytes_per_token
+from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
 # Prompts of 1 to 90 tokens (the tiny model's context is 128).

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (GPU machines have it)")
 
-from loraplex_server.triton_lora import bgmv_add_  # noqa: E402
+from loraplex_server.lora.triton_lora import bgmv_add_  # noqa: E402
 from tiny_models import TEST_DEVICE as DEVICE  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the reference's norm
@@ -63,8 +63,8 @@ def test_a_lora_layer_decodes_the_same_through_the_kernel_and_the_torch_path():
     """The kernel where the engine calls it: single-token rows on mixed adapters, bf16, in a BatchedLoraLinear."""
     from types import SimpleNamespace
 
-    from loraplex_server.lora_layers import BatchedLoraLinear, BatchState
-    from loraplex_server.triton_lora import bgmv_add_
+    from loraplex_server.lora.layers import BatchedLoraLinear, BatchState
+    from loraplex_server.lora.triton_lora import bgmv_add_
 
     in_features, out_features, slots = 96, 72, 4
     base = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16).to(DEVICE)

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def served_accuracy(store: str, names: list[str], trained: Path, quantize: str) -> dict[str, dict]:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.serve", "--adapter-dir", store, "--port",
+    server = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--adapter-dir", store, "--port",
                                str(port), "--metrics-port", "0", "--quantize", quantize],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

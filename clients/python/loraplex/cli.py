@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the server needs torch; the rest of the CLI must not import it
-        from loraplex_server.serve import main as serve
+        from loraplex_server.app.serve import main as serve
 
         serve(argv[1:])
         return 0

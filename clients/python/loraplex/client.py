@@ -39,7 +39,7 @@ def _metadata(token: str | None) -> list[tuple[str, str]]:
 
 def _routed(metadata: list[tuple[str, str]], request) -> list[tuple[str, str]]:
     """The metadata of an inference call: Ray Serve's gRPC proxy routes by `multiplexed_model_id` to a
-    replica that holds the adapter (loraplex_server.ray_app); a single server ignores it."""
+    replica that holds the adapter (loraplex_server.frontends.ray_app); a single server ignores it."""
     adapter = getattr(request, "adapter", "") if isinstance(request, _INFERENCE_REQUESTS) else ""
     # Only a value gRPC can carry: a malformed reference still reaches the server, which says what is wrong.
     routable = adapter and len(adapter) <= 256 and adapter.isascii() and adapter.isprintable()

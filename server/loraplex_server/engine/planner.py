@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .kv_cache import PagedKVCache
-from .sequence import Sequence
+from loraplex_server.engine.kv_cache import PagedKVCache
+from loraplex_server.engine.sequence import Sequence
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`loraplex serve --ray --replicas N`: a local Ray cluster with N replicas behind Ray Serve's gRPC proxy on
---port, until SIGINT/SIGTERM. For a real multi-node cluster, deploy `loraplex_server.ray_app:build` with
+--port, until SIGINT/SIGTERM. For a real multi-node cluster, deploy `loraplex_server.frontends.ray_app:build` with
 `serve run`/`serve deploy` instead (README)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run_on_ray(argv: list[str], args: argparse.Namespace) -> None:
     import ray  # the cluster extra; the single-node server never imports it
     from ray import serve
 
-    from .ray_app import APP_NAME, application, grpc_options
+    from loraplex_server.frontends.ray_app import APP_NAME, application, grpc_options
 
     if args.replicas < 1:
         raise SystemExit("--replicas must be >= 1")

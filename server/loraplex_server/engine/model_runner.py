@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .base_model import BaseModel
-from .kv_cache import PagedKVCache
-from .padded_batch import pad_rows
-from .paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
-from .slot_table import SlotTable
-from .step_planner import PlannedRow
+from loraplex_server.engine.base_model import BaseModel
+from loraplex_server.engine.kv_cache import PagedKVCache
+from loraplex_server.engine.padded_batch import pad_rows
+from loraplex_server.engine.paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
+from loraplex_server.engine.planner import PlannedRow
+from loraplex_server.lora.slot_table import SlotTable
 
 
 class ModelRunner:

@@ -6,8 +6,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
-from .sampling import SamplingParams
+from loraplex_server.engine.detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
+from loraplex_server.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
 

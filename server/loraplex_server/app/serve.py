@@ -20,20 +20,19 @@ from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferenc
 from loraplex_adapters.examples import publish_examples
 from loraplex_adapters.s3_store import StoreUnavailable  # boto3 is imported only for an s3:// store
 from loraplex_adapters.store_protocol import open_store
-
-from .adapter_cache import AdapterCache
-from .admin_service import AdapterAdminService
-from .auth import BearerAuth
-from .base_model import load_base_model
-from .engine import Engine
-from .http_server import open_http_api
-from .kv_cache import KVCacheTooSmall
-from .metrics import Metrics
-from .oip_service import add_open_inference_service
-from .request_decoding import RequestDecoding
-from .scheduler import Scheduler
-from .serve_options import build_parser, default_adapter_dir
-from .service import InferenceService, Limits
+from loraplex_server.api.auth import BearerAuth
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.app.options import build_parser, default_adapter_dir
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.kv_cache import KVCacheTooSmall
+from loraplex_server.frontends.grpc_admin import AdapterAdminService
+from loraplex_server.frontends.grpc_decoding import RequestDecoding
+from loraplex_server.frontends.grpc_inference import InferenceService, Limits
+from loraplex_server.frontends.http_server import open_http_api
+from loraplex_server.frontends.oip_service import add_open_inference_service
+from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger("loraplex.serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -108,7 +107,7 @@ async def serve(args: argparse.Namespace) -> None:
     except (KVCacheTooSmall, StoreUnavailable) as exc:
         await server.stop(None)  # the port is already open: close it before exiting
         raise SystemExit(str(exc)) from None
-    scheduler = Scheduler(engine, cache, metrics, max_pending=args.max_pending)
+    scheduler = EngineLoop(engine, cache, metrics, max_pending=args.max_pending)
     scheduler.start()
     service.attach(engine, scheduler, cache)
     admin.attach(cache, scheduler)
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.getLogger("loraplex.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     if args.ray:  # imported only here: the single-node server never imports ray
-        from .ray_launch import run_on_ray
+        from loraplex_server.app.ray_launch import run_on_ray
 
         run_on_ray(list(sys.argv[1:] if argv is None else argv), args)
         return

@@ -20,17 +20,16 @@ from prometheus_client import Counter
 
 from loraplex_adapters.manifest import parse_reference
 from loraplex_adapters.store_protocol import open_store
-
-from .adapter_cache import AdapterCache
-from .admin_service import AdapterAdminService
-from .auth import TokenPolicy
-from .base_model import load_base_model
-from .engine import Engine
-from .metrics import Metrics
-from .ray_grpc_context import RayServicerContext
-from .scheduler import Scheduler
-from .serve_options import build_parser
-from .service import InferenceService, Limits
+from loraplex_server.api.auth import TokenPolicy
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.app.options import build_parser
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine
+from loraplex_server.frontends.grpc_admin import AdapterAdminService
+from loraplex_server.frontends.grpc_inference import InferenceService, Limits
+from loraplex_server.frontends.ray_grpc_context import RayServicerContext
+from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger("loraplex.ray")
 
@@ -77,7 +76,7 @@ class ReplicaServer:
         self.inference = InferenceService(self.metrics, Limits())
         self.admin = AdapterAdminService(self.metrics, args.max_upload_bytes)
         engine, cache = build_tiers(args, self.metrics)
-        self.scheduler = Scheduler(engine, cache, self.metrics, max_pending=args.max_pending)
+        self.scheduler = EngineLoop(engine, cache, self.metrics, max_pending=args.max_pending)
         self.scheduler.start()
         self.inference.attach(engine, self.scheduler, cache)
         self.admin.attach(cache, self.scheduler)

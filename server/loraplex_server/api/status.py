@@ -9,11 +9,10 @@ import grpc
 
 from loraplex_adapters.s3_store import StoreUnavailable  # boto3 itself is imported only by an s3:// store
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge, BaseMismatch
-
-from .adapter_cache import PinRefused, WrongBase
-from .chat_template import NoChatTemplate
-from .engine import AdapterInUse, AdapterNotFound, EngineFailure, WrongTask
-from .scheduler import QueueFull
+from loraplex_server.api.chat_template import NoChatTemplate
+from loraplex_server.engine.engine import AdapterInUse, AdapterNotFound, EngineFailure, WrongTask
+from loraplex_server.runtime.adapter_cache import PinRefused, WrongBase
+from loraplex_server.runtime.engine_loop import QueueFull
 
 log = logging.getLogger(__name__)
 

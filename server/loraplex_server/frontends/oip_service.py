@@ -27,13 +27,19 @@ import grpc
 from loraplex.oip import grpc_predict_v2_pb2 as pb
 from loraplex.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from loraplex_adapters.manifest import Manifest
-
-from .engine import WrongTask
-from .metrics import Metrics
-from .oip_parameters import sampling_arguments
-from .oip_tensors import decode_texts, pack_bytes, pack_fp32, split_bytes, texts_of_shape, top_classes
-from .request_builder import InvalidRequest, RequestBuilder
-from .status import abort_for
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.api.request_builder import InvalidRequest, RequestBuilder
+from loraplex_server.api.status import abort_for
+from loraplex_server.engine.engine import WrongTask
+from loraplex_server.frontends.oip_parameters import sampling_arguments
+from loraplex_server.frontends.oip_tensors import (
+    decode_texts,
+    pack_bytes,
+    pack_fp32,
+    split_bytes,
+    texts_of_shape,
+    top_classes,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 BYTES, FP32 = "BYTES", "FP32"

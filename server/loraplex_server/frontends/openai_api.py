@@ -23,12 +23,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .auth import _matches
-from .metrics import Metrics
-from .openai_schema import BadRequestBody, GenerationBody, parse_chat, parse_classify, parse_completion, parse_json
-from .request_builder import BaseLoading, RequestBuilder
-from .sequence import GenerationRequest
-from .status import http_status, status_of
+from loraplex_server.api.auth import _matches
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.api.request_builder import BaseLoading, RequestBuilder
+from loraplex_server.api.status import http_status, status_of
+from loraplex_server.engine.sequence import GenerationRequest
+from loraplex_server.frontends.openai_schema import (
+    BadRequestBody,
+    GenerationBody,
+    parse_chat,
+    parse_classify,
+    parse_completion,
+    parse_json,
+)
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's names: EOS is a natural stop

@@ -25,7 +25,7 @@ MIN_BLOCK_R = 16  # tl.dot-free reductions still want a power of two of at least
 
 @cache
 def _kernels():
-    from . import triton_lora_kernels  # imports triton
+    from loraplex_server.lora import triton_lora_kernels  # imports triton
 
     return triton_lora_kernels
 

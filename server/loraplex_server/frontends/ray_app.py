@@ -1,7 +1,8 @@
 """loraplex as a Ray Serve application: N replicas of the base, requests through Ray Serve's gRPC proxy,
 routed by adapter (`multiplexed_model_id`) to a replica that holds it while it is not overloaded.
 
-    serve run loraplex_server.ray_app:build argv="--base /models/base --adapter-dir /shared/adapters" replicas=2
+    serve run loraplex_server.frontends.ray_app:build \
+        argv="--base /models/base --adapter-dir /shared/adapters" replicas=2
 
 (with the proxy's gRPC servicers configured, see `grpc_options()` and the README), or
 `loraplex serve --ray --replicas N` for a local cluster. `@serve.batch` is not used: it would split
@@ -15,8 +16,8 @@ import shlex
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from .ray_replica import ReplicaServer
-from .serve_options import build_parser
+from loraplex_server.app.options import build_parser
+from loraplex_server.frontends.ray_replica import ReplicaServer
 
 APP_NAME = "loraplex"
 DEPLOYMENT_NAME = "LoraplexReplica"

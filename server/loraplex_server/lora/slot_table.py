@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from loraplex_adapters.peft_folder import LoraAdapter, LoraModuleWeights
-
-from .base_shapes import BaseShapes
-from .cpu_kernel import bgmv_kernel
-from .lora_layers import BatchedLoraLinear, BatchState, SharedShrink
-from .triton_lora import triton_lora
+from loraplex_server.lora.base_shapes import BaseShapes
+from loraplex_server.lora.cpu_kernel import bgmv_kernel
+from loraplex_server.lora.layers import BatchedLoraLinear, BatchState, SharedShrink
+from loraplex_server.lora.triton_lora import triton_lora
 
 INITIAL_SLOTS = 16  # the tables start this big and double as adapters arrive
 # Projections that read the same input inside one parent module (Llama/Qwen/Mistral attention and

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
-
-from .base_model import BaseModel
-from .kv_cache import PagedKVCache, bytes_per_token
-from .model_runner import ModelRunner
-from .sampling import SamplingParams, sample
-from .sequence import GenerationRequest, Sequence, TokenEvent
-from .slot_table import SlotTable
-from .step_planner import ClassifyRow, PlannedRow, StepPlanner
+from loraplex_server.engine.base_model import BaseModel
+from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
+from loraplex_server.engine.model_runner import ModelRunner
+from loraplex_server.engine.planner import ClassifyRow, PlannedRow, StepPlanner
+from loraplex_server.engine.sampling import SamplingParams, sample
+from loraplex_server.engine.sequence import GenerationRequest, Sequence, TokenEvent
+from loraplex_server.lora.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import socket
 
 import uvicorn
 
-from .metrics import Metrics
-from .openai_api import OpenAIApi
-from .request_builder import RequestBuilder
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.api.request_builder import RequestBuilder
+from loraplex_server.frontends.openai_api import OpenAIApi
 
 
 class _EmbeddedServer(uvicorn.Server):

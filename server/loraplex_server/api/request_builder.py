@@ -9,13 +9,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from .adapter_cache import AdapterCache
-from .chat_template import ChatMessage, check_messages, render_chat
-from .engine import Engine, WrongTask
-from .metrics import Metrics
-from .sampling import SamplingParams
-from .scheduler import Scheduler
-from .sequence import GenerationRequest, TokenEvent
+from loraplex_server.api.chat_template import ChatMessage, check_messages, render_chat
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.engine import Engine, WrongTask
+from loraplex_server.engine.sampling import SamplingParams
+from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
+from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.engine_loop import EngineLoop
 
 # Texts longer than this many characters per token of context are refused before tokenizing (real text
 # averages about 4 characters per token; whitespace runs can be more).
@@ -42,10 +42,10 @@ class RequestBuilder:
         self.metrics = metrics
         self.limits = limits or Limits()
         self.engine: Engine | None = None  # set once the base model is loaded
-        self.scheduler: Scheduler | None = None
+        self.scheduler: EngineLoop | None = None
         self.cache: AdapterCache | None = None
 
-    def attach(self, engine: Engine, scheduler: Scheduler, cache: AdapterCache) -> None:
+    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterCache) -> None:
         self.engine, self.scheduler, self.cache = engine, scheduler, cache
 
     def ready(self) -> Engine:

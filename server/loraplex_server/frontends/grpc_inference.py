@@ -13,16 +13,15 @@ import grpc
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-
-from .adapter_cache import AdapterCache
-from .chat_template import ChatMessage
-from .engine import Engine, WrongTask
-from .metrics import Metrics
-from .request_builder import CHARS_PER_TOKEN, InvalidRequest, Limits, RequestBuilder
-from .sampling import SamplingParams
-from .scheduler import Scheduler
-from .sequence import GenerationRequest
-from .status import abort_for
+from loraplex_server.api.chat_template import ChatMessage
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.api.request_builder import CHARS_PER_TOKEN, InvalidRequest, Limits, RequestBuilder
+from loraplex_server.api.status import abort_for
+from loraplex_server.engine.engine import Engine, WrongTask
+from loraplex_server.engine.sampling import SamplingParams
+from loraplex_server.engine.sequence import GenerationRequest
+from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.engine_loop import EngineLoop
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 __all__ = ["CHARS_PER_TOKEN", "InferenceService", "InvalidRequest", "Limits", "observed"]
@@ -92,7 +91,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics
         self.requests = RequestBuilder(metrics, limits)  # shared with the HTTP API (openai_api.py)
 
-    def attach(self, engine: Engine, scheduler: Scheduler, cache: AdapterCache) -> None:
+    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterCache) -> None:
         self.requests.attach(engine, scheduler, cache)
 
     @property
@@ -104,7 +103,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return self.requests.cache
 
     @property
-    def scheduler(self) -> Scheduler | None:
+    def scheduler(self) -> EngineLoop | None:
         return self.requests.scheduler
 
     # -- helpers --------------------------------------------------------------------------------

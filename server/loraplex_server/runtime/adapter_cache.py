@@ -25,9 +25,8 @@ from loraplex_adapters.manifest import Manifest, parse_reference
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge
 from loraplex_adapters.store_protocol import AdapterStoreLike
-
-from .engine import AdapterInUse, AdapterNotFound, Engine
-from .metrics import Metrics
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.engine import AdapterInUse, AdapterNotFound, Engine
 
 log = logging.getLogger(__name__)
 

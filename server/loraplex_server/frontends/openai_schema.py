@@ -12,8 +12,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .chat_template import ChatMessage
-from .sampling import MAX_STOP_STRINGS
+from loraplex_server.api.chat_template import ChatMessage
+from loraplex_server.engine.sampling import MAX_STOP_STRINGS
 
 
 class BadRequestBody(ValueError):

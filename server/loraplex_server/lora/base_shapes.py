@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from loraplex_adapters.peft_folder import AdapterFormatError, LoraAdapter
-
-from .lora_layers import linear_shape
+from loraplex_server.lora.layers import linear_shape
 
 
 @dataclass(frozen=True)

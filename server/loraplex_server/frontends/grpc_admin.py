@@ -20,11 +20,10 @@ from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_adapters.manifest import Manifest, check_labels, check_name, parse_reference
 from loraplex_adapters.store import AdapterStore, AdapterTooLarge
-
-from .adapter_cache import AdapterCache, adapter_key
-from .scheduler import Scheduler
-from .service import InvalidRequest, observed
-from .status import abort_for
+from loraplex_server.api.status import abort_for
+from loraplex_server.frontends.grpc_inference import InvalidRequest, observed
+from loraplex_server.runtime.adapter_cache import AdapterCache, adapter_key
+from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}
@@ -41,9 +40,9 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
         self.cache: AdapterCache | None = None  # set once the base model is loaded
-        self.scheduler: Scheduler | None = None
+        self.scheduler: EngineLoop | None = None
 
-    def attach(self, cache: AdapterCache, scheduler: Scheduler) -> None:
+    def attach(self, cache: AdapterCache, scheduler: EngineLoop) -> None:
         self.cache, self.scheduler = cache, scheduler
 
     @property

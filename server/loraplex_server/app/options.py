@@ -8,7 +8,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .base_model import DTYPE_CHOICES, QUANTIZE_CHOICES
+from loraplex_server.engine.base_model import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

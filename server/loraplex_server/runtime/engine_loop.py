@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .adapter_cache import AdapterCache
-from .engine import Classification, ClassifyRequest, Engine
-from .metrics import Metrics
-from .sequence import GenerationRequest, TokenEvent
+from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.engine import Classification, ClassifyRequest, Engine
+from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
+from loraplex_server.runtime.adapter_cache import AdapterCache
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _Arrived:
     key: str
 
 
-class Scheduler:
+class EngineLoop:
     def __init__(self, engine: Engine, cache: AdapterCache, metrics: Metrics, max_pending: int = 256) -> None:
         self.engine, self.cache, self.metrics = engine, cache, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running

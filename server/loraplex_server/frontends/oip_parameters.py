@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from .request_builder import InvalidRequest
+from loraplex_server.api.request_builder import InvalidRequest
 
 INTEGER = ("max_tokens", "top_k", "seed")
 NUMBER = ("temperature", "top_p")

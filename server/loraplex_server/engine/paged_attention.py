@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .kv_cache import PagedKVCache
+from loraplex_server.engine.kv_cache import PagedKVCache
 
 ATTENTION = "loraplex_paged"
 BUCKET_SLACK = 1.25  # a bucket's padded work is at most this times its rows' own (plus one block)

@@ -1,0 +1,1 @@
+"""The `serve` command, its options, and what builds a runtime from them."""

@@ -1,0 +1,1 @@
+"""The engine: step loop, planner, paged KV cache, model runner, sampling, detokenizing."""

@@ -1,0 +1,1 @@
+"""Codecs of the protocols: our gRPC, OpenAI HTTP, KServe OIP, Ray Serve."""

@@ -1,0 +1,1 @@
+"""The loop that owns the engine on one thread, and the adapter residency it drives."""
