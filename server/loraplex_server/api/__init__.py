@@ -1,1 +1,2 @@
-"""The transport-free request path: bounds, adapter resolution, tokenizing, admission, auth, metrics, status."""
+"""What the front ends share: request building (bounds, adapter resolution, tokenizing), chat templates,
+auth, metrics and the status table."""

@@ -1,1 +1,1 @@
-"""The `serve` command, its options, and what builds a runtime from them."""
+"""The `serve` command, its options, and `serve --ray`."""

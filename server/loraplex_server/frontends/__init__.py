@@ -1,1 +1,1 @@
-"""Codecs of the protocols: our gRPC, OpenAI HTTP, KServe OIP, Ray Serve."""
+"""The protocols: our gRPC (inference, admin), the OpenAI-compatible HTTP API, KServe OIP, Ray Serve."""

@@ -1,8 +1,8 @@
 """loraplex as a Ray Serve application: N replicas of the base, requests through Ray Serve's gRPC proxy,
 routed by adapter (`multiplexed_model_id`) to a replica that holds it while it is not overloaded.
 
-    serve run loraplex_server.frontends.ray_app:build \
-        argv="--base /models/base --adapter-dir /shared/adapters" replicas=2
+    serve run loraplex_server.frontends.ray_app:build
+        argv="--base /models/base --adapter-dir /shared/adapters" replicas=2   (one command line)
 
 (with the proxy's gRPC servicers configured, see `grpc_options()` and the README), or
 `loraplex serve --ray --replicas N` for a local cluster. `@serve.batch` is not used: it would split
