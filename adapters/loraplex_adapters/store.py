@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .manifest import VERSION_RULE, Manifest, check_name, parse_version, write_manifest
 from .peft_folder import AdapterFormatError, LoraAdapter
-from .regular_files import NotARegularFile, read_small
+from .regular_files import NotARegularFile, check_folder, read_small
 from .store_rules import (
     ALLOWED_FILES,
     AdapterNotInStore,
@@ -350,6 +350,7 @@ class AdapterStore(StoreRules):
             _fsync_tree(folder)
             target = self.adapters_dir / manifest.name / str(manifest.version)
             target.parent.mkdir(exist_ok=True)
+            check_folder(target.parent)  # a link there would put the version outside the store
             os.rename(folder, target)  # the commit point
             _fsync(target.parent)  # the folder only: its other entries are not this process's files
             self._record_claim(manifest.name, manifest.version)  # after: a crashed commit burns no number

@@ -177,6 +177,9 @@ def test_a_name_folder_that_links_out_of_the_store_is_ignored(tmp_path, source, 
         with pytest.raises(AdapterNotInStore):
             finishes(reopened.load, "linked")
     assert any("adapters/linked" in r.getMessage() and "not a link" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="linked is a symbolic link, not a folder"):
+        finishes(reopened.publish, source, "linked")  # would land outside the store
+    assert sorted(p.name for p in (outside / "elsewhere").iterdir()) == ["1"]
 
 
 @pytest.mark.parametrize("entry", ["store.lock", "claims/replies"])
