@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
+from moto_s3 import BUCKET, keys, moto_s3_server
 from server_process import free_port, start_server
 
 from loraplex import NotFound
@@ -24,36 +24,14 @@ from loraplex_server.engine.engine import Engine
 from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
-BUCKET = "loraplex-test"
 CLS, GEN = "cls3_r2", "gen_qv_r4"
 LABELS = ["neg", "neu", "pos"]
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server as a subprocess; AWS_* point every boto3 client (and child process) at it."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            env.setenv(key, value)
-        client = boto3.client("s3")
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        yield client, endpoint
-    server.kill()
-    server.wait()
+    with moto_s3_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -64,12 +42,6 @@ def prefix(request):
 @pytest.fixture(scope="module")
 def sources(tiny):
     return {name: folder for name, (folder, _) in tiny("llama")[1].items()}
-
-
-def keys(client, prefix: str) -> list[str]:
-    bucket_prefix = prefix.removeprefix(f"s3://{BUCKET}/")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=bucket_prefix)
-    return sorted(o["Key"].removeprefix(bucket_prefix + "/") for p in pages for o in p.get("Contents", []))
 
 
 def test_publish_then_resolve_downloads_the_same_files(s3, prefix, sources, tmp_path):

@@ -14,15 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bounded_json import loads_bounded
-from .format_errors import AdapterFormatError, AdapterTooLarge, brief
+from .format_errors import AdapterFormatError, brief
 from .peft_folder import MAX_LABELS
+from .regular_files import read_small
 
 MANIFEST_FILE = "loraplex.json"
 MAX_LABEL_CHARS = 256
 MAX_LABELS_BYTES = 256 * 1024  # all label names together, UTF-8: keeps one AdapterInfo well under 4 MB
 MANIFEST_MAX_BYTES = 4 << 20  # labels and metrics at their limits, JSON-escaped, fit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a trailing newline in
-_REFERENCE = re.compile(r"(?P<name>[^@]+)(?:@(?P<version>[0-9]{1,9}))?")
+# Versions are 1..999,999,999 spelled in ASCII digits without leading zeros: one spelling per number, so a
+# folder name, an S3 key, a reference and a cache key agree; nine digits fit every int32 field (protos,
+# page tokens). re.ASCII keeps "٣" and "３" out; int() alone would take them, and " 3" and "3_0".
+MAX_VERSION = 999_999_999
+_VERSION = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
+VERSION_RULE = f"a version is a whole number from 1 to {MAX_VERSION}, in ASCII digits without leading zeros"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _EXTRA_TYPES = {"task": str, "rank": int, "target_modules": list, "size": int, "created": str, "sha256": dict,
                 "metrics": dict, "base_fingerprint": (str, type(None))}
@@ -73,8 +79,9 @@ def check_labels(labels: object) -> list[str]:
 def check_manifest(manifest: Manifest) -> Manifest:
     """Raise AdapterFormatError for a manifest the store may neither publish nor read back."""
     check_name(manifest.name)
-    if isinstance(manifest.version, bool) or not isinstance(manifest.version, int) or manifest.version < 1:
-        raise AdapterFormatError(f"version must be a positive integer, got {brief(manifest.version)}")
+    version = manifest.version
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise AdapterFormatError(f"invalid version {brief(version)}: {VERSION_RULE}")
     check_labels(manifest.labels)
     for key, kind in _EXTRA_TYPES.items():
         value = manifest.extra.get(key)
@@ -83,25 +90,34 @@ def check_manifest(manifest: Manifest) -> Manifest:
     return manifest
 
 
+def parse_version(text: str) -> int | None:
+    """The number a folder name, key part or reference spells, by VERSION_RULE; None for anything else."""
+    return int(text) if _VERSION.fullmatch(text) else None
+
+
 def parse_reference(reference: str) -> tuple[str, int | None]:
     """'name' -> (name, None); 'name@3' -> (name, 3); anything else raises AdapterFormatError."""
-    match = _REFERENCE.fullmatch(reference)
-    if not match:
+    if not isinstance(reference, str) or not reference:
         raise AdapterFormatError(f"malformed adapter reference {brief(reference)}: expected NAME or NAME@VERSION")
-    version = match["version"]
-    return check_name(match["name"]), None if version is None else int(version)
+    name, at, text = reference.partition("@")
+    check_name(name)
+    if not at:
+        return name, None
+    version = parse_version(text)
+    if version is None:
+        raise AdapterFormatError(f"malformed adapter reference {brief(reference)}: {VERSION_RULE}")
+    return name, version
 
 
 def read_manifest(folder: Path) -> Manifest:
     """The folder's manifest, or defaults (name = folder name) when it has none; raises
-    AdapterFormatError for any manifest that publishing would have refused."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
+    AdapterFormatError for any manifest that publishing would have refused (and for a link, FIFO or
+    anything else that is not a regular file where the manifest belongs)."""
+    try:
+        raw = read_small(folder / MANIFEST_FILE, MANIFEST_MAX_BYTES)
+    except FileNotFoundError:
         return Manifest(name=check_name(folder.name))
-    size = path.stat().st_size
-    if size > MANIFEST_MAX_BYTES:
-        raise AdapterTooLarge(f"{MANIFEST_FILE} is {size} bytes, over the {MANIFEST_MAX_BYTES} byte limit")
-    data = loads_bounded(path.read_bytes(), MANIFEST_FILE)
+    data = loads_bounded(raw, MANIFEST_FILE)
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{MANIFEST_FILE}: expected a JSON object")
     extra = {k: v for k, v in data.items() if k not in ("name", "version", "labels")}

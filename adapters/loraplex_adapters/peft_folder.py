@@ -3,20 +3,24 @@
 The module names an adapter touches are taken from the saved weight keys, not re-derived from
 `target_modules`: the keys are exactly what PEFT matched at training time. Every check that needs
 only shapes and dtypes runs on the safetensors header, before any tensor data is read.
+
+Files are read as regular_files reads them (no links, no FIFOs, never blocking). Given the manifest's
+checksums, each file is hashed while it is read into memory and the tensors are built from exactly
+those bytes (no second read through safetensors' mmap), so a file rewritten after publish is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from safetensors import safe_open
 
 from .bounded_json import loads_bounded
 from .format_errors import AdapterFormatError, AdapterTooLarge, brief
 from .lora_config import check_config, scaling
+from .regular_files import ChecksumMismatch, open_regular, read_checked, read_stream
 from .safetensors_header import TensorEntry, read_header
 
 __all__ = ["AdapterFormatError", "AdapterTooLarge", "LoraAdapter", "load_peft_folder"]
@@ -83,26 +87,35 @@ class _Layout:
     head: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def read_adapter_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFormatError(f"no {CONFIG_FILE}; expected a PEFT LoRA folder")
-    size = path.stat().st_size
-    if size > CONFIG_MAX_BYTES:
-        raise AdapterTooLarge(f"{CONFIG_FILE} is {size} bytes, over the {CONFIG_MAX_BYTES} byte limit")
-    config = loads_bounded(path.read_bytes(), CONFIG_FILE)
+def _expected(checksums: Mapping[str, str] | None, file_name: str) -> str | None:
+    if checksums is None:
+        return None
+    if file_name not in checksums:
+        raise ChecksumMismatch(f"{file_name} has no sha256 in the manifest")
+    return checksums[file_name]
+
+
+def read_adapter_config(folder: Path, checksums: Mapping[str, str] | None = None) -> dict:
+    try:
+        data = read_checked(folder / CONFIG_FILE, CONFIG_MAX_BYTES, _expected(checksums, CONFIG_FILE))
+    except FileNotFoundError:
+        raise AdapterFormatError(f"no {CONFIG_FILE}; expected a PEFT LoRA folder") from None
+    config = loads_bounded(bytes(data), CONFIG_FILE)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE}: expected a JSON object")
     return config
 
 
 def load_peft_folder(folder: str | Path, max_rank: int | None = None,
-                     check_shapes: Callable[[LoraAdapter], None] | None = None) -> LoraAdapter:
+                     check_shapes: Callable[[LoraAdapter], None] | None = None,
+                     checksums: Mapping[str, str] | None = None, max_bytes: int | None = None) -> LoraAdapter:
     """Parse a PEFT folder; raises AdapterFormatError naming the first problem found.
 
     Before any tensor data is read, ranks are checked against `max_rank` and `check_shapes` (which
     raises AdapterFormatError, e.g. when a shape does not fit the base) is called with the adapter
-    built from the header alone, on tensors of the meta device."""
+    built from the header alone, on tensors of the meta device. With `checksums` (file name -> hex
+    sha256, a manifest's), every file read must hash to its entry (ChecksumMismatch otherwise).
+    `max_bytes` bounds the weights file."""
     import torch  # the adapter format is torch-free to import; reading weights needs torch
 
     folder = Path(folder)
@@ -111,25 +124,42 @@ def load_peft_folder(folder: str | Path, max_rank: int | None = None,
     pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise AdapterFormatError(f"pickle files are refused, save with safetensors: {', '.join(pickles)}")
-    config = read_adapter_config(folder)
+    config = read_adapter_config(folder, checksums)
     check_config(config)
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterFormatError(f"no {WEIGHTS_FILE} in the adapter folder")
-    header = read_header(weights_path)
-    layout = _layout(header)
-    _check_shapes(layout, header, max_rank)
-    if check_shapes is not None:
-        check_shapes(_build(layout, config, lambda key: torch.empty(header[key].shape, device="meta")))
+    expected = _expected(checksums, WEIGHTS_FILE)
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in header}
-    except Exception:  # safetensors raises several types for corrupt files; the header was fine
-        raise AdapterFormatError(f"{WEIGHTS_FILE}: unreadable safetensors file") from None
+        with open_regular(folder / WEIGHTS_FILE) as (f, size):
+            if max_bytes is not None and size > max_bytes:
+                raise AdapterTooLarge(f"{WEIGHTS_FILE} is {size} bytes, over the {max_bytes} byte limit")
+            digest = hashlib.sha256()  # fed every byte read, header first, then the data the tensors view
+            header, data_bytes = read_header(f, size, WEIGHTS_FILE, digest)
+            layout = _layout(header)
+            _check_shapes(layout, header, max_rank)
+            if check_shapes is not None:
+                check_shapes(_build(layout, config, lambda key: torch.empty(header[key].shape, device="meta")))
+            data = read_stream(f, data_bytes, WEIGHTS_FILE, sha256=expected, digest=digest)
+    except FileNotFoundError:
+        raise AdapterFormatError(f"no {WEIGHTS_FILE} in the adapter folder") from None
+    tensors = {key: _tensor(data, entry) for key, entry in header.items()}
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"tensor {brief(key)} contains NaN or Inf")
     return _build(layout, config, tensors.__getitem__)
+
+
+def _tensor(data: bytearray, entry: TensorEntry) -> torch.Tensor:  # noqa: F821
+    """The tensor `entry` describes, over `data` (the data section, whose layout read_header checked)
+    without a copy; copied when its offset is not aligned to its element size."""
+    import torch
+
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[entry.dtype]
+    begin, end = entry.offsets
+    if begin == end:
+        return torch.empty(entry.shape, dtype=dtype)
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin)
+    if begin % dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).reshape(entry.shape)
 
 
 def _layout(header: dict[str, TensorEntry]) -> _Layout:

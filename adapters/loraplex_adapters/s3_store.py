@@ -11,7 +11,14 @@ README.md?, loraplex.json}` and `<prefix>/claims/<name>/<version>`.
 - Reading: a name's versions are listed when first asked for, when asked for a version not seen yet,
   and when the last listing is older than `refresh_seconds`; so another replica's publish shows at
   once and its delete within `refresh_seconds`. `resolve` downloads a version once into a local cache
-  folder, checks every file's sha256 against the manifest, and returns that folder.
+  folder, checks every file's sha256 against the manifest, and returns that folder. `load` hashes the
+  local files again as it reads them into memory; a local copy that fails is removed and downloaded
+  once more.
+- A version whose manifest or files in the bucket are unreadable or fail their sha256 is quarantined:
+  copied to `<prefix>/quarantine/<name>-<version>-<time>/`, then removed, manifest first. Its claim
+  stays, so its number is never reused.
+- Version numbers are those of the folder store (manifest.VERSION_RULE); keys with any other spelling
+  are ignored, and a name whose numbers are used up refuses the next publish.
 - Delete removes the manifest first (the version disappears for every reader at once), then the files.
 
 boto3 is configured the usual AWS way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION, profiles...);
@@ -31,8 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, check_name
-from .peft_folder import AdapterFormatError
+from .manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, check_name, parse_version
+from .peft_folder import AdapterFormatError, LoraAdapter
 from .store_rules import (
     ALLOWED_FILES,
     AdapterNotInStore,
@@ -41,6 +48,7 @@ from .store_rules import (
     check_identity,
     manifest_bytes,
     manifest_from_bytes,
+    next_version,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,10 @@ _MAX_CLAIM_TRIES = 1000
 
 class StoreUnavailable(RuntimeError):
     """The bucket cannot be reached or used; the message says what to check."""
+
+
+class _LocalCopyDamaged(AdapterNotInStore):
+    """The downloaded copy failed its read (the bucket's may be fine): it was removed."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +143,11 @@ class S3AdapterStore(StoreRules):
     def _parse_key(self, key: str) -> tuple[str, int, str] | None:
         """'<prefix>adapters/<name>/<version>/<file>' -> (name, version, file); None for anything else."""
         parts = key.removeprefix(self._key("adapters", "")).split("/")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[1] != str(int(parts[1])) or int(parts[1]) < 1:
+        version = parse_version(parts[1]) if len(parts) == 3 else None
+        if version is None:
             return None
         try:
-            return check_name(parts[0]), int(parts[1]), parts[2]
+            return check_name(parts[0]), version, parts[2]
         except AdapterFormatError:
             return None
 
@@ -172,7 +185,7 @@ class S3AdapterStore(StoreRules):
         except _NoSuchKey:
             return None
         except (AdapterFormatError, ValueError, TypeError, RecursionError) as exc:
-            log.warning("adapter %s@%s in the S3 store is unreadable and is skipped: %s", name, version, exc)
+            self._quarantine(name, version, f"its manifest: {exc}")
             return None
 
     def _versions(self, name: str, version: int | None = None) -> dict[int, Manifest]:
@@ -240,13 +253,56 @@ class S3AdapterStore(StoreRules):
                                          "oversized files; publish it again")
             for file_name, obj in files.items():
                 self._get_file(obj["Key"], work / file_name)
-            check_committed(work, name, version)
+            try:
+                check_committed(work, name, version)
+            except AdapterFormatError as exc:  # the bucket's bytes differ from what was published
+                self._quarantine(name, version, str(exc))
+                raise self._quarantined(manifest, str(exc)) from None
             folder.parent.mkdir(parents=True, exist_ok=True)
             work.rename(folder)
         except _NoSuchKey:
             raise AdapterNotInStore(f"adapter {name}@{version} was deleted") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def load(self, name: str, version: int | None = None) -> tuple[Manifest, LoraAdapter]:
+        """As StoreRules.load; a local copy that fails its read is downloaded (and checked) once more."""
+        try:
+            return super().load(name, version)
+        except _LocalCopyDamaged:
+            return super().load(name, version)
+
+    def _damaged(self, manifest: Manifest, folder: Path, reason: str) -> AdapterNotInStore:
+        """The local copy failed (changed on this machine's disk): remove it; the next read downloads."""
+        log.warning("the local copy of adapter %s@%s failed its read and is removed: %s", manifest.name,
+                    manifest.version, reason)
+        if folder.is_symlink() or not folder.is_dir():
+            folder.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        return _LocalCopyDamaged(f"adapter {manifest.name}@{manifest.version}: the local copy failed its read "
+                                 f"({reason}); retry")
+
+    def _quarantine(self, name: str, version: int, reason: str) -> None:
+        """Move a damaged version's objects under `quarantine/`, removing the manifest (the commit) first
+        after its copy, so every replica stops serving it at once."""
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        target = self._key("quarantine", f"{name}-{version}-{stamp}", "")
+        objects = self._objects(self._key("adapters", name, version, ""))
+        for obj in objects:
+            _s3(lambda obj=obj: self.client.copy_object(
+                Bucket=self.location.bucket, Key=target + obj["Key"].rsplit("/", 1)[-1],
+                CopySource={"Bucket": self.location.bucket, "Key": obj["Key"]}))
+        manifest_key = self._key("adapters", name, version, MANIFEST_FILE)
+        _s3(lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key))
+        self._delete_objects([o["Key"] for o in objects if o["Key"] != manifest_key])
+        log.warning("adapter %s@%s in the S3 store quarantined to %s: %s", name, version, target, reason)
+        listing = self._index.get(name)
+        if listing is not None and version in listing.versions:
+            index = dict(self._index)
+            index[name] = _Listing({v: m for v, m in listing.versions.items() if v != version})
+            self._index = index
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -280,16 +336,15 @@ class S3AdapterStore(StoreRules):
 
     def _claim(self, name: str) -> int:
         """The next free version number of `name`, taken with a conditional write of its claim."""
-        taken = [int(obj["Key"].rsplit("/", 1)[-1]) for obj in self._objects(self._key("claims", name, ""))
-                 if obj["Key"].rsplit("/", 1)[-1].isdigit()]
-        version = max([*taken, *self._versions(name), 0]) + 1
+        claimed = (parse_version(obj["Key"].rsplit("/", 1)[-1]) for obj in self._objects(self._key("claims", name, "")))
+        version = next_version(name, max([*filter(None, claimed), *self._versions(name), 0]))
         for _ in range(_MAX_CLAIM_TRIES):
             try:
                 _s3(lambda v=version: self.client.put_object(
                     Bucket=self.location.bucket, Key=self._key("claims", name, v), Body=b"", IfNoneMatch="*"))
                 return version
             except _PreconditionFailed:
-                version += 1  # another publisher holds it
+                version = next_version(name, version)  # another publisher holds it
         raise StoreUnavailable(f"could not claim a version of {name!r} after {_MAX_CLAIM_TRIES} tries")
 
     def delete(self, name: str, version: int | None = None) -> list[int]:
@@ -322,7 +377,7 @@ class S3AdapterStore(StoreRules):
         claims = {}
         for obj in self._objects(self._key("claims", "")):
             name, _, number = obj["Key"].removeprefix(self._key("claims", "")).partition("/")
-            if number.isdigit():
+            if parse_version(number) is not None:
                 claims[(name, int(number))] = obj
         stored: dict[tuple[str, int], list[dict]] = {}
         for obj in self._objects(self._key("adapters", "")):

@@ -2,14 +2,15 @@
 
 A safetensors file is 8 bytes (little-endian header length), a JSON header naming each tensor's
 dtype, shape and byte range, then the data. Everything an adapter's shape checks need is in the
-header, so a hostile file costs its header to refuse, never its declared data size.
+header, so a hostile file costs its header to refuse, never its declared data size. The header is
+read from an open file, so the caller reads the data that follows from the same file, hashing both.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, BinaryIO
 
 from .bounded_json import loads_bounded
 from .format_errors import AdapterFormatError, brief
@@ -23,36 +24,38 @@ FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # the tensor's bytes within the data section
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Each tensor's dtype and shape; raises AdapterFormatError for any header that does not
-    describe exactly the data the file holds."""
-    name, size = path.name, path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise AdapterFormatError(f"{name}: unreadable safetensors file (shorter than its 8-byte header length)")
-        length = int.from_bytes(prefix, "little")
-        if length > MAX_HEADER_BYTES:
-            raise AdapterFormatError(f"{name}: safetensors header of {length} bytes, over the {MAX_HEADER_BYTES} "
-                                     "byte limit")
-        if length > size - 8:
-            raise AdapterFormatError(f"{name}: unreadable safetensors file (the header is longer than the file)")
-        header = loads_bounded(f.read(length), f"{name} header", max_depth=3)
+def read_header(f: BinaryIO, size: int, name: str, digest: Any = None) -> tuple[dict[str, TensorEntry], int]:
+    """Each tensor's dtype, shape and data offsets, read from the start of `f` (a file of `size` bytes),
+    and the size of the data section that follows; raises AdapterFormatError for any header that does
+    not describe exactly the data the file holds. `digest` (a hashlib object) is fed the bytes read."""
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise AdapterFormatError(f"{name}: unreadable safetensors file (shorter than its 8-byte header length)")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"{name}: safetensors header of {length} bytes, over the {MAX_HEADER_BYTES} "
+                                 "byte limit")
+    if length > size - 8:
+        raise AdapterFormatError(f"{name}: unreadable safetensors file (the header is longer than the file)")
+    raw = f.read(length)
+    if len(raw) < length:
+        raise AdapterFormatError(f"{name}: unreadable safetensors file (shorter than its size on disk)")
+    if digest is not None:
+        digest.update(prefix)
+        digest.update(raw)
+    header = loads_bounded(raw, f"{name} header", max_depth=3)
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{name}: unreadable safetensors file (the header is not a JSON object)")
     header.pop("__metadata__", None)
-    entries, spans = {}, []
-    for key, info in header.items():
-        entry, span = _entry(name, key, info)
-        entries[key] = entry
-        spans.append(span)
-    _check_spans(name, spans, size - 8 - length)
-    return entries
+    entries = {key: _entry(name, key, info) for key, info in header.items()}
+    _check_spans(name, [entry.offsets for entry in entries.values()], size - 8 - length)
+    return entries, size - 8 - length
 
 
-def _entry(name: str, key: str, info: object) -> tuple[TensorEntry, tuple[int, int]]:
+def _entry(name: str, key: str, info: object) -> TensorEntry:
     if not isinstance(info, dict):
         raise AdapterFormatError(f"{name}: tensor {brief(key)} has no dtype, shape and data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -68,7 +71,7 @@ def _entry(name: str, key: str, info: object) -> tuple[TensorEntry, tuple[int, i
     if offsets[1] - offsets[0] != needed:
         raise AdapterFormatError(f"{name}: tensor {brief(key)} of shape {tuple(shape)} needs {needed} bytes, its "
                                  f"data_offsets give {offsets[1] - offsets[0]}")
-    return TensorEntry(dtype, tuple(shape)), (offsets[0], offsets[1])
+    return TensorEntry(dtype, tuple(shape), (offsets[0], offsets[1]))
 
 
 def _count(value: object) -> bool:

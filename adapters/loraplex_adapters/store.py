@@ -13,51 +13,90 @@ Several processes may share one root:
 - the index is a cache of the disk: a lookup rescans its name's folder (one listdir), `list` rescans
   all, `delete` acts on what is on disk under the lock;
 - a version whose manifest or files cannot be read or fail their checksums is logged and moved to
-  `<root>/quarantine/<name>-<version>-<time>/` the first time any process scans it.
+  `<root>/quarantine/<name>-<version>-<time>/` the first time any process scans it, or loads it: `load`
+  hashes every file again as it reads it into memory, so weights rewritten after publish never serve;
+- only regular files are read, never through a link and never in a way that can wait (regular_files):
+  a link or FIFO in a version folder quarantines that version; a name folder that is a link is ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .manifest import Manifest, check_name, write_manifest
+from .manifest import VERSION_RULE, Manifest, check_name, parse_version, write_manifest
 from .peft_folder import AdapterFormatError, LoraAdapter
-from .store_rules import ALLOWED_FILES, AdapterNotInStore, AdapterTooLarge, BaseMismatch, StoreRules, check_committed
+from .regular_files import NotARegularFile, check_folder, read_small
+from .store_rules import (
+    ALLOWED_FILES,
+    AdapterNotInStore,
+    AdapterQuarantined,
+    AdapterTooLarge,
+    BaseMismatch,
+    StoreRules,
+    VersionsExhausted,
+    check_committed,
+    next_version,
+)
 
-__all__ = ["ALLOWED_FILES", "AdapterNotInStore", "AdapterStore", "AdapterTooLarge", "BaseMismatch"]
+__all__ = ["ALLOWED_FILES", "AdapterNotInStore", "AdapterQuarantined", "AdapterStore", "AdapterTooLarge",
+           "BaseMismatch", "VersionsExhausted"]
 
 
 def _fsync_tree(folder: Path) -> None:
+    """fsync a staged folder's files (written by this process), then the folder."""
     for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 log = logging.getLogger(__name__)
-_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")  # canonical numbers only: "7", never "07"
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _LOCK_SUFFIX = ".lock"
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """A lock file's descriptor; NotARegularFile (never a wait) when a link, FIFO or device took its place."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link; a FIFO without a reader
+            raise NotARegularFile(f"the store's {path.name} is not a regular file; remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(f"the store's {path.name} is not a regular file; remove it")
+    return fd
 
 
 @contextlib.contextmanager
 def _flock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes (and between threads: each call opens its own file)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+    fd = _open_lock(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _claim_staging(staging: Path) -> tuple[Path, int]:
@@ -81,8 +120,11 @@ def _sweep_staging(staging: Path) -> None:
     for entry in staging.iterdir():
         if entry.name.endswith(_LOCK_SUFFIX):
             try:
-                fd = os.open(entry, os.O_RDWR)
+                fd = _open_lock(entry, os.O_RDWR)
             except FileNotFoundError:
+                continue
+            except NotARegularFile:  # not a lock any owner made
+                entry.unlink(missing_ok=True)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,6 +174,7 @@ class AdapterStore(StoreRules):
         self.quarantine_dir = self.root / "quarantine"
         self._lock = threading.Lock()  # serializes index swaps between this object's threads
         self._unmovable: set[tuple[str, int]] = set()
+        self._ignored: set[tuple[str, str]] = set()  # entries that are not version folders, logged once
         for folder in (self.adapters_dir, self.claims_dir, self.quarantine_dir, self.root / "staging"):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / "store.lock"
@@ -177,10 +220,28 @@ class AdapterStore(StoreRules):
             self._index = index
 
     def _versions_on_disk(self, name: str) -> set[int]:
+        folder = self.adapters_dir / name
+        if folder.is_symlink():  # its versions would live outside the store
+            self._ignore(name, "", "a name folder is a folder, not a link")
+            return set()
         try:
-            return {int(e) for e in os.listdir(self.adapters_dir / name) if _VERSION_DIR.match(e)}
+            entries = os.listdir(folder)
         except (FileNotFoundError, NotADirectoryError):
             return set()
+        versions = set()
+        for entry in entries:
+            version = parse_version(entry)
+            if version is not None:
+                versions.add(version)
+            else:
+                self._ignore(name, entry, VERSION_RULE)
+        return versions
+
+    def _ignore(self, name: str, entry: str, why: str) -> None:
+        """Log an entry the store skips, once per process."""
+        if (name, entry) not in self._ignored:
+            self._ignored.add((name, entry))
+            log.warning("%r is ignored: %s", f"adapters/{name}/{entry}".rstrip("/"), why)
 
     def _admit(self, name: str, version: int) -> Manifest | None:
         """The manifest of a committed version seen for the first time, after checking its files;
@@ -189,9 +250,14 @@ class AdapterStore(StoreRules):
         try:
             return check_committed(folder, name, version)
         except (AdapterFormatError, OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-            if folder.is_dir():
+            if os.path.lexists(folder):
                 self._quarantine(name, version, _reason(exc))
             return None
+
+    def _damaged(self, manifest: Manifest, folder: Path, reason: str) -> AdapterQuarantined:
+        self._quarantine(manifest.name, manifest.version, reason)
+        self._refresh_name(manifest.name)
+        return self._quarantined(manifest, reason)
 
     def _quarantine(self, name: str, version: int, reason: str) -> None:
         """Move an unreadable version aside, so it neither serves nor blocks; logged by the one
@@ -217,13 +283,15 @@ class AdapterStore(StoreRules):
     # -- version claims (callers hold the store flock) -------------------------------------------
 
     def _recorded_claim(self, name: str) -> int:
-        try:
-            return int((self.claims_dir / name).read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+        """The highest number ever claimed (any size: one past MAX_VERSION refuses the next publish)."""
+        try:  # a link or FIFO in its place raises NotARegularFile: numbers could be reused, so no publish
+            text = read_small(self.claims_dir / name, 64).decode("ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
             return 0
+        return int(text) if _DIGITS.fullmatch(text) else 0
 
     def _next_version(self, name: str) -> int:
-        return max(self._recorded_claim(name), *self._versions_on_disk(name), 0) + 1
+        return next_version(name, max(self._recorded_claim(name), *self._versions_on_disk(name), 0))
 
     def _record_claim(self, name: str, version: int) -> None:
         if version <= self._recorded_claim(name):
@@ -282,8 +350,9 @@ class AdapterStore(StoreRules):
             _fsync_tree(folder)
             target = self.adapters_dir / manifest.name / str(manifest.version)
             target.parent.mkdir(exist_ok=True)
+            check_folder(target.parent)  # a link there would put the version outside the store
             os.rename(folder, target)  # the commit point
-            _fsync_tree(target.parent)
+            _fsync(target.parent)  # the folder only: its other entries are not this process's files
             self._record_claim(manifest.name, manifest.version)  # after: a crashed commit burns no number
         self._install(manifest.name, {**self._index.get(manifest.name, {}), manifest.version: manifest})
 

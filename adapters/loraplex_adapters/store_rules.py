@@ -8,6 +8,7 @@ claimed; an adapter it accepts or refuses is the same everywhere.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -17,22 +18,47 @@ from pathlib import Path
 
 from .archive import AdapterTooLarge, extract_archive, file_limit
 from .bounded_json import loads_bounded
-from .fingerprint import file_sha256
-from .manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, check_manifest, check_name, read_manifest
+from .manifest import (
+    MANIFEST_FILE,
+    MANIFEST_MAX_BYTES,
+    MAX_VERSION,
+    Manifest,
+    check_manifest,
+    check_name,
+    read_manifest,
+)
 from .peft_folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFormatError, LoraAdapter, load_peft_folder
+from .regular_files import check_folder, copy_regular, sha256_of
 
 ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 
-__all__ = ["ALLOWED_FILES", "AdapterNotInStore", "AdapterTooLarge", "BaseMismatch", "StoreRules",
-           "check_committed", "manifest_from_bytes"]
+__all__ = ["ALLOWED_FILES", "AdapterNotInStore", "AdapterQuarantined", "AdapterTooLarge", "BaseMismatch", "StoreRules",
+           "VersionsExhausted", "check_committed", "manifest_from_bytes", "next_version"]
 
 
 class AdapterNotInStore(KeyError):
     pass
 
 
+class AdapterQuarantined(AdapterNotInStore):
+    """The version's files are damaged (changed since publish, a link, a FIFO...): it was moved aside."""
+
+
 class BaseMismatch(AdapterFormatError):
     """The adapter was trained on another base model."""
+
+
+class VersionsExhausted(AdapterTooLarge):
+    """The name has used its last version number: a limit of the store, like a size limit."""
+
+
+def next_version(name: str, highest: int) -> int:
+    """The number after `highest` (the name's highest claimed or stored); VersionsExhausted past MAX_VERSION,
+    so a publish never reports a version that would be neither listed nor served."""
+    if highest >= MAX_VERSION:
+        raise VersionsExhausted(f"adapter {name!r} has used every version number up to {MAX_VERSION}; "
+                                "publish under another name")
+    return highest + 1
 
 
 class StoreRules:
@@ -57,6 +83,32 @@ class StoreRules:
             return None
         return (f"adapter was trained on base {trained_on}, this server runs {self.base_fingerprint} "
                 "(start with --allow-base-mismatch to accept)")
+
+    def load(self, name: str, version: int | None = None) -> tuple[Manifest, LoraAdapter]:
+        """`name@version` (latest when None) read into memory: every file is hashed as it is read and
+        must match the manifest's sha256, and the tensors are built from exactly the bytes hashed. A
+        version whose files fail (rewritten after publish, a link, a FIFO, unparsable) is quarantined
+        and AdapterQuarantined raised; AdapterNotInStore when it is not there (or deleted meanwhile)."""
+        manifest, folder = self.resolve(name, version)
+        try:
+            check_folder(folder)
+            adapter = load_peft_folder(folder, checksums=manifest.extra["sha256"], max_bytes=self.max_bytes)
+        except (AdapterFormatError, FileNotFoundError) as exc:
+            reference = f"{manifest.name}@{manifest.version}"
+            if not os.path.lexists(folder):
+                raise AdapterNotInStore(f"adapter {reference} was deleted") from None
+            if isinstance(exc, FileNotFoundError):  # one of its files vanished, the folder stayed
+                exc = AdapterFormatError(f"{Path(exc.filename or 'a file').name} is missing")
+            raise self._damaged(manifest, folder, str(exc)) from None
+        return manifest, adapter
+
+    def _damaged(self, manifest: Manifest, folder: Path, reason: str) -> AdapterNotInStore:
+        """A committed version failed its read: set it aside, and return the error to raise."""
+        raise NotImplementedError
+
+    def _quarantined(self, manifest: Manifest, reason: str) -> AdapterQuarantined:
+        return AdapterQuarantined(f"adapter {manifest.name}@{manifest.version} is damaged in the store ({reason}) "
+                                  "and was quarantined; publish it again")
 
     @contextmanager
     def _staged_upload(self, source: str | Path, name: str, labels: list[str] | None, base_fingerprint: str | None,
@@ -84,7 +136,7 @@ class StoreRules:
                 continue
             if path.is_symlink() or not path.is_file():
                 raise AdapterFormatError(f"unexpected entry {path.name!r} in the adapter folder")
-            shutil.copyfile(path, folder / path.name)
+            copy_regular(path, folder / path.name, self.max_bytes)  # even if it became a link or FIFO since
         manifest = Manifest(name=name, labels=list(labels or []))
         manifest.extra["base_fingerprint"] = base_fingerprint or self.base_fingerprint
         if metrics:
@@ -123,13 +175,15 @@ class StoreRules:
                                          f"{adapter.head.num_labels} outputs")
         manifest.extra.update(task=adapter.task, rank=adapter.max_rank, target_modules=adapter.target_modules,
                               size=size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              sha256={p.name: file_sha256(p) for p in sorted(folder.iterdir())})
+                              sha256={p.name: sha256_of(p) for p in sorted(folder.iterdir())})
 
 
 def check_committed(folder: Path, name: str, version: int) -> Manifest:
     """The manifest of a committed version's folder, after checking that it names this version and
-    that the files are exactly the ones it lists, each with its sha256; raises AdapterFormatError."""
-    if not (folder / MANIFEST_FILE).is_file():
+    that the files are exactly the ones it lists, regular files each with its sha256; raises
+    AdapterFormatError (NotARegularFile for a link or FIFO, never waiting on one)."""
+    check_folder(folder)
+    if not os.path.lexists(folder / MANIFEST_FILE):
         raise AdapterFormatError("its manifest is missing")
     manifest = read_manifest(folder)
     check_identity(manifest, name, version)
@@ -138,7 +192,7 @@ def check_committed(folder: Path, name: str, version: int) -> Manifest:
     if present != set(checksums):
         raise AdapterFormatError(f"its files {sorted(present)} differ from the manifest's {sorted(checksums)}")
     for file_name, digest in checksums.items():
-        if file_sha256(folder / file_name) != digest:
+        if sha256_of(folder / file_name) != digest:
             raise AdapterFormatError(f"{file_name} fails its sha256 check")
     return manifest
 

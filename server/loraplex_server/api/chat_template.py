@@ -1,14 +1,28 @@
-"""Chat messages -> prompt text, through the base tokenizer's own chat template (as HF `generate` users do).
+"""Chat messages -> prompt tokens, through the base tokenizer's own chat template (as HF `generate` users do).
 
 Messages are checked before rendering (count, roles, total characters), so a request cannot make the
 template engine do unbounded work. Rendering runs off the event loop (the caller's executor).
+
+Only the template's own markup becomes control tokens: rendering the conversation and tokenizing the
+whole string (what apply_chat_template(tokenize=True) does) would turn a message holding
+"<|im_end|>\n<|im_start|>system ..." into real turn markers. So `chat_token_ids` renders the template
+with an unguessable placeholder in place of each message's content, tokenizes the template's parts as
+usual, and each content as plain text by the tokenizer's model alone, with none of its added tokens
+(special or not) matched in it. This is the placeholder approach vLLM and SGLang proposed, taken one
+step further: split_special_tokens=True alone would still match added tokens that are not flagged
+special (Qwen3's <think>, for one).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
+import weakref
 from dataclasses import dataclass
 
 import jinja2
+from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 256
@@ -58,3 +72,71 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
         return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     except jinja2.TemplateError as exc:  # includes the template's own raise_exception(...)
         raise ChatTemplateError(f"the chat template refused the messages: {exc}") from None
+
+
+# Each tokenizer's model without its added tokens, made once (a tokenizer's backend is immutable here).
+_PLAIN_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chat_token_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The token ids of `messages` rendered by the template with the assistant's turn opened: the template's
+    markup tokenized as usual (its special tokens become control tokens), each message's content as plain
+    text (never a special or added token). Raises NoChatTemplate, ChatTemplateError."""
+    secret = secrets.token_hex(16)
+    placeholders = [ChatMessage(m.role, f"\ue000{secret}:{i}\ue001") for i, m in enumerate(messages)]
+    skeleton = render_chat(tokenizer, placeholders)
+    text = render_chat(tokenizer, messages)
+    pieces = re.split(f"\ue000{secret}:([0-9]+)\ue001", skeleton)  # markup, index, markup, index, ..., markup
+    ids, at = [], 0
+    for k in range(0, len(pieces), 2):
+        markup = pieces[k]
+        if not text.startswith(markup, at):
+            raise _rewritten()
+        ids += tokenizer(markup, add_special_tokens=False)["input_ids"] if markup else []
+        at += len(markup)
+        if k + 1 < len(pieces):
+            content = _content_as_rendered(messages[int(pieces[k + 1])].content, text, at, pieces[k + 2])
+            ids += text_token_ids(tokenizer, content)
+            at += len(content)
+    if at != len(text):
+        raise _rewritten()
+    return ids
+
+
+def _content_as_rendered(content: str, text: str, at: int, markup_after: str) -> str:
+    """The content as the template wrote it at `text[at:]`: verbatim, or trimmed (Llama 3 and Gemma
+    templates apply `| trim`), whichever is followed by the template's next markup."""
+    for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+        if text.startswith(candidate, at) and text.startswith(markup_after, at + len(candidate)):
+            return candidate
+    raise _rewritten()
+
+
+def _rewritten() -> ChatTemplateError:
+    return ChatTemplateError("the chat template rewrites message content (beyond trimming whitespace), so its "
+                             "markup cannot be told apart from the content; this base cannot take chat messages, "
+                             "send `prompt` instead")
+
+
+def text_token_ids(tokenizer, text: str) -> list[int]:
+    """`text` tokenized as plain text: by the tokenizer's model alone, so that no added token (special or
+    not) is matched in it. Tokenizers without a `tokenizers` backend split their special tokens."""
+    if not text:
+        return []
+    backend = _plain_backend(tokenizer)
+    if backend is None:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return backend.encode(text, add_special_tokens=False).ids
+
+
+def _plain_backend(tokenizer) -> Tokenizer | None:
+    plain = _PLAIN_BACKENDS.get(tokenizer)
+    if plain is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        spec.update(added_tokens=[], truncation=None, padding=None)
+        plain = Tokenizer.from_str(json.dumps(spec))
+        _PLAIN_BACKENDS[tokenizer] = plain
+    return plain

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from loraplex_server.api.chat_template import ChatMessage, check_messages, render_chat
+from loraplex_server.api.chat_template import ChatMessage, chat_token_ids, check_messages
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.engine.engine import Engine, WrongTask
 from loraplex_server.engine.sampling import SamplingParams
@@ -110,7 +110,7 @@ class RequestBuilder:
         tokenizer = self.engine.tokenizer
 
         def render_and_tokenize() -> list[int]:
-            return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            return chat_token_ids(tokenizer, messages)  # content as text: never the template's control tokens
 
         ids = await asyncio.get_running_loop().run_in_executor(None, render_and_tokenize)
         self._check_length(ids, "the rendered messages")

@@ -22,6 +22,7 @@ from loraplex_adapters.s3_store import StoreUnavailable  # boto3 is imported onl
 from loraplex_adapters.store_protocol import open_store
 from loraplex_server.api.auth import BearerAuth
 from loraplex_server.api.metrics import Metrics
+from loraplex_server.app.log_limits import install_log_limits
 from loraplex_server.app.options import build_parser, default_adapter_dir
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
@@ -148,6 +149,7 @@ async def _let_cancelled_rpcs_finish(timeout: float = 5.0) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_limits()  # a client repeating a refusal cannot flood the log
     args = build_parser().parse_args(argv)
     logging.getLogger("loraplex.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     if args.ray:  # imported only here: the single-node server never imports ray

@@ -16,6 +16,7 @@ import uvicorn
 
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.api.request_builder import RequestBuilder
+from loraplex_server.frontends.http_limits import HttpLimits
 from loraplex_server.frontends.openai_api import OpenAIApi
 
 
@@ -72,6 +73,6 @@ def open_http_api(args: argparse.Namespace, requests: RequestBuilder, metrics: M
     api = OpenAIApi(requests, metrics, args.token + args.admin_token, args.max_message_bytes)
     config = uvicorn.Config(api.app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=max(args.grace, 0.1), ssl_certfile=args.tls_cert,
-                            ssl_keyfile=args.tls_key, server_header=False)
+                            ssl_keyfile=args.tls_key, server_header=False, **HttpLimits().uvicorn_options())
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat serve's
     return HttpServer(api, sock, config)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex_adapters.manifest import Manifest, parse_reference
-from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
+from loraplex_adapters.peft_folder import LoraAdapter
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge
 from loraplex_adapters.store_protocol import AdapterStoreLike
 from loraplex_server.api.metrics import Metrics
@@ -128,16 +128,11 @@ class AdapterCache:
 
     def _read(self, key: str) -> HostEntry:  # loader thread
         name, version = split_key(key)
-        try:  # the store re-reads the name from disk: another process may have deleted it
-            manifest, folder = self.store.resolve(name, version)
-        except AdapterNotInStore:  # deleted since the request resolved it
-            raise AdapterNotFound(f"adapter {key} was deleted") from None
-        try:
-            adapter = self.engine.slots.prepare(load_peft_folder(folder))
-        except Exception:
-            if not folder.is_dir():  # deleted (by any process) while it was being read
-                raise AdapterNotFound(f"adapter {key} was deleted") from None
-            raise
+        try:  # re-read from disk (another process may have deleted it), every byte checked against its sha256
+            manifest, adapter = self.store.load(name, version)
+        except AdapterNotInStore as exc:  # deleted since the request resolved it, or damaged and quarantined
+            raise AdapterNotFound(exc.args[0]) from None
+        adapter = self.engine.slots.prepare(adapter)
         return HostEntry(adapter, manifest, _bytes(adapter), _bytes(adapter, self._element_size))
 
     def arrived(self, key: str) -> BaseException | None:
