@@ -7,6 +7,7 @@ from .errors import (
     InvalidArgument,
     LoraplexError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -17,4 +18,4 @@ from .results import Classification, Generation, GenerationChunk
 __version__ = "0.1.0"
 __all__ = ["AdapterInfo", "Adapters", "AsyncAdapters", "AsyncClient", "Classification", "Client",
            "FailedPrecondition", "Generation", "GenerationChunk", "HealthStatus", "InvalidArgument", "LoraplexError",
-           "NotFound", "ResourceExhausted", "Unauthenticated", "Unavailable"]
+           "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable"]

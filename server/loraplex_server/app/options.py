@@ -8,7 +8,11 @@ import argparse
 import os
 from pathlib import Path
 
-from loraplex_server.engine.base_model import DTYPE_CHOICES, QUANTIZE_CHOICES
+from loraplex_adapters.help_format import HelpFormatter
+
+# engine/base_model.py's, repeated so that parsing options imports no torch (tests check they agree)
+QUANTIZE_CHOICES = ("auto", "nf4", "int8", "none")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -45,14 +49,20 @@ def _env(name: str, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loraplex serve", formatter_class=HelpFormatter, description=(
+        "Serve LoRA adapters of one base model: our gRPC API and KServe's Open Inference Protocol on --port, the "
+        "OpenAI-compatible HTTP API on --http-port, Prometheus metrics on --metrics-port."))
     parser.add_argument("--base", default=_env("base", None),
                         help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--quantize", default=_env("quantize", "auto"), choices=QUANTIZE_CHOICES)
-    parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES)
+    parser.add_argument("--quantize", default=_env("quantize", "auto"), choices=QUANTIZE_CHOICES,
+                        help="base weights: nf4 or int8 (bitsandbytes) or none; auto = nf4 on CUDA, none on CPU")
+    parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES,
+                        help="compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
     parser.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"),
+                        help="address the gRPC and HTTP APIs bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=int(_env("port", 50051)),
+                        help="gRPC port: our API, KServe's Open Inference Protocol, health checking, reflection")
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
                         help="Prometheus metrics on --metrics-host, over HTTPS when --tls-cert is set; 0 turns "
                              "it off")
@@ -62,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
                              "/classify, /health, /metrics) on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
-                        help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
+                        help="the adapter store: uploads go here, requests load from here")
     parser.add_argument("--adapter-store", default=_env("adapter_store", None),
                         help="the adapter store as a folder or s3://bucket/prefix, shared by every replica (boto3 "
                              "reads endpoint, region and credentials the usual AWS way: AWS_ENDPOINT_URL, "
@@ -115,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve --replicas replicas on a local Ray cluster, through Ray Serve's gRPC proxy on "
                              "--port, routed by adapter (needs loraplex[cluster])")
     parser.add_argument("--replicas", type=int, default=int(_env("replicas", 2)), help="replicas with --ray")
+    parser.epilog = ("Every option can also be set by an environment variable LORAPLEX_<OPTION> "
+                     "(e.g. LORAPLEX_HTTP_PORT).")
     return parser
 
 
