@@ -27,7 +27,8 @@ def test_adapter_lifecycle_and_requests_are_logged(tiny, tmp_path, access_log):
     base, adapters = tiny("llama")
     folder, spec = adapters["cls3_r2"]
     process, client = start_server(base, tmp_path / "store", free_port(),
-                                   extra_args=["--max-adapters", "1"] + (["--access-log"] if access_log else []))
+                                   extra_args=["--max-adapters", "1"] + (["--access-log"] if access_log else []),
+                                   in_process=False)  # its log is what this test reads
     try:
         labels = [f"l{i}" for i in range(spec.num_labels)]
         client.adapters.upload(folder, name="logged", labels=labels)

@@ -16,7 +16,7 @@ from pathlib import Path
 from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_adapters.manifest import check_labels, check_name, parse_reference
 from loraplex_adapters.store import AdapterTooLarge
-from loraplex_server.api import bounds
+from loraplex_server.api import inputs as bounds
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import AdapterView, Call, UploadInput
@@ -28,6 +28,8 @@ _FINGERPRINT = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 MAX_METRICS_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 _MAX_TOKEN_CHARS = 512
+# An upload's metadata and its archive's chunks, read from the wire once the caller may upload.
+Receive = Callable[[], Awaitable[tuple[UploadInput | None, AsyncIterator[bytes] | None]]]
 
 
 class AdminPath:
@@ -61,14 +63,13 @@ class AdminPath:
             raise InvalidRequest("base_fingerprint must be 1-256 printable ASCII characters without spaces")
         return _metrics(meta.metrics_json)
 
-    async def upload(self, call: Call, receive: Callable[[], Awaitable[tuple[UploadInput | None,
-                                                                           AsyncIterator[bytes]]]]) -> AdapterView:
+    async def upload(self, call: Call, receive: Receive) -> AdapterView:
         """Once the caller may upload, `receive()` the metadata (bounded before a byte of the archive is
         read) and the archive's chunks (size checked as they come, sha256 at the end; written and hashed
         in a store thread), and publish it as the next version of the name."""
         async def work(runtime: ServingRuntime) -> AdapterView:
             meta, chunks = await receive()
-            if meta is None:
+            if meta is None or chunks is None:
                 raise InvalidRequest("empty upload: send the metadata, then the archive's chunks")
             metrics = self.check_upload(meta)
             fd, name = await runtime.in_store_thread(

@@ -3,6 +3,11 @@ status.py maps each to its gRPC status, HTTP status and message."""
 
 from __future__ import annotations
 
+from loraplex_server.engine.engine import WrongTask  # the task check's refusal, raised here too
+
+__all__ = ["BaseLoading", "InvalidRequest", "PayloadTooLarge", "PermissionDenied", "ShuttingDown", "Unauthenticated",
+           "WrongTask"]
+
 
 class InvalidRequest(ValueError):
     """The request is wrong, and the message says how (INVALID_ARGUMENT / 400); `param` names the field."""

@@ -3,24 +3,26 @@ returns a Generation whose events arrive as an async iterator. Each step is done
 metrics and the access log (around everything), the auth policy, readiness, bounds, adapter resolution
 with the task check, tokenizing off the event loop, then admission into the engine loop.
 
-Front ends (frontends/) only decode their wire format into api.requests types, call this, and encode
-the result or the failure (api.status maps it).
+Every request is counted once in metrics (method, bounded adapter label, final status, latency) and
+logged once in the access log, whatever its protocol (Observation, below). Front ends (frontends/) only
+decode their wire format into api.requests types, call this, and encode the result or the failure (the
+status table, api/status.py, maps it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from loraplex_adapters.manifest import Manifest
-from loraplex_server.api import bounds
+from loraplex_server.api import inputs as bounds
 from loraplex_server.api.auth import TokenPolicy
-from loraplex_server.api.bounds import CHARS_PER_TOKEN, Limits
-from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown
+from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown, WrongTask
+from loraplex_server.api.inputs import CHARS_PER_TOKEN, Limits, chat_token_ids, text_token_ids
 from loraplex_server.api.metrics import Metrics
-from loraplex_server.api.observe import Observation
 from loraplex_server.api.requests import (
     Call,
     ClassifyInput,
@@ -29,10 +31,10 @@ from loraplex_server.api.requests import (
     GenerationResult,
 )
 from loraplex_server.api.serving_runtime import ServingRuntime
-from loraplex_server.api.tokenizing import chat_token_ids, text_token_ids
-from loraplex_server.engine.engine import WrongTask
+from loraplex_server.api.status import code_name
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
 
+access_log = logging.getLogger("loraplex.access")  # one line per request; off unless `serve --access-log`
 T = TypeVar("T")
 R = TypeVar("R", ClassifyInput, GenerateInput)
 Decode = Callable[[], Awaitable[R]]
@@ -251,6 +253,9 @@ class Generation:
                 if event.finished:
                     self.finish_reason = event.finish_reason
                 yield event
+        except (GeneratorExit, asyncio.CancelledError):  # the consumer left: counted as CANCELLED
+            error = asyncio.CancelledError()
+            raise
         except BaseException as exc:
             error = exc
             raise
@@ -281,3 +286,32 @@ class Generation:
         if not self._finished or self._stopped is not None:
             self._runtime.cancel(self.request.request_id)
         self._observation.finish(error)
+
+
+class Observation:
+    """One request, from arrival to its last byte; `finish` is idempotent (the first call counts)."""
+
+    def __init__(self, metrics: Metrics, method: str, reference: str | None, known: Callable[[str], bool]) -> None:
+        self.metrics, self.method, self.reference, self._known = metrics, method, reference, known
+        self.started = time.perf_counter()
+        self.done = False
+
+    def adapter_label(self) -> str:
+        """The bounded label: none (a call about no single adapter), base, the name, other or unknown."""
+        if self.reference is None:
+            return "none"
+        name = self.reference.split("@")[0]
+        if not name:
+            return "base"
+        return self.metrics.adapter_label(name) if self._known(name) else "unknown"
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        seconds = time.perf_counter() - self.started
+        code = code_name(error)
+        self.metrics.latency.labels(self.method).observe(seconds)
+        self.metrics.requests.labels(self.method, self.adapter_label(), code).inc()
+        # %r: the reference is the client's text, so a newline in it cannot forge a log line.
+        access_log.info("%s adapter=%r status=%s %.1f ms", self.method, self.reference or "", code, 1000 * seconds)

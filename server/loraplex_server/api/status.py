@@ -19,9 +19,10 @@ from loraplex_server.api.errors import (
     PermissionDenied,
     ShuttingDown,
     Unauthenticated,
+    WrongTask,
 )
 from loraplex_server.api.serving_runtime import AdapterInUse, AdapterNotFound, PinRefused, QueueFull, WrongBase
-from loraplex_server.engine.engine import EngineFailure, WrongTask
+from loraplex_server.engine.engine import EngineFailure
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,8 @@ async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> Non
 
 async def serve(args: argparse.Namespace, ports: Ports, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, then drain: NOT_SERVING for --drain-delay, no new requests, and --grace
-    seconds for the ones in flight; generations still running then end with a clear error."""
+    seconds for the ones in flight; generations still running then end with a clear error. Cancelling
+    this coroutine stops everything at once."""
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve_http(args.metrics_host or args.host, args.metrics_port, args.tls_cert, args.tls_key)
@@ -80,44 +81,58 @@ async def serve(args: argparse.Namespace, ports: Ports, stop: asyncio.Event) -> 
     admin = AdminPath(path, args.max_upload_bytes)
     health_servicer = health.aio.HealthServicer()
     server = _grpc_server(args, path, admin, health_servicer)
-    _listen(server, args)
     http = open_http_api(args, ports.http_socket, path) if ports.http_socket is not None else None
-    await _set_health(health_servicer, False)
-    await server.start()
-    if http:
-        http.start()
-    log.info("listening: gRPC (ours, KServe OIP, health) on %s:%d, HTTP (OpenAI API) %s, metrics %s; loading "
-             "the base model", args.host, args.port, f"on {args.host}:{args.http_port}" if http else "off",
-             f"on {args.metrics_host or args.host}:{args.metrics_port}" if args.metrics_port else "off")
+    runtime = None
+    try:
+        _listen(server, args)
+        await _set_health(health_servicer, False)
+        await server.start()
+        if http:
+            http.start()
+        log.info("listening: gRPC (ours, KServe OIP, health) on %s:%d, HTTP (OpenAI API) %s, metrics %s; "
+                 "loading the base model", args.host, args.port,
+                 f"on {args.host}:{args.http_port}" if http else "off",
+                 f"on {args.metrics_host or args.host}:{args.metrics_port}" if args.metrics_port else "off")
+        runtime = await _load(args, metrics)
+        path.attach(runtime)
+        await _set_health(health_servicer, True)
+        await stop.wait()
+        log.info("draining: NOT_SERVING for %.1f s, then no new requests and %g s for the ones in flight",
+                 args.drain_delay, args.grace)
+        await _set_health(health_servicer, False)
+        if http:
+            http.drain()
+        await asyncio.sleep(args.drain_delay)  # lets load balancers see NOT_SERVING and steer away first
+        path.draining = True
+        # Generations end with a clear error at the end of the grace; the servers get a moment more to send it.
+        await asyncio.gather(path.end_generations(args.grace), server.stop(args.grace + 1),
+                             http.stop() if http else asyncio.sleep(0))
+        await _let_cancelled_rpcs_finish()
+    finally:  # also when cancelled (an embedding host stopping it at once) or failing to start
+        await asyncio.shield(_close(server, http, runtime, metrics))
+    log.info("stopped")
 
+
+async def _load(args: argparse.Namespace, metrics: Metrics):
     location = store_location(args)
     examples = location == default_adapter_dir() and not Path(location).exists() and not args.no_examples
     try:
         runtime = await asyncio.get_running_loop().run_in_executor(None, build_runtime, args, metrics, examples)
     except (KVCacheTooSmall, StoreUnavailable) as exc:
-        await server.stop(None)  # the port is already open: close it before exiting
         raise SystemExit(str(exc)) from None
-    path.attach(runtime)
-    await _set_health(health_servicer, True)
     versions = len(await runtime.in_store_thread(runtime.store.list))
     log.info("serving %s (%s, quantize=%s) with %d adapter versions in %s", runtime.base_id,
              runtime.engine.base.device, runtime.engine.base.quantize, versions, location)
+    return runtime
 
-    await stop.wait()
-    log.info("draining: NOT_SERVING for %.1f s, then no new requests and %g s for the ones in flight",
-             args.drain_delay, args.grace)
-    await _set_health(health_servicer, False)
+
+async def _close(server: grpc.aio.Server, http, runtime, metrics: Metrics) -> None:
+    await server.stop(None)
     if http:
-        http.drain()
-    await asyncio.sleep(args.drain_delay)  # lets load balancers see NOT_SERVING and steer away first
-    path.draining = True
-    # Generations end with a clear error at the end of the grace; the servers get a moment more to send it.
-    await asyncio.gather(path.end_generations(args.grace), server.stop(args.grace + 1),
-                         http.stop() if http else asyncio.sleep(0))
-    await _let_cancelled_rpcs_finish()
-    runtime.stop()
+        await http.stop(force=True)
+    if runtime is not None:
+        runtime.stop()
     metrics.close()
-    log.info("stopped")
 
 
 async def _let_cancelled_rpcs_finish(timeout: float = 5.0) -> None:

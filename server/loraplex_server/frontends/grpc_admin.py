@@ -31,10 +31,10 @@ def _encoded_size(view: AdapterView) -> int:
     return adapter_info(view).ByteSize() + 6  # the repeated field's tag and length prefix
 
 
-async def _upload_parts(requests) -> tuple[UploadInput | None, AsyncIterator[bytes]]:
+async def _upload_parts(requests) -> tuple[UploadInput | None, AsyncIterator[bytes] | None]:
     first = await anext(aiter(requests), None)
     if first is None:
-        return None, aiter(())
+        return None, None
     if not first.HasField("metadata"):
         raise InvalidRequest("the first upload message must carry the metadata, then the archive's chunks")
     meta = first.metadata

@@ -37,9 +37,10 @@ class HttpServer:
         """/health answers 503 from now on, so load balancers steer away before the port closes."""
         self.api.draining = True
 
-    async def stop(self) -> None:
-        """Stop taking connections; requests in flight get the configured grace period."""
+    async def stop(self, force: bool = False) -> None:
+        """Stop taking connections; requests in flight get the configured grace period (none when forced)."""
         self._server.should_exit = True
+        self._server.force_exit = force
         if self._task is not None:
             await self._task
         self._sock.close()

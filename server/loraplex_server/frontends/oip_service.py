@@ -25,10 +25,9 @@ import grpc
 from loraplex.oip import grpc_predict_v2_pb2 as pb
 from loraplex.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from loraplex_adapters.manifest import Manifest
-from loraplex_server.api.errors import InvalidRequest
+from loraplex_server.api.errors import InvalidRequest, WrongTask
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ClassifyInput, ClassifyOutput, GenerateInput, GenerationResult
-from loraplex_server.engine.engine import WrongTask
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
 from loraplex_server.frontends.oip_parameters import sampling_input
 from loraplex_server.frontends.oip_tensors import (

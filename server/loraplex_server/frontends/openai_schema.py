@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 
 from loraplex_adapters.bounded_json import loads_bounded
-from loraplex_server.api.bounds import check_tree_unicode
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
+from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
-from loraplex_server.engine.sampling import MAX_STOP_STRINGS
 
 # Options we do not implement -> their neutral value(s): anything else is a 400, never a silent ignore.
 _NEUTRAL = {

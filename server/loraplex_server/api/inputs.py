@@ -1,4 +1,6 @@
-"""Bounds on every client-controlled value, checked before any work is done for it.
+"""Client input -> engine input: every client-controlled value bounded before any work is done for it, then
+texts and chats tokenized off the event loop (tokenizing a long text takes milliseconds, rendering a chat
+template more), each checked against the model's context.
 
 Text must be Unicode: a lone surrogate (a JSON "\\ud800" escape, or the raw bytes ED A0 80 that Python's
 JSON decoder lets through) cannot be encoded, tokenized or logged, so it is refused by name here. Texts
@@ -7,11 +9,16 @@ are refused by length before tokenizing (CHARS_PER_TOKEN characters per token of
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
+from loraplex_server.api.chat_template import ChatMessage, check_messages, render_chat
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.requests import SamplingInput
-from loraplex_server.engine.sampling import SamplingParams
+from loraplex_server.engine.sampling import MAX_STOP_STRINGS, SamplingParams
+
+__all__ = ["CHARS_PER_TOKEN", "MAX_STOP_STRINGS", "Limits", "chat_token_ids", "check_text", "check_texts",
+           "check_tree_unicode", "check_unicode", "sampling", "text_token_ids"]
 
 # Texts longer than this many characters per token of context are refused before tokenizing (real text
 # averages about 4 characters per token; whitespace runs can be more).
@@ -88,3 +95,39 @@ def check_text(text: str, what: str, max_chars: int, context: int) -> None:
         raise InvalidRequest(f"{what} has {len(text)} characters; the model's context is {context} tokens, so at "
                              f"most {max_chars} characters are accepted", what)
     check_unicode(text, what)
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+
+async def text_token_ids(tokenizer, texts: list[str], context: int, names: list[str]) -> list[list[int]]:
+    """Token ids of each text (already bounded in characters); names[i] names text i in refusals."""
+    batch = await asyncio.get_running_loop().run_in_executor(None, lambda: tokenizer(list(texts))["input_ids"])
+    for ids, name in zip(batch, names, strict=True):
+        check_length(ids, name, context)
+    return batch
+
+
+async def chat_token_ids(tokenizer, messages: list[ChatMessage], context: int, max_chars: int) -> list[int]:
+    """Token ids of the rendered conversation: checked before rendering, rendered and tokenized off the
+    event loop. The template writes its own special tokens, so none are added (as HF's
+    apply_chat_template(tokenize=True) does). The one place chats are tokenized."""
+    if not messages:
+        raise InvalidRequest("messages is empty; send at least one message", "messages")
+    try:
+        check_messages(messages, max_chars)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), "messages") from None
+
+    def render_and_tokenize() -> list[int]:
+        return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+    ids = await asyncio.get_running_loop().run_in_executor(None, render_and_tokenize)
+    check_length(ids, "the rendered messages", context)
+    return ids
+
+
+def check_length(ids: list[int], what: str, context: int) -> None:
+    if not ids:
+        raise InvalidRequest(f"{what} is empty")
+    if len(ids) > context:
+        raise InvalidRequest(f"{what} has {len(ids)} tokens; the model's context is {context}")
