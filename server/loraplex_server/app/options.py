@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-store", default=_env("adapter_store", None),
                         help="the adapter store as a folder or s3://bucket/prefix, shared by every replica (boto3 "
                              "reads endpoint, region and credentials the usual AWS way: AWS_ENDPOINT_URL, "
-                             "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir")
+                             "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir (default: none: "
+                             "--adapter-dir is the store)")
     parser.add_argument("--no-examples", action="store_true", default=bool(_env("no_examples", "")),
                         help="do not publish the shipped example adapters (sentiment, topic, replies) when the "
                              "default --adapter-dir is created on the first start")
@@ -112,13 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds health reports NOT_SERVING before the server stops taking requests on SIGTERM")
     parser.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", 4 * 1024 * 1024)),
                         help="larger requests are refused with RESOURCE_EXHAUSTED")
+    # The defaults are said in words: help must never print the tokens of the environment.
     parser.add_argument("--token", action="append", default=_split(_env("tokens", "")),
-                        help="accepted bearer token (repeatable; env LORAPLEX_TOKENS, comma separated); "
-                             "none means no authentication")
+                        help="accepted bearer token, repeatable (default: $LORAPLEX_TOKENS, comma separated; none "
+                             "means no authentication)")
     parser.add_argument("--admin-token", action="append", default=_split(_env("admin_tokens", "")),
-                        help="bearer token for adapter management (repeatable; env LORAPLEX_ADMIN_TOKENS)")
-    parser.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate chain: serve TLS")
-    parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert")
+                        help="bearer token for adapter management, repeatable (default: $LORAPLEX_ADMIN_TOKENS, "
+                             "comma separated)")
+    parser.add_argument("--tls-cert", default=_env("tls_cert", None),
+                        help="PEM certificate chain: serve TLS (default: none, plain gRPC and HTTP)")
+    parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert "
+                        "(default: none)")
     parser.add_argument("--access-log", action="store_true", default=bool(_env("access_log", "")),
                         help="log one line per request: method, adapter, status, milliseconds")
     parser.add_argument("--ray", action="store_true", default=bool(_env("ray", "")),
