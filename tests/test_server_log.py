@@ -31,6 +31,9 @@ def test_adapter_lifecycle_and_requests_are_logged(tiny, tmp_path, access_log):
                                    in_process=False)  # its log is what this test reads
     try:
         labels = [f"l{i}" for i in range(spec.num_labels)]
+        # The startup log names every port (gRPC, HTTP, metrics); these two are off in this test.
+        _wait_for(process, r"listening: gRPC \(ours, KServe OIP, health\) on 127\.0\.0\.1:\d+, "
+                           r"HTTP \(OpenAI API\) off, metrics off")
         client.adapters.upload(folder, name="logged", labels=labels)
         client.adapters.upload(folder, name="other", labels=labels)
         _wait_for(process, r"published logged@1 \(classification, rank 2")
