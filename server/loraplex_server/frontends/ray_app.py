@@ -12,6 +12,7 @@ batches by model id, and each replica's engine batches rows of all its adapters 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 
 from ray import serve
@@ -64,8 +65,10 @@ def replica_class(max_adapters: int) -> type:
 
         async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
             await self.server.route(self.routed_adapter)
-            async for message in self.server.inference.GenerateStream(request, self.server.context(grpc_context)):
-                yield message
+            stream = self.server.inference.GenerateStream(request, self.server.context(grpc_context))
+            async with contextlib.aclosing(stream):  # Ray cancelling this call (client gone) frees the row now
+                async for message in stream:
+                    yield message
 
         # AdapterService -- any replica: the store is shared, the others see changes on their next lookup.
         async def Upload(self, requests, grpc_context=None):  # noqa: N802
