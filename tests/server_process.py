@@ -21,10 +21,17 @@ def free_port() -> int:
 
 
 def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, extra_args=(), client_kwargs=None,
-                 target=None):
-    command = [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(base_dir), "--adapter-dir",
-               str(adapter_dir), "--port", str(port), "--metrics-port", str(metrics_port), "--dtype", "float32",
-               "--quantize", "none", "--device", TEST_DEVICE, "--max-pending", str(max_pending), *extra_args]
+                 target=None, in_process=True):
+    """A real server on 127.0.0.1:port and a client of it: inside this process (fast; inprocess_server.py), or
+    as a `loraplex serve` process for tests that watch the process itself (exit code, log, signals)."""
+    argv = ["--base", str(base_dir), "--adapter-dir", str(adapter_dir), "--port", str(port), "--metrics-port",
+            str(metrics_port), "--dtype", "float32", "--quantize", "none", "--device", TEST_DEVICE, "--max-pending",
+            str(max_pending), *extra_args]
+    if in_process:
+        from inprocess_server import InProcessServer
+
+        return wait_until_serving(InProcessServer(argv), port, client_kwargs, target)
+    command = [sys.executable, "-m", "loraplex_server.app.serve", *argv]
     return start_server_command(command, port, env={**os.environ, "LORAPLEX_CPU_KERNEL": "0"},
                                 client_kwargs=client_kwargs, target=target)
 
@@ -33,6 +40,10 @@ def start_server_command(command, port, env, client_kwargs=None, target=None):
     """Run a server command line and wait up to 120 s for SERVING; returns (process, client)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _keep_reading(process)
+    return wait_until_serving(process, port, client_kwargs, target)
+
+
+def wait_until_serving(process, port, client_kwargs=None, target=None):
     client = Client(target or f"127.0.0.1:{port}", **{"timeout": 5, "retries": 0, **(client_kwargs or {})})
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -175,7 +175,7 @@ def test_kill_9_mid_upload_then_restart_serves_every_earlier_adapter(tiny, tmp_p
     for name in ("first", "second"):
         store.publish(adapters[CLS][0], name, labels=LABELS)
     port = free_port()
-    process, client = start_server(base_dir, store_dir, port)
+    process, client = start_server(base_dir, store_dir, port, in_process=False)  # SIGKILLed below
     before = {name: client.classify(TEXTS, adapter=name) for name in ("first", "second")}
 
     payload = torch.randint(0, 256, (300_000,), dtype=torch.uint8).numpy().tobytes()

@@ -119,9 +119,13 @@ def _parsers(parser: argparse.ArgumentParser):
 
 
 def test_every_option_has_help_and_shows_its_default():
+    from loraplex_adapters.base_cli import build_parser as base_parser
+    from loraplex_adapters.publish_cli import build_parser as publish_parser
     from loraplex_adapters.train_cli import build_parser as train_parser
+    from loraplex_server.app.options import build_parser as serve_parser
 
-    for parser in [*_parsers(build_parser()), *_parsers(train_parser())]:
+    extras = [serve_parser(), train_parser(), publish_parser(), base_parser()]
+    for parser in [*_parsers(build_parser()), *(p for extra in extras for p in _parsers(extra))]:
         formatter = HelpFormatter(parser.prog)
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import free_port, start_server
 
-from loraplex import Client, ResourceExhausted, Unauthenticated
+from loraplex import Client, PermissionDenied, ResourceExhausted, Unauthenticated
 
 CLS = "cls3_r2"
 
@@ -85,10 +85,13 @@ def test_oversized_message_is_resource_exhausted(secured):
 def test_adapter_management_needs_an_admin_token(secured, tiny):
     port, cert, user = secured
     folder = tiny("llama")[1][CLS][0]
-    with pytest.raises(Unauthenticated, match="admin token"):
+    with pytest.raises(PermissionDenied, match="admin token"):  # a known caller who may not: not UNAUTHENTICATED
         user.adapters.list()
-    with pytest.raises(Unauthenticated, match="admin token"):
+    with pytest.raises(PermissionDenied, match="admin token"):
         user.adapters.upload(folder, name="by-user", labels=["a", "b", "c"])
+    with Client(f"localhost:{port}", token="nobody", ca_cert=str(cert), retries=0) as stranger:
+        with pytest.raises(Unauthenticated, match="invalid bearer token"):
+            stranger.adapters.list()
     with Client(f"localhost:{port}", token="admin-1", ca_cert=str(cert), retries=0) as admin:
         assert admin.adapters.upload(folder, name="by-admin", labels=["a", "b", "c"]).version == 1
         assert user.classify(["hello"], adapter="by-admin")[0].label in {"a", "b", "c"}

@@ -29,7 +29,7 @@ ROUNDS = 16  # unrouted calls spread over both replicas by Ray's power-of-two ch
 
 @pytest.fixture(scope="module")
 def cluster(tiny, adapter_dir, tmp_path_factory):
-    """(proxy address, the replicas' metrics ports, the shared store folder)."""
+    """(gRPC proxy address, the replicas' metrics ports, the shared store folder, the HTTP proxy's URL)."""
     import ray
     from ray import serve
 
@@ -39,15 +39,15 @@ def cluster(tiny, adapter_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("ray") / "store"
     shutil.copytree(adapter_dir, store)  # this module uploads and deletes: the session's store stays as it is
     os.environ["LORAPLEX_CPU_KERNEL"] = "0"  # replicas inherit the driver's environment
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(grpc_port))
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port))
         argv = ["--base", str(base), "--adapter-dir", str(store), "--dtype", "float32", "--quantize", "none",
                 "--device", TEST_DEVICE, "--max-batch", "8", "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(metrics_port), "--token", USER_TOKEN, "--admin-token", ADMIN_TOKEN]
         serve.run(application(argv, replicas=2, num_cpus=1), name=APP_NAME)
-        yield f"127.0.0.1:{grpc_port}", [metrics_port, metrics_port + 1], store
+        yield f"127.0.0.1:{grpc_port}", [metrics_port, metrics_port + 1], store, f"http://127.0.0.1:{http_port}"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -69,7 +69,7 @@ def total(samples: dict[str, float], prefix: str) -> float:
 
 
 def test_answers_equal_a_single_server(cluster, tiny, adapter_dir):
-    address, _, _ = cluster
+    address, *_ = cluster
     base, _ = tiny("llama")
     port = free_port()
     process, single = start_server(base, adapter_dir, port)
@@ -94,7 +94,7 @@ def test_answers_equal_a_single_server(cluster, tiny, adapter_dir):
 
 def test_requests_stick_to_the_replica_that_holds_their_adapter(cluster):
     """Per-replica metrics show the affinity: one replica loads the adapter, later requests hit it there."""
-    address, ports, _ = cluster
+    address, ports, *_ = cluster
     before = [scrape(p) for p in ports]
     with Client(address, timeout=60, token=ADMIN_TOKEN) as client:
         first = client.generate("the quick", adapter="gen_mlp_r2", max_tokens=2)
@@ -132,7 +132,7 @@ def per_replica(ports, prefix: str, before) -> list[float]:
 
 
 def test_upload_publish_and_delete_reach_every_replica(cluster, tiny):
-    address, ports, _ = cluster
+    address, ports, *_ = cluster
     _, adapters = tiny("llama")
     three_labels, five_labels = adapters["cls3_r2"][0], adapters["cls5_r6"][0]
     ok = 'loraplex_requests_total{adapter="fresh",code="OK",method="Classify"}'
@@ -166,7 +166,7 @@ def test_a_killed_replica_is_restarted(cluster):
 
     from loraplex_server.frontends.ray_app import APP_NAME
 
-    address, ports, _ = cluster
+    address, ports, *_ = cluster
     handle = serve.get_app_handle(APP_NAME)
     victim = handle.replica_pid.remote().result(timeout_s=60)
     os.kill(victim, signal.SIGKILL)
@@ -193,7 +193,7 @@ def test_a_killed_replica_is_restarted(cluster):
 
 
 def test_tokens_are_checked_behind_the_proxy(cluster):
-    address, _, _ = cluster
+    address, *_ = cluster
     for token in (None, "wrong"):
         with Client(address, timeout=60, retries=0, token=token) as client:
             with pytest.raises(LoraplexError) as refused:
@@ -203,10 +203,35 @@ def test_tokens_are_checked_behind_the_proxy(cluster):
         assert len(user.classify(TEXTS, "cls3_r2")) == 2  # a user token serves inference
         assert list(user.generate_stream("hi", adapter="gen_qv_r4", max_tokens=2))[-1].finish_reason
         with pytest.raises(LoraplexError) as refused:
-            user.adapters.list()  # adapter management needs an admin token
-        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            user.adapters.list()  # adapter management needs an admin token: a known caller who may not
+        assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     with Client(address, timeout=60, retries=0, token=ADMIN_TOKEN) as admin:
         assert admin.adapters.list()
+
+
+def test_the_openai_api_works_through_rays_http_proxy(cluster):
+    """The OpenAI-compatible API through Ray Serve's HTTP proxy (the deployment's __call__), with the openai
+    package: the same answers as our gRPC API through the gRPC proxy, streaming included, and tokens checked."""
+    import httpx
+    import openai
+
+    address, _, _, url = cluster
+    assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
+    api = openai.OpenAI(base_url=url + "/v1", api_key=USER_TOKEN, max_retries=0, timeout=60)
+    assert {"gen_qv_r4", "cls3_r2@1"} <= {m.id for m in api.models.list().data}
+    with Client(address, timeout=60, token=USER_TOKEN) as client:
+        expected = client.generate("hello world", adapter="gen_qv_r4", max_tokens=8)
+    got = api.completions.create(model="gen_qv_r4", prompt="hello world", max_tokens=8, temperature=0)
+    assert got.choices[0].text == expected.text and got.usage.completion_tokens == expected.completion_tokens
+    chunks = api.completions.create(model="gen_qv_r4", prompt="hello world", max_tokens=8, temperature=0,
+                                    stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    classified = httpx.post(url + "/classify", json={"model": "cls3_r2", "input": TEXTS}, timeout=60,
+                            headers={"authorization": f"Bearer {USER_TOKEN}"}).json()
+    assert [row["num_classes"] for row in classified["data"]] == [3, 3]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(url + "/nowhere", timeout=60).status_code == 404
 
 
 def test_the_single_node_server_does_not_import_ray():

@@ -1,5 +1,6 @@
-"""Start-up refusals: a second server on a busy port fails at once, naming the port and the flag (it
-never shares the port), and so does a step budget or KV cache that cannot work."""
+"""Start-up refusals: a second server on a busy port fails at once, before the heavy imports and the model
+load, with one line naming the port and the flag (it never shares the port), and so does a step budget
+or KV cache that cannot work."""
 
 from __future__ import annotations
 
@@ -13,26 +14,30 @@ from server_process import free_port, start_server
 @pytest.fixture(scope="module")
 def running(tiny, tmp_path_factory):
     base_dir, _ = tiny("llama")
-    port, metrics_port = free_port(), free_port()
-    process, client = start_server(base_dir, tmp_path_factory.mktemp("store"), port, metrics_port)
-    yield base_dir, port, metrics_port
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    process, client = start_server(base_dir, tmp_path_factory.mktemp("store"), port, metrics_port,
+                                   extra_args=["--http-port", str(http_port)])
+    yield base_dir, port, metrics_port, http_port
     client.close()
     process.kill()
     process.wait()
 
 
-@pytest.mark.parametrize(("which", "flag"), [("grpc", "--port"), ("metrics", "--metrics-port")])
+@pytest.mark.parametrize(("which", "flag"), [("grpc", "--port"), ("metrics", "--metrics-port"),
+                                            ("http", "--http-port")])
 def test_a_busy_port_is_refused_with_the_flag_to_change(running, tmp_path, which, flag):
-    base_dir, port, metrics_port = running
-    ports = (port, 0) if which == "grpc" else (free_port(), metrics_port)
+    base_dir, port, metrics_port, http_port = running
+    ports = {"--port": free_port(), "--metrics-port": free_port(), "--http-port": free_port()}
+    busy = {"grpc": port, "metrics": metrics_port, "http": http_port}[which]
+    ports[flag] = busy
     second = subprocess.run(
         [sys.executable, "-m", "loraplex_server.app.serve", "--base", str(base_dir), "--adapter-dir", str(tmp_path),
-         "--port", str(ports[0]), "--metrics-port", str(ports[1]), "--quantize", "none", "--dtype", "float32"],
+         *(f"{name}={value}" for name, value in ports.items()), "--quantize", "none", "--dtype", "float32"],
         capture_output=True, text=True, timeout=120)
     assert second.returncode != 0
-    busy = port if which == "grpc" else metrics_port
     assert f":{busy}" in second.stderr and flag in second.stderr
-    assert "Traceback" not in second.stderr
+    assert second.stderr.strip().count("\n") == 0, second.stderr  # one line: no gRPC C++ log, no traceback
+    assert "loading the base model" not in second.stderr
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

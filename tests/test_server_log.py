@@ -27,9 +27,13 @@ def test_adapter_lifecycle_and_requests_are_logged(tiny, tmp_path, access_log):
     base, adapters = tiny("llama")
     folder, spec = adapters["cls3_r2"]
     process, client = start_server(base, tmp_path / "store", free_port(),
-                                   extra_args=["--max-adapters", "1"] + (["--access-log"] if access_log else []))
+                                   extra_args=["--max-adapters", "1"] + (["--access-log"] if access_log else []),
+                                   in_process=False)  # its log is what this test reads
     try:
         labels = [f"l{i}" for i in range(spec.num_labels)]
+        # The startup log names every port (gRPC, HTTP, metrics); these two are off in this test.
+        _wait_for(process, r"listening: gRPC \(ours, KServe OIP, health\) on 127\.0\.0\.1:\d+, "
+                           r"HTTP \(OpenAI API\) off, metrics off")
         client.adapters.upload(folder, name="logged", labels=labels)
         client.adapters.upload(folder, name="other", labels=labels)
         _wait_for(process, r"published logged@1 \(classification, rank 2")

@@ -15,7 +15,7 @@ from loraplex.v1 import inference_pb2_grpc as pb_grpc
 def test_sigterm_with_a_short_grace_cuts_streams_without_tracebacks(tiny, adapter_dir):
     port = free_port()
     process, client = start_server(tiny("llama")[0], adapter_dir, port,
-                                   extra_args=["--grace", "0.1", "--drain-delay", "0"])
+                                   extra_args=["--grace", "0.1", "--drain-delay", "0"], in_process=False)
     client.close()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.InferenceServiceStub(channel)

@@ -14,10 +14,15 @@ from .format_errors import AdapterFormatError
 MAX_DEPTH = 32
 
 
-def loads_bounded(data: str | bytes, what: str, max_depth: int = MAX_DEPTH) -> object:
-    """Parse `data`; raises AdapterFormatError naming `what` when it is not JSON or nests too deep."""
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def loads_bounded(data: str | bytes, what: str, max_depth: int = MAX_DEPTH, finite: bool = False) -> object:
+    """Parse `data`; raises AdapterFormatError naming `what` when it is not JSON or nests too deep, or (with
+    `finite`, for client input) holds NaN or Infinity, which standard JSON does not have."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constants) if finite else json.loads(data)
     except RecursionError:
         raise AdapterFormatError(f"{what} is nested too deeply (at most {max_depth} levels)") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer with too many digits

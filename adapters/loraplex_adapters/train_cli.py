@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
-from loraplex import LoraplexError
-from loraplex.cli_options import HelpFormatter
-
+from .help_format import HelpFormatter
 from .trainer import TrainConfig, TrainResult, train
+
+Upload = Callable[[str, str | None, Path, str, list[str], dict, str], str]
 
 
 def _list(value: str) -> list[str]:
@@ -84,17 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def register(result: TrainResult, server: str | None, store: str | None, token: str | None) -> str | None:
-    """Upload to a server or publish into a store; returns the `name@version` it got."""
+def register(result: TrainResult, server: str | None, store: str | None, token: str | None,
+             upload: Upload | None = None) -> str | None:
+    """Upload to a server (through `upload`, the SDK's: the trainer imports no client) or publish into a
+    store; returns the `name@version` it got."""
     manifest = result.manifest
     metrics = manifest.extra["metrics"]
     if server:
-        from loraplex import Client
-
-        with Client(server, token=token) as client:
-            info = client.adapters.upload(result.output, name=manifest.name, labels=manifest.labels, metrics=metrics,
-                                          base_fingerprint=manifest.extra["base_fingerprint"])
-        return info.reference
+        if upload is None:
+            raise ValueError("--register uploads through the loraplex client: run `loraplex train`")
+        return upload(server, token, result.output, manifest.name, manifest.labels, metrics,
+                      manifest.extra["base_fingerprint"])
     if store:
         from .store_protocol import open_store
 
@@ -104,14 +106,16 @@ def register(result: TrainResult, server: str | None, store: str | None, token: 
     return None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], upload: Upload | None = None) -> int:
+    """`upload(server, token, folder, name, labels, metrics, base_fingerprint) -> name@version` registers on a
+    server (the `loraplex` command passes the SDK's)."""
     args = build_parser().parse_args(argv)
     # The other task's fields are not options of this one: they keep their defaults.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     try:
         result = train(config, progress=not args.no_progress)
-        reference = register(result, args.register, args.store, args.token)
-    except (ValueError, OSError, LoraplexError) as exc:  # DataError, AdapterFormatError, a refused upload
+        reference = register(result, args.register, args.store, args.token, upload)
+    except (ValueError, OSError) as exc:  # DataError, AdapterFormatError (a refused upload: the caller's)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"adapter": str(result.output), "registered": reference, "best_epoch": result.best_epoch,

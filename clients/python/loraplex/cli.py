@@ -1,14 +1,18 @@
-"""The `loraplex` command: serve, classify, generate, chat, health, base, and `adapters ...` management."""
+"""The `loraplex` command: serve, classify, generate, chat, health, base, and `adapters ...` management.
+
+The client commands are the SDK's own. `serve`, `train`, `adapters publish` and `base` belong to the server
+and training extras: each is found by name only when it runs (COMMANDS), so the SDK imports neither the
+server nor the trainer, and says which extra to install when one is missing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from pathlib import Path
 
 from .adapters import AdapterInfo, ProgressBar
-from .cli_base import BaseUnavailable, embedded_base_folder, export
 from .cli_chat import add_chat_options, run_chat
 from .cli_options import HelpFormatter, add_connection, add_sampling, connection_defaults, sampling_kwargs
 from .client import Client
@@ -110,16 +114,6 @@ def _unload(args) -> int:
     return 0
 
 
-def _base_path(args) -> int:
-    print(embedded_base_folder())
-    return 0
-
-
-def _base_export(args) -> int:
-    print(export(Path(args.dir)))
-    return 0
-
-
 def _elsewhere(args) -> int:
     print(f"error: `loraplex {args.elsewhere}` takes its own options after it: see `loraplex {args.elsewhere} "
           "--help`", file=sys.stderr)
@@ -177,17 +171,6 @@ def _inference_commands(commands) -> None:
     _command(commands, "health", "print the server's health; exit 0 only when SERVING").set_defaults(run=_health)
 
 
-def _base_commands(commands) -> None:
-    base = _command(commands, "base", "the embedded base model's Hugging Face folder (needs the server extra)",
-                    connection=False)
-    actions = base.add_subparsers(dest="action", required=True, metavar="ACTION")
-    _command(actions, "path", "print the folder (converted from the shipped GGUF on first use)",
-             connection=False).set_defaults(run=_base_path)
-    export_command = _command(actions, "export", "copy the folder to DIR", connection=False)
-    export_command.add_argument("dir", metavar="DIR", help="a new or empty folder")
-    export_command.set_defaults(run=_base_export)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", formatter_class=HelpFormatter,
                                      description="loraplex client. Connection options go before or after the "
@@ -195,34 +178,61 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("serve", "start the server (see `loraplex serve --help`)"),
-                       ("train", "fine-tune a LoRA adapter (see `loraplex train --help`)")):
+                       ("train", "fine-tune a LoRA adapter (see `loraplex train --help`)"),
+                       ("base", "the embedded base model's Hugging Face folder: `base path`, `base export DIR`")):
         commands.add_parser(name, help=text, add_help=False).set_defaults(run=_elsewhere, elsewhere=name)
     _inference_commands(commands)
     _adapter_commands(commands)
-    _base_commands(commands)
     return parser
+
+
+# Commands of the server and training extras: (module, function, the extra that brings them).
+COMMANDS = {
+    ("serve",): ("loraplex_server.app.serve", "main", "server"),
+    ("train",): ("loraplex_adapters.train_cli", "main", "train"),
+    ("adapters", "publish"): ("loraplex_adapters.publish_cli", "main", "server"),
+    ("base",): ("loraplex_adapters.base_cli", "main", "server"),
+}
+
+
+def _extra_command(words: tuple[str, ...]):
+    """The function of an extra's command, imported now; SystemExit naming the extra when it is missing."""
+    module, function, extra = COMMANDS[words]
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ImportError as exc:
+        raise SystemExit(f"error: `loraplex {' '.join(words)}` needs the {extra} extra ({exc.name} is not "
+                         f"installed): pip install 'loraplex[{extra}]'") from None
+
+
+def _upload_trained(server: str, token: str | None, folder, name: str, labels: list[str], metrics: dict,
+                    base_fingerprint: str) -> str:
+    """`loraplex train --register SERVER`: the trainer hands its adapter here, to the SDK's upload."""
+    with Client(server, token=token) as client:
+        return client.adapters.upload(folder, name=name, labels=labels, metrics=metrics,
+                                      base_fingerprint=base_fingerprint).reference
+
+
+def _run_extra(words: tuple[str, ...], argv: list[str]) -> int:
+    command = _extra_command(words)
+    try:
+        code = command(argv, upload=_upload_trained) if words == ("train",) else command(argv)
+    except LoraplexError as exc:  # a refused upload of `train --register`
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code or 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # the server needs torch; the rest of the CLI must not import it
-        from loraplex_server.app.serve import main as serve
-
-        serve(argv[1:])
-        return 0
-    if argv[:1] == ["train"]:  # fine-tuning: torch, transformers, peft (the `train` extra)
-        from loraplex_adapters.train_cli import main as train
-
-        return train(argv[1:])
-    if argv[:2] == ["adapters", "publish"]:  # validation reads the weights: torch again
-        from loraplex_adapters.publish_cli import main as publish
-
-        return publish(argv[2:])
+    for words in COMMANDS:  # torch and the server's packages: imported only by the command that needs them
+        if tuple(argv[:len(words)]) == words:
+            return _run_extra(words, argv[len(words):])
     args = build_parser().parse_args(argv)
     connection_defaults(args)
     try:
         return args.run(args)
-    except (LoraplexError, OSError, ValueError, BaseUnavailable) as exc:  # ValueError: bad --metrics
+    except (LoraplexError, OSError, ValueError) as exc:  # ValueError: bad --metrics
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

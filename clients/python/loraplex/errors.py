@@ -33,13 +33,18 @@ class Unauthenticated(LoraplexError):
     pass
 
 
+class PermissionDenied(LoraplexError):
+    """A valid token that may not call this method (a user token on adapter management)."""
+
+
 class ResourceExhausted(LoraplexError):
     pass
 
 
 _ERRORS = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
            grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.UNAVAILABLE: Unavailable,
-           grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
+           grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
 
 
 def error_from(exc: grpc.RpcError) -> LoraplexError:

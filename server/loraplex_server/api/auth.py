@@ -1,57 +1,37 @@
-"""Bearer-token authentication for the gRPC server (`authorization: Bearer <token>` metadata).
+"""The one auth policy of every front end: bearer tokens (`authorization: Bearer <token>`).
 
-Inference methods accept any user or admin token; adapter management (issue 4's AdapterService)
-only admin tokens. Health checking and reflection stay open, as load balancers and tools expect.
+Inference accepts any user or admin token; adapter management only admin tokens. A call without a
+token, or with one the server does not know, is UNAUTHENTICATED (401); a valid user token on an admin
+method is PERMISSION_DENIED (403): the caller is known, and may not do this. Health checks stay open,
+as load balancers and probes expect. Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
 
-import grpc
+from loraplex_server.api.errors import PermissionDenied, Unauthenticated
 
-# Liveness and readiness of KServe's Open Inference Protocol are health checks too (Kubernetes probes).
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
-                 "/inference.GRPCInferenceService/ServerReady")
-ADMIN_PREFIXES = ("/loraplex.v1.AdapterService/",)
+BEARER = "Bearer "
 
 
-def _bearer(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `authorization` value, or None when it is not a bearer token."""
+    if isinstance(header, str) and header.startswith(BEARER):
+        return header[len(BEARER):]
     return None
 
 
 def _matches(token: str | None, allowed: list[str]) -> bool:
     # Compare against every token in constant time, so timing does not reveal a prefix.
-    return token is not None and any(hmac.compare_digest(token.encode(), a.encode()) for a in allowed)
-
-
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as the real one that answers UNAUTHENTICATED."""
-
-    async def abort_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def abort_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort_unary, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
+    if token is None:
+        return False
+    given = token.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(given, a.encode()) for a in allowed)
 
 
 class TokenPolicy:
-    """Who may call what: user or admin tokens for inference, admin tokens for adapter management. Used by
-    the gRPC interceptor below and by Ray Serve replicas, whose proxy checks nothing itself."""
+    """Who may call what; `check` raises Unauthenticated or PermissionDenied."""
 
     def __init__(self, tokens: list[str], admin_tokens: list[str]) -> None:
         self.tokens = list(tokens)
@@ -61,29 +41,15 @@ class TokenPolicy:
     def enabled(self) -> bool:
         return bool(self.tokens or self.admin_tokens)
 
-    def refusal(self, metadata, admin: bool) -> str | None:
-        """Why a call with this metadata is refused (UNAUTHENTICATED), or None when it may go on."""
+    def check(self, token: str | None, admin: bool = False) -> None:
         if not self.enabled:
-            return None
-        token = _bearer(metadata)
-        if admin:
-            if _matches(token, self.admin_tokens):
-                return None
-            return "this method needs an admin token (authorization: Bearer <admin token>)"
-        if _matches(token, self.tokens + self.admin_tokens):
-            return None
+            return
+        if _matches(token, self.admin_tokens):
+            return
+        user = _matches(token, self.tokens)
+        if user and not admin:
+            return
+        if user:
+            raise PermissionDenied("this method needs an admin token; the token sent is a user token")
         reason = "missing" if token is None else "invalid"
-        return f"{reason} bearer token; send metadata `authorization: Bearer <token>`"
-
-
-class BearerAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: list[str], admin_tokens: list[str]) -> None:
-        self.policy = TokenPolicy(tokens, admin_tokens)
-
-    async def intercept_service(self, continuation, details):
-        method = details.method
-        handler = await continuation(details)
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        message = self.policy.refusal(details.invocation_metadata, admin=method.startswith(ADMIN_PREFIXES))
-        return handler if message is None else _refusal(handler, message)
+        raise Unauthenticated(f"{reason} bearer token; send `authorization: Bearer <token>`")

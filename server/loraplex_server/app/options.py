@@ -8,7 +8,11 @@ import argparse
 import os
 from pathlib import Path
 
-from loraplex_server.engine.base_model import DTYPE_CHOICES, QUANTIZE_CHOICES
+from loraplex_adapters.help_format import HelpFormatter
+
+# engine/base_model.py's, repeated so that parsing options imports no torch (tests check they agree)
+QUANTIZE_CHOICES = ("auto", "nf4", "int8", "none")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -45,14 +49,20 @@ def _env(name: str, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loraplex serve", formatter_class=HelpFormatter, description=(
+        "Serve LoRA adapters of one base model: our gRPC API and KServe's Open Inference Protocol on --port, the "
+        "OpenAI-compatible HTTP API on --http-port, Prometheus metrics on --metrics-port."))
     parser.add_argument("--base", default=_env("base", None),
                         help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--quantize", default=_env("quantize", "auto"), choices=QUANTIZE_CHOICES)
-    parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES)
+    parser.add_argument("--quantize", default=_env("quantize", "auto"), choices=QUANTIZE_CHOICES,
+                        help="base weights: nf4 or int8 (bitsandbytes) or none; auto = nf4 on CUDA, none on CPU")
+    parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES,
+                        help="compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
     parser.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"),
+                        help="address the gRPC and HTTP APIs bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=int(_env("port", 50051)),
+                        help="gRPC port: our API, KServe's Open Inference Protocol, health checking, reflection")
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9400)),
                         help="Prometheus metrics on --metrics-host, over HTTPS when --tls-cert is set; 0 turns "
                              "it off")
@@ -62,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
                              "/classify, /health, /metrics) on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
-                        help="the adapter store: uploads go here, requests load from here (default: %(default)s)")
+                        help="the adapter store: uploads go here, requests load from here")
     parser.add_argument("--adapter-store", default=_env("adapter_store", None),
                         help="the adapter store as a folder or s3://bucket/prefix, shared by every replica (boto3 "
                              "reads endpoint, region and credentials the usual AWS way: AWS_ENDPOINT_URL, "
-                             "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir")
+                             "AWS_REGION, AWS_ACCESS_KEY_ID...); overrides --adapter-dir (default: none: "
+                             "--adapter-dir is the store)")
     parser.add_argument("--no-examples", action="store_true", default=bool(_env("no_examples", "")),
                         help="do not publish the shipped example adapters (sentiment, topic, replies) when the "
                              "default --adapter-dir is created on the first start")
@@ -102,19 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds health reports NOT_SERVING before the server stops taking requests on SIGTERM")
     parser.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", 4 * 1024 * 1024)),
                         help="larger requests are refused with RESOURCE_EXHAUSTED")
+    # The defaults are said in words: help must never print the tokens of the environment.
     parser.add_argument("--token", action="append", default=_split(_env("tokens", "")),
-                        help="accepted bearer token (repeatable; env LORAPLEX_TOKENS, comma separated); "
-                             "none means no authentication")
+                        help="accepted bearer token, repeatable (default: $LORAPLEX_TOKENS, comma separated; none "
+                             "means no authentication)")
     parser.add_argument("--admin-token", action="append", default=_split(_env("admin_tokens", "")),
-                        help="bearer token for adapter management (repeatable; env LORAPLEX_ADMIN_TOKENS)")
-    parser.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate chain: serve TLS")
-    parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert")
+                        help="bearer token for adapter management, repeatable (default: $LORAPLEX_ADMIN_TOKENS, "
+                             "comma separated)")
+    parser.add_argument("--tls-cert", default=_env("tls_cert", None),
+                        help="PEM certificate chain: serve TLS (default: none, plain gRPC and HTTP)")
+    parser.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key for --tls-cert "
+                        "(default: none)")
     parser.add_argument("--access-log", action="store_true", default=bool(_env("access_log", "")),
                         help="log one line per request: method, adapter, status, milliseconds")
     parser.add_argument("--ray", action="store_true", default=bool(_env("ray", "")),
                         help="serve --replicas replicas on a local Ray cluster, through Ray Serve's gRPC proxy on "
                              "--port, routed by adapter (needs loraplex[cluster])")
     parser.add_argument("--replicas", type=int, default=int(_env("replicas", 2)), help="replicas with --ray")
+    parser.epilog = ("Every option can also be set by an environment variable LORAPLEX_<OPTION> "
+                     "(e.g. LORAPLEX_HTTP_PORT).")
     return parser
 
 

@@ -9,7 +9,15 @@ import logging
 import signal
 import threading
 
+from loraplex_server.app.ports import reserve_ports
+
 log = logging.getLogger("loraplex.ray")
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """The proxies' ports are free (Ray Serve's own failure comes late and names no option)."""
+    ports = reserve_ports(argparse.Namespace(**{**vars(args), "metrics_port": 0, "http_port": args.http_port or 8000}))
+    ports.http_socket.close()
 
 
 def replica_argv(argv: list[str]) -> list[str]:
@@ -35,15 +43,19 @@ def run_on_ray(argv: list[str], args: argparse.Namespace) -> None:
 
     if args.replicas < 1:
         raise SystemExit("--replicas must be >= 1")
+    check_ports(args)
     ray.init(include_dashboard=False)
     # After ray.init (which installs handlers of its own), before the proxy answers anyone: a SIGTERM
     # that arrives while the replicas start still ends in an orderly shutdown.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": args.host, "port": args.http_port or 8000}, grpc_options=grpc_options(args.port))
+    http_port = args.http_port or 8000  # Ray Serve always runs its HTTP proxy
+    serve.start(http_options={"host": args.host, "port": http_port}, grpc_options=grpc_options(args.port))
     serve.run(application(replica_argv(argv), replicas=args.replicas), name=APP_NAME)
-    log.info("serving %d replicas through Ray Serve's gRPC proxy on port %d", args.replicas, args.port)
+    log.info("serving %d replicas through Ray Serve's gRPC proxy on port %d (our API, KServe OIP is not served "
+             "here) and its HTTP proxy on port %d (the OpenAI-compatible API); metrics from port %s, one per replica",
+             args.replicas, args.port, http_port, args.metrics_port or "(off)")
     stop.wait()
     serve.shutdown()
     ray.shutdown()

@@ -1,7 +1,8 @@
 """Runs the HTTP API (openai_api.py) with uvicorn inside `loraplex serve`'s own event loop, beside gRPC.
 
-The port is bound at start, so a busy --http-port stops the server with a message naming the flag,
-like --port. uvicorn's own signal handling stays off: serve.py drains both front ends on SIGTERM.
+The port is bound before the base model loads (app/ports.py), so a busy --http-port stops the server at
+once with a message naming the flag. uvicorn's own signal handling stays off: the server drains both
+front ends on SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import socket
 
 import uvicorn
 
-from loraplex_server.api.metrics import Metrics
-from loraplex_server.api.request_builder import RequestBuilder
+from loraplex_server.api.request_path import RequestPath
 from loraplex_server.frontends.http_limits import HttpLimits
 from loraplex_server.frontends.openai_api import OpenAIApi
 
@@ -38,41 +38,20 @@ class HttpServer:
         """/health answers 503 from now on, so load balancers steer away before the port closes."""
         self.api.draining = True
 
-    async def stop(self) -> None:
-        """Stop taking connections; requests in flight get the configured grace period."""
+    async def stop(self, force: bool = False) -> None:
+        """Stop taking connections; requests in flight get the configured grace period (none when forced)."""
         self._server.should_exit = True
+        self._server.force_exit = force
         if self._task is not None:
             await self._task
         self._sock.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not SO_REUSEPORT: a busy port must fail
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def open_http_api(args: argparse.Namespace, requests: RequestBuilder, metrics: Metrics) -> HttpServer | None:
-    """Bind --http-port now (None when it is 0); the caller starts it once the gRPC server runs."""
-    if not args.http_port:
-        return None
-    try:
-        sock = _bind(args.host, args.http_port)
-    except OSError as exc:
-        raise SystemExit(f"cannot serve the HTTP API on {args.host}:{args.http_port} "
-                         f"({exc.strerror or exc.__class__.__name__}); choose another --http-port, or 0 to turn "
-                         "the HTTP API off") from None
-    api = OpenAIApi(requests, metrics, args.token + args.admin_token, args.max_message_bytes)
+def open_http_api(args: argparse.Namespace, sock: socket.socket, path: RequestPath) -> HttpServer:
+    """The HTTP API on an already bound socket; the caller starts it once the gRPC server runs."""
+    api = OpenAIApi(path, args.max_message_bytes)
     config = uvicorn.Config(api.app, log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=max(args.grace, 0.1), ssl_certfile=args.tls_cert,
+                            timeout_graceful_shutdown=args.grace + 1, ssl_certfile=args.tls_cert,
                             ssl_keyfile=args.tls_key, server_header=False, **HttpLimits().uvicorn_options())
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat serve's
     return HttpServer(api, sock, config)

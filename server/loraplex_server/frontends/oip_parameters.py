@@ -1,15 +1,16 @@
-"""Request parameters of an Open Inference Protocol generation -> sampling keyword arguments.
+"""Request parameters of an Open Inference Protocol generation -> the request path's SamplingInput.
 
 Names and meaning follow Triton's generate extension (and our SamplingParameters): max_tokens,
 temperature, top_p, top_k, seed, stop. `stop` is one stop string, or several as a JSON array of
-strings. Anything else is refused by name rather than ignored.
+strings (parsed with the bounded JSON parser: size and depth). Anything else is refused by name rather than
+ignored.
 """
 
 from __future__ import annotations
 
-import json
-
-from loraplex_server.api.request_builder import InvalidRequest
+from loraplex_adapters.bounded_json import loads_bounded
+from loraplex_server.api.errors import InvalidRequest
+from loraplex_server.api.requests import SamplingInput
 
 INTEGER = ("max_tokens", "top_k", "seed")
 NUMBER = ("temperature", "top_p")
@@ -17,8 +18,8 @@ ACCEPTED = (*INTEGER, *NUMBER, "stop")
 MAX_STOP_PARAMETER_CHARS = 4096
 
 
-def sampling_arguments(parameters: dict[str, object]) -> dict:
-    """Keyword arguments for RequestBuilder.sampling; values are the InferParameter choices as sent."""
+def sampling_input(parameters: dict[str, object]) -> SamplingInput:
+    """The sampling values of the InferParameter choices as sent."""
     unknown = sorted(set(parameters) - set(ACCEPTED))
     if unknown:
         raise InvalidRequest(f"unknown request parameter {unknown[0]!r}; a generation takes {', '.join(ACCEPTED)}")
@@ -33,8 +34,8 @@ def sampling_arguments(parameters: dict[str, object]) -> dict:
                 raise InvalidRequest(f"parameter {name} must be a number (double_param), got {value!r}")
             arguments[name] = float(value)
         else:
-            arguments["stop"] = _stop_strings(value)
-    return arguments
+            arguments["stop"] = tuple(_stop_strings(value))
+    return SamplingInput(**arguments)
 
 
 def _stop_strings(value: object) -> list[str]:
@@ -44,10 +45,7 @@ def _stop_strings(value: object) -> list[str]:
         raise InvalidRequest(f"parameter stop has {len(value)} characters; at most {MAX_STOP_PARAMETER_CHARS}")
     if not value.startswith("["):
         return [value]
-    try:
-        stops = json.loads(value)
-    except json.JSONDecodeError:
-        raise InvalidRequest("parameter stop starts with '[' but is not a JSON array of strings") from None
+    stops = loads_bounded(value, "parameter stop (a JSON array of strings)", max_depth=1)
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise InvalidRequest("parameter stop must be a JSON array of strings")
     return stops

@@ -1,5 +1,5 @@
-"""KServe's Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), on the same port,
-scheduler and adapter cache as our InferenceService, through the same RequestBuilder.
+"""KServe's Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), on the same port and
+request path (api/request_path.py) as our InferenceService: this module only decodes and encodes tensors.
 
 A model is an adapter: `name` (its latest version), `name@version`, or `name` plus `model_version`.
 - classification adapters: input `text` BYTES [N] -> `label` BYTES [N], `probabilities` FP32 [N, L]
@@ -16,9 +16,7 @@ The stubs share the package `inference` with tritonclient's: never import both i
 
 from __future__ import annotations
 
-import functools
 import json
-import time
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -27,11 +25,11 @@ import grpc
 from loraplex.oip import grpc_predict_v2_pb2 as pb
 from loraplex.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from loraplex_adapters.manifest import Manifest
-from loraplex_server.api.metrics import Metrics
-from loraplex_server.api.request_builder import InvalidRequest, RequestBuilder
-from loraplex_server.api.status import abort_for
-from loraplex_server.engine.engine import WrongTask
-from loraplex_server.frontends.oip_parameters import sampling_arguments
+from loraplex_server.api.errors import InvalidRequest, WrongTask
+from loraplex_server.api.request_path import RequestPath
+from loraplex_server.api.requests import ClassifyInput, ClassifyOutput, GenerateInput, GenerationResult
+from loraplex_server.frontends.grpc_calls import abort_for, call_of
+from loraplex_server.frontends.oip_parameters import sampling_input
 from loraplex_server.frontends.oip_tensors import (
     decode_texts,
     pack_bytes,
@@ -65,26 +63,6 @@ def _server_version() -> str:
         return "unknown"
 
 
-def _observed(method):
-    """Count ModelInfer by model and final status, and time it (as service.observed does for our API)."""
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        started, code = time.perf_counter(), "OK"
-        try:
-            return await method(self, request, context)
-        except BaseException:
-            code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
-            raise
-        finally:
-            self.metrics.latency.labels(method.__name__).observe(time.perf_counter() - started)
-            name = request.model_name.split("@")[0]
-            known = self.requests.cache is not None and self.requests.cache.store.known(name)
-            adapter = self.metrics.adapter_label(name) if known else "unknown"
-            self.metrics.requests.labels(method.__name__, adapter, code).inc()
-    return unary
-
-
 def _reference(name: str, version: str) -> str:
     """The adapter reference a model name and version stand for."""
     if not name:
@@ -98,6 +76,15 @@ def _reference(name: str, version: str) -> str:
     if not version.isdigit():
         raise InvalidRequest(f"model version {version!r} is not a version number")
     return f"{name}@{version}"
+
+
+def _task(manifest: Manifest) -> ModelTask:
+    kind = manifest.extra.get("task")
+    task = TASKS.get(kind)
+    if task is None:
+        raise WrongTask(f"adapter {manifest.name}@{manifest.version} has task {kind!r}, which this protocol does "
+                        "not serve")
+    return task
 
 
 def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
@@ -121,9 +108,8 @@ def _parameter_value(parameter: pb.InferParameter) -> object:
 
 
 class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, metrics: Metrics, requests: RequestBuilder) -> None:
-        self.metrics = metrics
-        self.requests = requests  # InferenceService's: attached once the base model is loaded
+    def __init__(self, path: RequestPath) -> None:
+        self.path = path
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -131,64 +117,76 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.requests.engine is not None)
+        return pb.ServerReadyResponse(ready=self.path.runtime is not None)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        try:
+            self.path.policy.check(call_of(context, "ServerMetadata").token)
+        except Exception as exc:
+            await abort_for(context, exc)
         return pb.ServerMetadataResponse(name="loraplex", version=_server_version(),
                                          extensions=["classification", "parameters"])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         """Ready = registered, fits this base and has a task we serve; it loads on demand. An unknown
         model is not ready (as Triton answers), not an error."""
-        if self.requests.engine is None:
-            return pb.ModelReadyResponse(ready=False)
         try:
-            self._model(_reference(request.name, request.version))
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception:  # not registered, another base, a malformed name, a task we do not serve
+            reference = _reference(request.name, request.version)
+            _task(await self.path.model(call_of(context, "ModelReady"), reference))
+        except (InvalidRequest, PermissionError) as exc:
+            await abort_for(context, exc)
+        except Exception:  # loading, not registered, another base, a malformed name, a task we do not serve
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        await self._ready(context)
         try:
-            _, manifest, task = self._model(_reference(request.name, request.version))
+            manifest = await self.path.model(call_of(context, "ModelMetadata"),
+                                             _reference(request.name, request.version))
+            task = _task(manifest)
+            _, manifests = await self.path.models(call_of(context, "ModelMetadata"))
         except Exception as exc:
             await abort_for(context, exc)
-        versions = [str(m.version) for m in self.requests.cache.store.list() if m.name == manifest.name]
+        versions = [str(m.version) for m in manifests if m.name == manifest.name]
         return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform=task.platform,
                                         inputs=[self._input_metadata(task)],
                                         outputs=self._output_metadata(task, manifest.labels))
 
     # -- inference --------------------------------------------------------------------------------
 
-    @_observed
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        await self._ready(context)
-        try:
-            key, manifest, task = self._model(_reference(request.model_name, request.model_version))
-            wanted = self._requested_outputs(request, task)
+        wanted: dict[str, int] = {}
+
+        def decode(kind: str, manifest: Manifest) -> ClassifyInput | GenerateInput:
+            task = _task(manifest)
+            wanted.update(self._requested_outputs(request, task))
             texts = self._input_texts(request, task)
             if task is CLASSIFICATION:
                 if request.parameters:
                     raise InvalidRequest("a classification model takes no request parameters")
-                outputs = await self._classify(key, texts, manifest.labels, wanted)
-            else:
-                outputs = await self._generate(key, texts[0], request.parameters)
+                return ClassifyInput(manifest.name, texts, "text")
+            parameters = {name: _parameter_value(value) for name, value in request.parameters.items()}
+            return GenerateInput(manifest.name, texts[0], sampling=sampling_input(parameters),
+                                 prompt_field="text_input")
+
+        try:
+            reference = _reference(request.model_name, request.model_version)
+            manifest, output = await self.path.infer(call_of(context, "ModelInfer"), reference, decode)
         except Exception as exc:
             await abort_for(context, exc)
+        outputs = self._classified(output, manifest.labels, wanted) if isinstance(output, ClassifyOutput) \
+            else self._generated(output)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(manifest.version),
                                          id=request.id)
         for name in wanted:
-            datatype, shape, raw = outputs[name]  # name: the output, or its top classes (wanted[name] = k)
+            datatype, shape, raw = outputs[name]
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             response.raw_output_contents.append(raw)
         return response
 
-    async def _classify(self, key: str, texts: list[str], labels: list[str], wanted: dict[str, int]) -> dict:
-        ids = await self.requests.tokens(texts, lambda i: f"text[{i}]")
-        results = await self.requests.scheduler.classify(ids, key)
+    @staticmethod
+    def _classified(output: ClassifyOutput, labels: list[str], wanted: dict[str, int]) -> dict:
+        results = output.results
         rows = [[r.scores[label] for label in labels] for r in results]
         outputs = {"label": (BYTES, [len(results)], pack_bytes([r.label.encode() for r in results])),
                    "probabilities": (FP32, [len(results), len(labels)], pack_fp32([p for row in rows for p in row]))}
@@ -198,27 +196,11 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs["probabilities"] = (BYTES, [len(results), count], pack_bytes(top_classes(rows, labels, count)))
         return outputs
 
-    async def _generate(self, key: str, text: str, parameters) -> dict:
-        params = self.requests.sampling(**sampling_arguments(
-            {name: _parameter_value(value) for name, value in parameters.items()}))
-        prompt = (await self.requests.tokens([text], lambda _: "text_input"))[0]
-        generation, events = await self.requests.start(key, prompt, params)
-        pieces = [event.text async for event in self.requests.events(generation, events)]
-        return {"text_output": (BYTES, [1], pack_bytes(["".join(pieces).encode()]))}
+    @staticmethod
+    def _generated(result: GenerationResult) -> dict:
+        return {"text_output": (BYTES, [1], pack_bytes([result.text.encode()]))}
 
-    # -- helpers ----------------------------------------------------------------------------------
-
-    async def _ready(self, context) -> None:
-        if self.requests.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the base model is still loading; retry shortly")
-
-    def _model(self, reference: str) -> tuple[str, Manifest, ModelTask]:
-        key, manifest = self.requests.cache.resolve(reference)
-        kind = manifest.extra.get("task")
-        task = TASKS.get(kind)
-        if task is None:
-            raise WrongTask(f"adapter {key} has task {kind!r}, which this protocol does not serve")
-        return key, manifest, task
+    # -- decoding ---------------------------------------------------------------------------------
 
     def _input_texts(self, request: pb.ModelInferRequest, task: ModelTask) -> list[str]:
         if len(request.inputs) != 1:
@@ -236,7 +218,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequest(f"input {tensor.name} must have datatype BYTES, got {tensor.datatype[:32]!r}")
         if tensor.parameters:
             raise InvalidRequest(f"input {tensor.name} takes no parameters")
-        max_count = self.requests.limits.max_texts if task is CLASSIFICATION else 1
+        max_count = self.path.limits.max_texts if task is CLASSIFICATION else 1
         count = texts_of_shape(tensor.shape, tensor.name, max_count)
         return decode_texts(self._elements(request, count), tensor.name)
 
@@ -288,7 +270,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return [tensor(name="label", datatype=BYTES, shape=[-1]), probabilities]
 
 
-def add_open_inference_service(server: grpc.aio.Server, metrics: Metrics, requests: RequestBuilder) -> str:
+def add_open_inference_service(server: grpc.aio.Server, path: RequestPath) -> str:
     """Serve the protocol on `server`; returns its full service name (for reflection)."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceService(metrics, requests), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceService(path), server)
     return SERVICE_NAME

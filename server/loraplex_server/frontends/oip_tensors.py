@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from loraplex_server.api.request_builder import InvalidRequest
+from loraplex_server.api.errors import InvalidRequest
 
 _LENGTH = struct.Struct("<I")
 

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions, vLLM's
-/classify, /health and /metrics. It calls the scheduler through the same RequestBuilder as the gRPC
-service, and derives each HTTP status from the gRPC status the failure maps to (status.py).
+/classify, /health and /metrics, as a codec over the request path (api/request_path.py): read the body
+(bounded), decode it (openai_schema.py), call the path, encode the result, or the failure with the HTTP
+status the status table gives it.
 
 `model` is an adapter reference (`name` = latest, `name@version`), or the base's id (its folder's name)
-for the base alone.
+for the base alone. A client that disconnects cancels its generation, streaming or not.
 """
 
 from __future__ import annotations
@@ -11,25 +12,22 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from loraplex_server.api.auth import _matches
-from loraplex_server.api.metrics import Metrics
-from loraplex_server.api.request_builder import BaseLoading, RequestBuilder
-from loraplex_server.api.status import http_status, status_of
-from loraplex_server.engine.sequence import GenerationRequest
+from loraplex_server.api.auth import bearer_token
+from loraplex_server.api.errors import InvalidRequest, PayloadTooLarge
+from loraplex_server.api.request_path import Generation, RequestPath
+from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
+from loraplex_server.api.status import status_of
 from loraplex_server.frontends.openai_schema import (
-    BadRequestBody,
     GenerationBody,
     parse_chat,
     parse_classify,
@@ -37,98 +35,60 @@ from loraplex_server.frontends.openai_schema import (
     parse_json,
 )
 
-log = logging.getLogger(__name__)
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's names: EOS is a natural stop
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable"}
+_RETRY_AFTER = {429: "1", 503: "5"}
 
 
-class HttpRefusal(Exception):
-    """A refusal that is HTTP's own (body too large, bad token), with the gRPC code it counts as."""
-
-    def __init__(self, status: int, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
                       "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def failure_response(exc: BaseException) -> JSONResponse:
+    status = status_of(exc)
+    headers = {"Retry-After": _RETRY_AFTER[status.http]} if status.http in _RETRY_AFTER else None
+    return JSONResponse(error_body(status.http, status.message, status.param), status_code=status.http,
+                        headers=headers)
 
 
 class OpenAIApi:
-    def __init__(self, requests: RequestBuilder, metrics: Metrics, tokens: list[str] = (),
-                 max_body_bytes: int = 4 << 20) -> None:
-        self.requests, self.metrics = requests, metrics
-        self.tokens = list(tokens)  # user and admin tokens: every endpoint here is inference
-        self.max_body_bytes = max_body_bytes
+    def __init__(self, path: RequestPath, max_body_bytes: int = 4 << 20) -> None:
+        self.path, self.max_body_bytes = path, max_body_bytes
         self.draining = False
         self.app = Starlette(routes=[
-            Route("/v1/models", self._endpoint("http_models", self.models), methods=["GET"]),
-            Route("/v1/completions", self._endpoint("http_completions", self.completions), methods=["POST"]),
-            Route("/v1/chat/completions", self._endpoint("http_chat_completions", self.chat), methods=["POST"]),
-            Route("/classify", self._endpoint("http_classify", self.classify), methods=["POST"]),
-            Route("/v1/classify", self._endpoint("http_classify", self.classify), methods=["POST"]),
+            Route("/v1/models", self._endpoint(self.http_models), methods=["GET"]),
+            Route("/v1/completions", self._endpoint(self.http_completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._endpoint(self.http_chat_completions), methods=["POST"]),
+            Route("/classify", self._endpoint(self.http_classify), methods=["POST"]),
+            Route("/v1/classify", self._endpoint(self.http_classify), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
         ])
 
+    async def respond(self, request: Request) -> Response:
+        """The response to one request, for hosts that hand us Starlette requests (Ray Serve's HTTP proxy)."""
+        for route in self.app.routes:
+            match, child = route.matches(request.scope)
+            if match is Match.FULL:
+                request.scope.update(child)
+                return await route.endpoint(request)
+        allowed = any(route.matches(request.scope)[0] is Match.PARTIAL for route in self.app.routes)
+        return JSONResponse(error_body(405 if allowed else 404, "no such endpoint"), status_code=405 if allowed
+                            else 404)
+
     # -- plumbing -------------------------------------------------------------------------------
 
-    @property
-    def base_id(self) -> str:
-        return self.requests.engine.base.path.name
-
-    def _endpoint(self, method: str, handler: Callable[[Request, dict], Awaitable[Response]]):
-        """Auth, then the handler; every failure becomes OpenAI's error JSON with the HTTP status of its
-        gRPC status; the request is counted like an RPC (method, adapter, gRPC code name)."""
+    def _endpoint(self, handler: Callable[[Request, Call], Awaitable[Response]]):
         async def endpoint(request: Request) -> Response:
-            labels = {"method": method, "adapter": "none", "started": time.perf_counter(), "streaming": False}
-            code = "OK"
+            call = Call(handler.__name__, bearer_token(request.headers.get("authorization")))
             try:
-                self._authenticate(request)
-                self.requests.ready()
-                return await handler(request, labels)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
+                return await handler(request, call)
             except Exception as exc:
-                labels["streaming"] = False
-                response, code = await self._refusal(exc)
-                return response
-            finally:
-                if not labels["streaming"]:  # a stream is counted when it ends (_sse)
-                    self._count(labels, code)
+                return failure_response(exc)
         return endpoint
-
-    def _count(self, labels: dict, code: str) -> None:
-        self.metrics.latency.labels(labels["method"]).observe(time.perf_counter() - labels["started"])
-        self.metrics.requests.labels(labels["method"], labels["adapter"], code).inc()
-
-    async def _refusal(self, exc: Exception) -> tuple[Response, str]:
-        if isinstance(exc, HttpRefusal):
-            return error_response(exc.status, str(exc)), exc.code.name
-        if isinstance(exc, BaseLoading):
-            return error_response(503, str(exc), headers={"Retry-After": "5"}), "UNAVAILABLE"
-        known = status_of(exc)
-        if known is None:  # a bug: the log has the traceback, the client a message without internals
-            log.exception("HTTP request failed")
-            return error_response(500, "the server failed this request"), "INTERNAL"
-        code, message = known
-        status = http_status(code)
-        headers = {"Retry-After": "1"} if status == 429 else None
-        return error_response(status, message, getattr(exc, "param", None), headers), code.name
-
-    def _authenticate(self, request: Request) -> None:
-        if not self.tokens:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
-        if not _matches(token, self.tokens):
-            reason = "missing" if token is None else "invalid"
-            raise HttpRefusal(401, grpc.StatusCode.UNAUTHENTICATED,
-                              f"{reason} bearer token; send the header `Authorization: Bearer <token>`")
 
     async def _json(self, request: Request) -> dict:
         """The body, refused past max_body_bytes before it is all read, then parsed."""
@@ -143,118 +103,125 @@ class OpenAIApi:
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
-    def _too_large(self) -> HttpRefusal:
-        return HttpRefusal(413, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the request body is over {self.max_body_bytes} bytes (the server's --max-message-bytes)")
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body is over {self.max_body_bytes} bytes (the server's "
+                               "--max-message-bytes)")
 
-    def _model(self, model: str, labels: dict) -> str:
-        """The adapter reference of `model` ("" for the base), and its metrics label."""
-        if model == self.base_id:
-            labels["adapter"] = "base"
-            return ""
-        name = model.split("@")[0]
-        registered = self.requests.cache.store.has(name)  # before the lookup: this refreshes the name
-        labels["adapter"] = self.metrics.adapter_label(name) if registered else "unknown"
-        return model
+    def _adapter(self, model: str) -> str | None:
+        """`model` as an adapter reference; None for the base's id."""
+        return None if model == self.path.ready().base_id else model
 
     # -- open endpoints -------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        if self.requests.engine is None:
-            return error_response(503, "the base model is still loading")
+        if self.path.runtime is None:
+            return JSONResponse(error_body(503, "the base model is still loading"), status_code=503)
         if self.draining:
-            return error_response(503, "the server is shutting down")
+            return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.path.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # -- inference endpoints --------------------------------------------------------------------
+    # -- inference endpoints (each named like its metrics label) ----------------------------------
 
-    async def models(self, request: Request, labels: dict) -> Response:
-        manifests = await asyncio.get_running_loop().run_in_executor(None, self.requests.cache.store.list)
-        base = self.base_id
+    async def http_models(self, request: Request, call: Call) -> Response:
+        base, manifests = await self.path.models(call)
         data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraplex"}]
         latest = {}
         for manifest in manifests:
-            created = _epoch(manifest.extra.get("created"))
-            entry = {"object": "model", "created": created, "owned_by": "loraplex", "root": manifest.name,
-                     "parent": base}
+            entry = {"object": "model", "created": _epoch(manifest.extra.get("created")), "owned_by": "loraplex",
+                     "root": manifest.name, "parent": base}
             data.append({"id": f"{manifest.name}@{manifest.version}", **entry})
-            latest[manifest.name] = {"id": manifest.name, **entry}  # list() is in version order: the last wins
+            latest[manifest.name] = {"id": manifest.name, **entry}  # in version order: the last wins
         data.extend(latest.values())
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(self, request: Request, labels: dict) -> Response:
-        return await self._generate(parse_completion(await self._json(request)), labels, chat=False)
+    async def http_completions(self, request: Request, call: Call) -> Response:
+        return await self._generate(request, call, parse_completion, chat=False)
 
-    async def chat(self, request: Request, labels: dict) -> Response:
-        return await self._generate(parse_chat(await self._json(request)), labels, chat=True)
+    async def http_chat_completions(self, request: Request, call: Call) -> Response:
+        return await self._generate(request, call, parse_chat, chat=True)
 
-    async def _generate(self, body: GenerationBody, labels: dict, chat: bool) -> Response:
-        requests = self.requests
-        reference = self._model(body.model, labels)
-        key = requests.adapter_key(reference, "generation") if reference else None
-        s = body.sampling
-        max_tokens = requests.limits.max_tokens if s.max_tokens is None else s.max_tokens  # OpenAI: up to context
-        params = requests.sampling(max_tokens, s.temperature, s.top_p, s.top_k, s.stop, s.seed)
-        prompt = await (requests.chat_tokens(body.messages) if chat else requests.prompt_ids(body.prompt, []))
-        generation, events = await requests.start(key, prompt, params)
+    async def _generate(self, request: Request, call: Call, parse: Callable[[dict], GenerationBody],
+                        chat: bool) -> Response:
+        bodies: list[GenerationBody] = []
+
+        async def decode() -> GenerateInput:
+            body = parse(await self._json(request))
+            bodies.append(body)
+            adapter = self._adapter(body.model)
+            return GenerateInput(adapter, body.request.prompt, body.request.messages, body.request.sampling,
+                                 longest_by_default=True)
+
+        generation = await self.path.generate(call, decode)
+        body = bodies[0]
         reply = _Reply(body.model, chat)
         if body.stream:
-            labels["streaming"] = True
-            return StreamingResponse(self._sse(reply, generation, events, body.include_usage, labels),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, reason, completion = [], None, 0
-        async for event in requests.events(generation, events):
-            text.append(event.text)
-            completion += event.token_id is not None
-            reason = event.finish_reason
-        return JSONResponse(reply.whole("".join(text), FINISH_REASONS.get(reason),
-                                        _usage(len(generation.prompt_ids), completion)))
+            return StreamingResponse(_sse(reply, generation, body.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result = await _until_disconnected(request, generation.collect())
+        return JSONResponse(reply.whole(result.text, FINISH_REASONS.get(result.finish_reason),
+                                        _usage(result.prompt_tokens, result.completion_tokens)))
 
-    async def _sse(self, reply: _Reply, generation: GenerationRequest, events: asyncio.Queue, include_usage: bool,
-                   labels: dict) -> AsyncIterator[str]:
-        """Server-sent events; a client that disconnects cancels this generator, which frees the row."""
-        completion, code = 0, "CANCELLED"  # until it ends on its own
-        try:
-            if reply.chat:
-                yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
-            async for event in self.requests.events(generation, events):
-                completion += event.token_id is not None
-                if event.text:
-                    yield _data(reply.chunk(event.text, None, include_usage))
-                if event.finished:
-                    yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage))
-            if include_usage:
-                yield _data(reply.usage_chunk(_usage(len(generation.prompt_ids), completion)))
-            code = "OK"
-        except Exception as exc:  # the engine failed the row after the headers went out: say so in the stream
-            known = status_of(exc)
-            code = known[0].name if known else "INTERNAL"
-            message = known[1] if known else "the server failed this request"
-            yield _data({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
-        finally:
-            self._count(labels, code)
-        yield "data: [DONE]\n\n"
+    async def http_classify(self, request: Request, call: Call) -> Response:
+        models: list[str] = []
 
-    async def classify(self, request: Request, labels: dict) -> Response:
-        requests = self.requests
-        body = parse_classify(await self._json(request), requests.limits.max_texts)
-        reference = self._model(body.model, labels)
-        if not reference:
-            raise BadRequestBody("the base model has no classification head; use a classification adapter as "
-                                 "model", "model")
-        key = requests.adapter_key(reference, "classification")
-        ids = await requests.tokens(body.texts, lambda i: f"input[{i}]")
-        results = await requests.scheduler.classify(ids, key)
-        prompt_tokens = sum(map(len, ids))
+        async def decode() -> ClassifyInput:
+            body = parse_classify(await self._json(request))
+            models.append(body.model)
+            if self._adapter(body.model) is None:
+                raise InvalidRequest("the base model has no classification head; use a classification adapter as "
+                                     "model", "model")
+            return body.request
+
+        output = await _until_disconnected(request, self.path.classify(call, decode))
         return JSONResponse({
-            "id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": body.model,
+            "id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": models[0],
             "data": [{"index": i, "label": r.label, "probs": list(r.scores.values()), "num_classes": len(r.scores)}
-                     for i, r in enumerate(results)],
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0,
-                      "prompt_tokens_details": None}})
+                     for i, r in enumerate(output.results)],
+            "usage": {"prompt_tokens": output.prompt_tokens, "total_tokens": output.prompt_tokens,
+                      "completion_tokens": 0, "prompt_tokens_details": None}})
+
+
+async def _until_disconnected(request: Request, work: Awaitable):
+    """`work`'s result; the client disconnecting first cancels it (so its generation frees its row)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+    return await task
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is read already, so only http.disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(reply: _Reply, generation: Generation, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events; a client that disconnects cancels this generator, which frees the row. A failure
+    after the headers went out (the engine failed the row, the server is stopping) is an error event."""
+    try:
+        if reply.chat:
+            yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
+        async for event in generation.events():
+            if event.text:
+                yield _data(reply.chunk(event.text, None, include_usage))
+            if event.finished:
+                yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage))
+        if include_usage:
+            yield _data(reply.usage_chunk(_usage(generation.prompt_tokens, generation.completion_tokens)))
+    except Exception as exc:
+        status = status_of(exc)
+        yield _data(error_body(status.http, status.message, status.param))
+    finally:
+        generation.close()
+    yield "data: [DONE]\n\n"
 
 
 class _Reply:

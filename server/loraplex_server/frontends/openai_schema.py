@@ -8,21 +8,13 @@ accepted as an extension, as vLLM does.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from loraplex_server.api.chat_template import ChatMessage
-from loraplex_server.engine.sampling import MAX_STOP_STRINGS
-
-
-class BadRequestBody(ValueError):
-    """A 400 with OpenAI's error JSON; `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
+from loraplex_adapters.bounded_json import loads_bounded
+from loraplex_server.api.errors import InvalidRequest as BadRequestBody
+from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
+from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 
 # Options we do not implement -> their neutral value(s): anything else is a 400, never a silent ignore.
 _NEUTRAL = {
@@ -42,43 +34,24 @@ CLASSIFY_FIELDS = {"model", "input", "user"}
 
 
 @dataclass
-class Sampling:
-    max_tokens: int | None = None
-    temperature: float = 1.0  # OpenAI's default
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
 class GenerationBody:
     model: str
-    sampling: Sampling
+    request: GenerateInput  # its adapter is `model` as sent: the API maps the base's id to None
     stream: bool = False
     include_usage: bool = False
-    prompt: str = ""
-    messages: list[ChatMessage] = field(default_factory=list)
 
 
 @dataclass
 class ClassifyBody:
     model: str
-    texts: list[str]
-
-
-def _reject_constant(name: str):
-    raise BadRequestBody(f"{name} is not valid JSON (numbers must be finite)")
+    request: ClassifyInput
 
 
 def parse_json(body: bytes) -> dict:
-    """The request body as a JSON object; NaN and Infinity are refused (standard JSON has neither)."""
-    try:
-        value = json.loads(body, parse_constant=_reject_constant)
-    except BadRequestBody:
-        raise
-    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a number with thousands of digits, deep nesting
-        raise BadRequestBody("the request body is not valid JSON") from None
+    """The request body as a JSON object, through the bounded parser (depth; NaN and Infinity refused, as
+    standard JSON has neither); every string in it, keys included, must be valid Unicode."""
+    value = loads_bounded(body, "the request body", finite=True)
+    check_tree_unicode(value, "the request body")
     if not isinstance(value, dict):
         raise BadRequestBody("the request body must be a JSON object")
     return value
@@ -138,16 +111,16 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling:
+def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> SamplingInput:
     max_tokens = _integer(body, "max_tokens")
     if max_tokens_field != "max_tokens" and body.get(max_tokens_field) is not None:
         if max_tokens is not None:
             raise BadRequestBody(f"set max_tokens or {max_tokens_field}, not both", max_tokens_field)
         max_tokens = _integer(body, max_tokens_field)
     top_k = _integer(body, "top_k")
-    return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),
-                    top_p=_number(body, "top_p", 1.0), top_k=0 if top_k in (None, -1) else top_k, stop=_stop(body),
-                    seed=_integer(body, "seed"))
+    return SamplingInput(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0),  # OpenAI's default
+                         top_p=_number(body, "top_p", 1.0), top_k=0 if top_k in (None, -1) else top_k,
+                         stop=tuple(_stop(body)), seed=_integer(body, "seed"))
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
@@ -181,8 +154,9 @@ def parse_completion(body: dict) -> GenerationBody:
     if not isinstance(prompt, str) or not prompt:
         raise BadRequestBody("prompt must be a non-empty string (token-id prompts are not supported)", "prompt")
     stream, usage = _stream(body)
-    return GenerationBody(model=_string(body, "model"), sampling=_sampling(body), stream=stream, include_usage=usage,
-                          prompt=prompt)
+    model = _string(body, "model")
+    return GenerationBody(model, GenerateInput(model, prompt=prompt, sampling=_sampling(body), longest_by_default=True),
+                          stream, usage)
 
 
 def _content(message: dict, i: int) -> str:
@@ -220,11 +194,13 @@ def parse_chat(body: dict) -> GenerationBody:
     check_fields(body, CHAT_FIELDS)
     _user(body)
     stream, usage = _stream(body)
-    return GenerationBody(model=_string(body, "model"), sampling=_sampling(body, "max_completion_tokens"),
-                          stream=stream, include_usage=usage, messages=_messages(body))
+    model = _string(body, "model")
+    request = GenerateInput(model, messages=tuple(_messages(body)), sampling=_sampling(body, "max_completion_tokens"),
+                            longest_by_default=True)
+    return GenerationBody(model, request, stream, usage)
 
 
-def parse_classify(body: dict, max_texts: int) -> ClassifyBody:
+def parse_classify(body: dict) -> ClassifyBody:
     check_fields(body, CLASSIFY_FIELDS)
     _user(body)
     texts = body.get("input")
@@ -232,6 +208,5 @@ def parse_classify(body: dict, max_texts: int) -> ClassifyBody:
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise BadRequestBody("input must be a string or a non-empty list of strings", "input")
-    if len(texts) > max_texts:
-        raise BadRequestBody(f"{len(texts)} inputs; at most {max_texts} per request", "input")
-    return ClassifyBody(model=_string(body, "model"), texts=texts)
+    model = _string(body, "model")
+    return ClassifyBody(model, ClassifyInput(model, texts, "input"))

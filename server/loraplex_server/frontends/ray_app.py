@@ -1,5 +1,6 @@
-"""loraplex as a Ray Serve application: N replicas of the base, requests through Ray Serve's gRPC proxy,
-routed by adapter (`multiplexed_model_id`) to a replica that holds it while it is not overloaded.
+"""loraplex as a Ray Serve application: N replicas of the base, requests through Ray Serve's gRPC proxy (our
+API) and its HTTP proxy (the OpenAI-compatible API), routed by adapter (`multiplexed_model_id`) to a replica
+that holds it while it is not overloaded.
 
     serve run loraplex_server.frontends.ray_app:build
         argv="--base /models/base --adapter-dir /shared/adapters" replicas=2   (one command line)
@@ -11,6 +12,7 @@ batches by model id, and each replica's engine batches rows of all its adapters 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 
 from ray import serve
@@ -48,35 +50,44 @@ def replica_class(max_adapters: int) -> type:
         async def routed_adapter(self, model_id: str):
             return await self.server.load_routed(model_id)
 
+        # The OpenAI-compatible HTTP API, through Ray Serve's HTTP proxy.
+        async def __call__(self, request):
+            return await self.server.respond(request)
+
         # InferenceService -- Ray's proxy calls the method named like the RPC.
         async def Classify(self, request, grpc_context=None):  # noqa: N802 - gRPC method names
-            return await self.server.classify(self.routed_adapter, request, grpc_context)
+            await self.server.route(self.routed_adapter)
+            return await self.server.inference.Classify(request, self.server.context(grpc_context))
 
         async def Generate(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.generate(self.routed_adapter, request, grpc_context)
+            await self.server.route(self.routed_adapter)
+            return await self.server.inference.Generate(request, self.server.context(grpc_context))
 
         async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
-            async for message in self.server.generate_stream(self.routed_adapter, request, grpc_context):
-                yield message
+            await self.server.route(self.routed_adapter)
+            stream = self.server.inference.GenerateStream(request, self.server.context(grpc_context))
+            async with contextlib.aclosing(stream):  # Ray cancelling this call (client gone) frees the row now
+                async for message in stream:
+                    yield message
 
         # AdapterService -- any replica: the store is shared, the others see changes on their next lookup.
         async def Upload(self, requests, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Upload(requests, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.Upload(requests, self.server.context(grpc_context))
 
         async def List(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.List(request, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.List(request, self.server.context(grpc_context))
 
         async def Get(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Get(request, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.Get(request, self.server.context(grpc_context))
 
         async def Delete(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Delete(request, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.Delete(request, self.server.context(grpc_context))
 
         async def Load(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Load(request, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.Load(request, self.server.context(grpc_context))
 
         async def Unload(self, request, grpc_context=None):  # noqa: N802
-            return await self.server.admin.Unload(request, await self.server.context(grpc_context, admin=True))
+            return await self.server.admin.Unload(request, self.server.context(grpc_context))
 
         def Check(self, request, grpc_context=None):  # noqa: N802 - grpc.health.v1
             return self.server.health()

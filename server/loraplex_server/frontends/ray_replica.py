@@ -1,35 +1,34 @@
-"""One Ray Serve replica of loraplex: the base, the engine, the scheduler and both adapter tiers, behind
-our InferenceService and AdapterService methods as Ray Serve's gRPC proxy calls them (by method name).
+"""One Ray Serve replica of loraplex: the runtime `loraplex serve` builds (app/runtime.py) and the same request
+path, behind the methods Ray Serve's proxies call: our gRPC RPCs by name (the gRPC codecs themselves,
+with Ray's servicer context), and HTTP requests (`respond`, the OpenAI API's codec).
 
-The methods delegate to the single-node servicers (service.py, admin_service.py), so validation,
-limits and status mapping are the same code. Routing: `route(model_id)` is wrapped in
-`@serve.multiplexed` by ray_app.py (the cap follows --max-adapters); it warms the adapter into this
-replica's device tier, and Ray then prefers this replica for that id while it is not overloaded. The
-id is a hint only: the request itself resolves its adapter as a single server does.
+Routing: `load_routed(model_id)` is wrapped in `@serve.multiplexed` by ray_app.py (the cap follows
+--max-adapters); it warms the adapter into this replica's device tier, and Ray then prefers this
+replica for that id while it is not overloaded. The id is a hint only: the request itself resolves
+its adapter as on a single server.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
-import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response
 
 from loraplex_adapters.manifest import parse_reference
-from loraplex_adapters.store_protocol import open_store
+from loraplex_server.api.admin_path import AdminPath
 from loraplex_server.api.auth import TokenPolicy
 from loraplex_server.api.metrics import Metrics
+from loraplex_server.api.request_path import RequestPath
 from loraplex_server.app.options import build_parser
-from loraplex_server.engine.base_model import load_base_model
-from loraplex_server.engine.engine import Engine
+from loraplex_server.app.runtime import build_runtime
 from loraplex_server.frontends.grpc_admin import AdapterAdminService
-from loraplex_server.frontends.grpc_inference import InferenceService, Limits
+from loraplex_server.frontends.grpc_inference import InferenceService
+from loraplex_server.frontends.openai_api import OpenAIApi
 from loraplex_server.frontends.ray_grpc_context import RayServicerContext
-from loraplex_server.runtime.adapter_cache import AdapterCache
-from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger("loraplex.ray")
 
@@ -65,45 +64,37 @@ class ReplicaServer:
 
     def __init__(self, argv: list[str]) -> None:
         args = build_parser().parse_args(argv)
-        self.args = args
         self.metrics = Metrics()
         self.affinity = ReplicaMetrics(self.metrics)
         self.rank = replica_rank()
-        self.auth = TokenPolicy(args.token, args.admin_token)  # Ray's proxy checks no tokens: each replica does
         if args.metrics_port:  # one port per replica on a node: --metrics-port + the replica's rank
             self.metrics.serve_http(args.metrics_host or args.host, args.metrics_port + self.rank,
                                     args.tls_cert, args.tls_key)
-        self.inference = InferenceService(self.metrics, Limits())
-        self.admin = AdapterAdminService(self.metrics, args.max_upload_bytes)
-        engine, cache = build_tiers(args, self.metrics)
-        self.scheduler = EngineLoop(engine, cache, self.metrics, max_pending=args.max_pending)
-        self.scheduler.start()
-        self.inference.attach(engine, self.scheduler, cache)
-        self.admin.attach(cache, self.scheduler)
-        self.cache = cache
-        log.info("replica %d (pid %d) serving %s with adapters in %s", self.rank, os.getpid(), engine.base.path.name,
-                 args.adapter_dir)
+        self.runtime = build_runtime(args, self.metrics)
+        self.path = RequestPath(self.metrics, TokenPolicy(args.token, args.admin_token))  # Ray's proxies check none
+        self.path.attach(self.runtime)
+        self.inference = InferenceService(self.path)
+        self.admin = AdapterAdminService(AdminPath(self.path, args.max_upload_bytes))
+        self.http = OpenAIApi(self.path, args.max_message_bytes)
+        log.info("replica %d (pid %d) serving %s with adapters in %s", self.rank, os.getpid(), self.runtime.base_id,
+                 args.adapter_store or args.adapter_dir)
 
-    async def context(self, grpc_context, admin: bool = False) -> RayServicerContext:
-        """Our servicer context for this call, once its bearer token passes (else UNAUTHENTICATED)."""
-        context = RayServicerContext(grpc_context)
-        message = self.auth.refusal(context.invocation_metadata(), admin)
-        if message is not None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        return context
+    @staticmethod
+    def context(grpc_context) -> RayServicerContext:
+        return RayServicerContext(grpc_context)
 
     # -- routing ----------------------------------------------------------------------------------
 
     async def load_routed(self, model_id: str) -> RoutedAdapter:
         """Ray's multiplexer calls this (through ray_app's decorated method) for an id new to this replica."""
         self.affinity.route_loads.inc()
-        key, _ = self.cache.resolve(model_id)
-        await self.scheduler.warm(key, False)
+        key, _ = await self.runtime.resolve(model_id)
+        await self.runtime.warm(key, False)
         return RoutedAdapter(key)
 
-    async def _route(self, routed) -> None:
+    async def route(self, routed) -> None:
         """Count where the request's adapter is, then let Ray's multiplexer record the id here. A bad or
-        unknown id fails nothing: the request's own `adapter` field is validated by the servicer."""
+        unknown id fails nothing: the request's own `adapter` field is what the request path checks."""
         from ray import serve
 
         model_id = serve.get_multiplexed_model_id()
@@ -111,51 +102,23 @@ class ReplicaServer:
             return
         try:
             parse_reference(model_id)  # bounded before any lookup
-            key, _ = self.cache.resolve(model_id)
-        except Exception:  # noqa: BLE001 - a hint, not a request: the servicer reports the real error
+            key, _ = await self.runtime.resolve(model_id)
+        except Exception:  # noqa: BLE001 - a hint, not a request: the request path reports the real error
             return
-        self.affinity.routed.labels(self.cache.residency(key)).inc()
+        self.affinity.routed.labels(self.runtime.residency(key)).inc()
         try:
             await routed(model_id)
-        except Exception:  # noqa: BLE001 - deleted meanwhile, queue full...: the servicer answers precisely
+        except Exception:  # noqa: BLE001 - deleted meanwhile, queue full...: the request path answers precisely
             log.debug("routing hint %r not loaded", model_id, exc_info=True)
 
-    # -- InferenceService ------------------------------------------------------------------------
+    # -- HTTP (Ray Serve's HTTP proxy) and health ---------------------------------------------------
 
-    async def classify(self, routed, request, grpc_context):
-        context = await self.context(grpc_context)
-        await self._route(routed)
-        return await self.inference.Classify(request, context)
-
-    async def generate(self, routed, request, grpc_context):
-        context = await self.context(grpc_context)
-        await self._route(routed)
-        return await self.inference.Generate(request, context)
-
-    async def generate_stream(self, routed, request, grpc_context):
-        context = await self.context(grpc_context)
-        await self._route(routed)
-        async for message in self.inference.GenerateStream(request, context):
-            yield message
-
-    # -- health (grpc.health.v1, so the SDK's health() works through the proxy) --------------------
+    async def respond(self, request: Request) -> Response:
+        return await self.http.respond(request)
 
     def health(self) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:
-        self.scheduler.stop()
+        self.runtime.stop()
         self.metrics.close()
-
-
-def build_tiers(args: argparse.Namespace, metrics: Metrics) -> tuple[Engine, AdapterCache]:
-    """The engine and adapter tiers exactly as `loraplex serve` builds them (serve.py's load()); the store is
-    the folder or S3 store every replica shares (--adapter-store / --adapter-dir)."""
-    engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
-                    max_adapters=args.max_adapters, max_batch=args.max_batch,
-                    max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
-    store = open_store(args.adapter_store or args.adapter_dir, base_fingerprint=engine.base.fingerprint,
-                       max_rank=args.max_rank,
-                       max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
-                       check_fits=engine.slots.shapes.validate)
-    return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
