@@ -92,7 +92,8 @@ def garbage(port: int) -> None:
 
 def test_300_tls_hellos_and_garbage_on_either_port_write_a_bounded_log(tiny, adapter_dir):
     port, http_port = free_port(), free_port()
-    process, client = start_server(tiny("llama")[0], adapter_dir, port, extra_args=["--http-port", str(http_port)])
+    process, client = start_server(tiny("llama")[0], adapter_dir, port, extra_args=["--http-port", str(http_port)],
+                                   in_process=False)  # the filter is installed by the serve command
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
