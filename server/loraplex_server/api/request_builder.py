@@ -14,7 +14,7 @@ from loraplex_server.api.metrics import Metrics
 from loraplex_server.engine.engine import Engine, WrongTask
 from loraplex_server.engine.sampling import SamplingParams
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
-from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.adapter_manager import AdapterManager
 from loraplex_server.runtime.engine_loop import EngineLoop
 
 # Texts longer than this many characters per token of context are refused before tokenizing (real text
@@ -43,9 +43,9 @@ class RequestBuilder:
         self.limits = limits or Limits()
         self.engine: Engine | None = None  # set once the base model is loaded
         self.scheduler: EngineLoop | None = None
-        self.cache: AdapterCache | None = None
+        self.cache: AdapterManager | None = None
 
-    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterCache) -> None:
+    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterManager) -> None:
         self.engine, self.scheduler, self.cache = engine, scheduler, cache
 
     def ready(self) -> Engine:

@@ -11,7 +11,7 @@ from loraplex_adapters.s3_store import StoreUnavailable  # boto3 itself is impor
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge, BaseMismatch
 from loraplex_server.api.chat_template import NoChatTemplate
 from loraplex_server.engine.engine import AdapterInUse, AdapterNotFound, EngineFailure, WrongTask
-from loraplex_server.runtime.adapter_cache import PinRefused, WrongBase
+from loraplex_server.runtime.adapter_manager import PinRefused, WrongBase
 from loraplex_server.runtime.engine_loop import QueueFull
 
 log = logging.getLogger(__name__)

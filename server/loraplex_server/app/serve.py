@@ -31,7 +31,7 @@ from loraplex_server.frontends.grpc_decoding import RequestDecoding
 from loraplex_server.frontends.grpc_inference import InferenceService, Limits
 from loraplex_server.frontends.http_server import open_http_api
 from loraplex_server.frontends.oip_service import add_open_inference_service
-from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.adapter_manager import AdapterManager
 from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger("loraplex.serve")
@@ -89,7 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
     first_default_store = (location == default_adapter_dir() and not Path(location).exists()
                            and not args.no_examples)
 
-    def load() -> tuple[Engine, AdapterCache]:
+    def load() -> tuple[Engine, AdapterManager]:
         engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
                         max_adapters=args.max_adapters, max_batch=args.max_batch,
                         max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
@@ -100,7 +100,7 @@ async def serve(args: argparse.Namespace) -> None:
             published = publish_examples(store, engine.base.fingerprint)
             log.info("new adapter store %s: published the example adapters %s (--no-examples skips this)",
                      location, ", ".join(m.name for m in published) or "(none: they were trained on another base)")
-        return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
+        return engine, AdapterManager(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
 
     try:
         engine, cache = await asyncio.get_running_loop().run_in_executor(None, load)

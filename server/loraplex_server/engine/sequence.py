@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.engine.detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
@@ -28,7 +27,6 @@ class GenerationRequest:
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
-    on_event: Callable[[TokenEvent], None] | None = None
 
 
 class Sequence:

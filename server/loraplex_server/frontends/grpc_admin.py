@@ -22,7 +22,7 @@ from loraplex_adapters.manifest import Manifest, check_labels, check_name, parse
 from loraplex_adapters.store import AdapterStore, AdapterTooLarge
 from loraplex_server.api.status import abort_for
 from loraplex_server.frontends.grpc_inference import InvalidRequest, observed
-from loraplex_server.runtime.adapter_cache import AdapterCache, adapter_key
+from loraplex_server.runtime.adapter_manager import AdapterManager, adapter_key
 from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ class AdapterAdminService(pb_grpc.AdapterServiceServicer):
     def __init__(self, metrics, max_upload_bytes: int) -> None:
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
-        self.cache: AdapterCache | None = None  # set once the base model is loaded
+        self.cache: AdapterManager | None = None  # set once the base model is loaded
         self.scheduler: EngineLoop | None = None
 
-    def attach(self, cache: AdapterCache, scheduler: EngineLoop) -> None:
+    def attach(self, cache: AdapterManager, scheduler: EngineLoop) -> None:
         self.cache, self.scheduler = cache, scheduler
 
     @property

@@ -20,7 +20,7 @@ from loraplex_server.api.status import abort_for
 from loraplex_server.engine.engine import Engine, WrongTask
 from loraplex_server.engine.sampling import SamplingParams
 from loraplex_server.engine.sequence import GenerationRequest
-from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.adapter_manager import AdapterManager
 from loraplex_server.runtime.engine_loop import EngineLoop
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -91,7 +91,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics
         self.requests = RequestBuilder(metrics, limits)  # shared with the HTTP API (openai_api.py)
 
-    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterCache) -> None:
+    def attach(self, engine: Engine, scheduler: EngineLoop, cache: AdapterManager) -> None:
         self.requests.attach(engine, scheduler, cache)
 
     @property
@@ -99,7 +99,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return self.requests.limits
 
     @property
-    def cache(self) -> AdapterCache | None:
+    def cache(self) -> AdapterManager | None:
         return self.requests.cache
 
     @property

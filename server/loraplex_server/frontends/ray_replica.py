@@ -28,7 +28,7 @@ from loraplex_server.engine.engine import Engine
 from loraplex_server.frontends.grpc_admin import AdapterAdminService
 from loraplex_server.frontends.grpc_inference import InferenceService, Limits
 from loraplex_server.frontends.ray_grpc_context import RayServicerContext
-from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.adapter_manager import AdapterManager
 from loraplex_server.runtime.engine_loop import EngineLoop
 
 log = logging.getLogger("loraplex.ray")
@@ -148,7 +148,7 @@ class ReplicaServer:
         self.metrics.close()
 
 
-def build_tiers(args: argparse.Namespace, metrics: Metrics) -> tuple[Engine, AdapterCache]:
+def build_tiers(args: argparse.Namespace, metrics: Metrics) -> tuple[Engine, AdapterManager]:
     """The engine and adapter tiers exactly as `loraplex serve` builds them (serve.py's load()); the store is
     the folder or S3 store every replica shares (--adapter-store / --adapter-dir)."""
     engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
@@ -158,4 +158,4 @@ def build_tiers(args: argparse.Namespace, metrics: Metrics) -> tuple[Engine, Ada
                        max_rank=args.max_rank,
                        max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,
                        check_fits=engine.slots.shapes.validate)
-    return engine, AdapterCache(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
+    return engine, AdapterManager(engine, store, args.adapter_memory, args.host_adapter_memory, metrics)
