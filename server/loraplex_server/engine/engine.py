@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,86 +25,24 @@ from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
 from loraplex_server.engine.model_runner import ModelRunner
 from loraplex_server.engine.planner import ClassifyRow, PlannedRow, StepPlanner
+from loraplex_server.engine.requests import (
+    AdapterInUse,
+    AdapterNotFound,
+    Classification,
+    Classified,
+    ClassifyRequest,
+    EngineFailure,
+    Generation,
+    SlotAdapter,
+    StepOutput,
+    WrongTask,
+    adapter_labels,
+)
 from loraplex_server.engine.sampling import SamplingParams, sample
-from loraplex_server.engine.sequence import GenerationRequest, Sequence, TokenEvent
+from loraplex_server.engine.sequence import GenerationRequest, Sequence
 from loraplex_server.lora.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
-
-
-class AdapterNotFound(KeyError):
-    pass
-
-
-class AdapterInUse(RuntimeError):
-    pass
-
-
-class WrongTask(ValueError):
-    """A classification call on a generation adapter, or the reverse."""
-
-
-class EngineFailure(RuntimeError):
-    """The engine could not compute this request (the others in its step went on)."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"the server failed to compute this request ({type(cause).__name__}); "
-                         "other requests are not affected; retrying it will likely fail again")
-
-
-@dataclass(frozen=True)
-class SlotAdapter:
-    """An adapter written into a device slot: what a step needs to run rows on it."""
-
-    slot: int
-    task: str  # "classification" (it has a head) or "generation"
-    labels: tuple[str, ...] = ()  # a classifier's label names, one per head output
-
-
-@dataclass
-class Classification:
-    label: str
-    score: float
-    scores: dict[str, float]
-
-
-@dataclass
-class Generation:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-_classify_ids = itertools.count(1)
-
-
-@dataclass
-class ClassifyRequest:
-    """Texts for one classification adapter; its results come out of one step() as a Classified."""
-
-    token_ids: list[list[int]]
-    adapter: str | None = None  # the adapter's name or key (for logs and metrics; the slot runs it)
-    request_id: str = field(default_factory=lambda: f"cls-{next(_classify_ids)}")
-
-
-@dataclass
-class Classified:
-    """A classification request ended: its results, in text order, or why it failed."""
-
-    request_id: str
-    results: list[Classification] | None
-    error: BaseException | None = None
-
-
-@dataclass
-class StepOutput:
-    """What one step did: token events of generation rows, and the classification requests that ended."""
-
-    events: list[TokenEvent] = field(default_factory=list)
-    classified: list[Classified] = field(default_factory=list)
 
 
 @dataclass
@@ -120,14 +58,7 @@ class _Classifying:
         return self.request.request_id
 
 
-def adapter_labels(adapter: LoraAdapter, labels: list[str] | None) -> tuple[str, ...]:
-    """The label names of a classifier (LABEL_i by default); refuses a count that is not its head's."""
-    if adapter.head is None:
-        return ()
-    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(adapter.head.num_labels)]
-    if len(labels) != adapter.head.num_labels:
-        raise ValueError(f"{len(labels)} label names for a head with {adapter.head.num_labels} outputs")
-    return tuple(labels)
+_writes = itertools.count(1)
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -148,7 +79,8 @@ def default_kv_memory(base: BaseModel, rows: int) -> int:
 
 class Engine:
     def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64,
-                 max_batch_tokens: int | None = None, kv_cache_memory: int | None = None) -> None:
+                 max_batch_tokens: int | None = None, kv_cache_memory: int | None = None,
+                 prefix_caching: bool = True) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
@@ -159,7 +91,8 @@ class Engine:
             self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
                                    kv_cache_memory or default_kv_memory(base, max_batch))
         self.runner = ModelRunner(base, self.slots, self.kv)
-        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch)
+        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch,
+                                   prefix_caching=prefix_caching)
         self._requests: dict[str, Sequence | _Classifying] = {}
         self._cancelled: set[str] = set()
         self.last_step: tuple[tuple[int, ...], int] = ((), 0)  # the rows' slots and the tokens (metrics)
@@ -175,14 +108,22 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def write_adapter(self, adapter: LoraAdapter, labels: list[str] | None = None,
-                      validate: bool = True) -> SlotAdapter:
+    def write_adapter(self, adapter: LoraAdapter, labels: list[str] | None = None, validate: bool = True,
+                      identity: str | None = None) -> SlotAdapter:
         """Write an adapter into a free slot; validate=False skips the fit check for an adapter this
-        engine has already written once (a swap back in from the host tier)."""
+        engine has already written once (a swap back in from the host tier). `identity` keys its
+        prefix-cache blocks: the same for the same weights (an adapter version swapped back in finds its
+        blocks again), never reused for other weights; by default one of its own."""
         if adapter.head is None and self.base.kind != "causal":
             raise ValueError("an encoder base serves classification adapters only (this one has no head)")
         names = adapter_labels(adapter, labels)
-        return SlotAdapter(self.slots.allocate(adapter, validate), adapter.task, names)
+        identity = identity if identity is not None else f"write-{next(_writes)}"
+        return SlotAdapter(self.slots.allocate(adapter, validate), adapter.task, names, identity)
+
+    def forget_prefixes(self, identity: str) -> None:
+        """No new row may reuse blocks computed with this adapter (it was deleted)."""
+        if self.kv is not None:
+            self.kv.forget(identity)
 
     def free_adapter(self, adapter: SlotAdapter) -> None:
         """Free its slot; refused while a queued or running request uses it."""
@@ -237,7 +178,8 @@ class Engine:
             raise ValueError(f"prompt ({prompt} tokens) plus max_tokens ({request.params.max_new_tokens}) can "
                              f"never fit the KV cache of {self.kv.capacity_tokens} tokens; send less")
         placed = self._placed(request.adapter, adapter, "generation")
-        seq = Sequence(request, placed.slot if placed else 0, self.eos_ids, self.base.max_positions)
+        seq = Sequence(request, placed.slot if placed else 0, self.eos_ids, self.base.max_positions,
+                       placed.identity if placed else "")
         self._requests[request.request_id] = seq
         self.planner.add(seq)
 
@@ -304,7 +246,7 @@ class Engine:
             self._classified(p.row, logits, out)
         generation = [p for p in planned if p.is_generation]
         for p in generation:
-            p.row.num_cached = p.start + len(p.token_ids)
+            self.planner.computed(p)
         sampling = [p.row for p in generation if p.samples]
         if not sampling:
             return

@@ -53,8 +53,10 @@ class PlannedRow:
 
 
 class StepPlanner:
-    def __init__(self, kv: PagedKVCache | None, max_batch_tokens: int, max_rows: int, share: float = 0.5) -> None:
+    def __init__(self, kv: PagedKVCache | None, max_batch_tokens: int, max_rows: int, share: float = 0.5,
+                 prefix_caching: bool = True) -> None:
         self.kv = kv
+        self.prefix_caching = prefix_caching
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = max_rows
         # While both kinds have work, classification is sure of (and beside generation rows, held to)
@@ -96,9 +98,31 @@ class StepPlanner:
 
     def _preempt(self, seq: Sequence) -> None:
         self.finish(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.registered = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def computed(self, p: PlannedRow) -> None:
+        """A generation row's step succeeded: its tokens up to the step's end are in the cache, and the
+        blocks that became full are registered for other rows (same adapter, same tokens) to find."""
+        seq = p.row
+        seq.num_cached = p.start + len(p.token_ids)
+        if not self.prefix_caching:
+            return
+        full = seq.num_cached // self.kv.block_size
+        if full > seq.registered:
+            keys = seq.keys(full, self.kv.block_size)
+            for index in range(seq.registered, full):
+                self.kv.register(seq.blocks[index], keys[index], seq.identity)
+            seq.registered = full
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a new row from the longest run of its leading blocks in the prefix cache; at least its
+        last token is left to compute (its logits give the next token)."""
+        if self.prefix_caching and not seq.blocks:
+            seq.blocks = self.kv.match(seq.keys((seq.num_tokens - 1) // self.kv.block_size, self.kv.block_size))
+            seq.num_cached = seq.registered = len(seq.blocks)
+            seq.num_cached *= self.kv.block_size
 
     def schedule(self) -> list[PlannedRow]:
         """This step's rows: generation rows under their share, then classification texts under theirs;
@@ -158,9 +182,12 @@ class StepPlanner:
                 budget -= count
         while self.waiting and budget > 0 and len(planned) < rows:
             seq = self.waiting[0]
+            self._reuse_prefix(seq)
             # Blocks for the whole prompt at once: it joins only when all of it fits, and its blocks
             # come out as one run, which attention reads without a gather.
             if not self.kv.grow(seq.blocks, seq.num_tokens):
+                self.kv.release(seq.blocks)  # the shared prefix too: it waits without holding blocks
+                seq.num_cached = seq.registered = 0
                 break  # later rows wait behind it
             self.waiting.popleft()
             self.running.append(seq)

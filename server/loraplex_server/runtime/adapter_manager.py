@@ -38,7 +38,8 @@ from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from loraplex_adapters.store import AdapterNotInStore, AdapterTooLarge
 from loraplex_adapters.store_protocol import AdapterStoreLike
 from loraplex_server.api.metrics import Metrics
-from loraplex_server.engine.engine import AdapterInUse, AdapterNotFound, Engine, SlotAdapter, adapter_labels
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.requests import AdapterInUse, AdapterNotFound, SlotAdapter, adapter_labels
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,8 @@ class AdapterManager:
             self._evict(min(idle, key=lambda v: v.last_used))
         started = time.perf_counter()
         copy = version.copy
-        version.placed = self.engine.write_adapter(copy.weights, list(copy.labels), validate=not version.validated)
+        version.placed = self.engine.write_adapter(copy.weights, list(copy.labels), validate=not version.validated,
+                                                   identity=version.key)
         version.tier, version.validated = Tier.DEVICE, True
         self.metrics.adapter_lookups.labels("host").inc()
         seconds = time.perf_counter() - started
@@ -323,7 +325,8 @@ class AdapterManager:
         version.placed, version.tier = None, Tier.HOST
         self.metrics.adapter_evictions.inc()
         log.info("adapter %s left the device (its slot is free)", version.key)
-        if version.deleted:
+        if version.deleted:  # blocks its last rows computed since the delete go too
+            self.engine.forget_prefixes(version.key)
             version.copy, version.tier = None, Tier.DISK
             self._drop_if_unused(version)
         self._publish()
@@ -370,6 +373,7 @@ class AdapterManager:
     def forget(self, key: str) -> None:
         """The version was deleted from the store: drop its copies, except a slot still in use, which
         it leaves once idle (no new request can resolve it any more)."""
+        self.engine.forget_prefixes(key)
         version = self.versions.get(key)
         if version is None:
             return

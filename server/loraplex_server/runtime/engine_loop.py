@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.api.metrics import Metrics
-from loraplex_server.engine.engine import Classification, ClassifyRequest, Engine, SlotAdapter, StepOutput
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.requests import Classification, ClassifyRequest, SlotAdapter, StepOutput
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
 from loraplex_server.runtime.adapter_manager import AdapterManager
 
