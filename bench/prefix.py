@@ -1,17 +1,18 @@
 """Prefix-cache benchmark: time to first token of a request whose long system prompt is cached, vs not.
 
-    python -m bench.prefix [--system 1024] [--rounds 6] [--dtype auto]
+    python -m bench.prefix [--system 1024] [--rounds 3] [--dtype auto]
 
-The embedded base (SmolLM2-135M) in process, at the server's default dtype and step budget, with one
-random rank-16 LoRA adapter on q/k/v/o. Each round sends, one at a time on an idle engine and in
-alternating order, requests of a `--system`-token system prompt plus a 24-token user turn:
-- `cached`: the adapter's shared system prompt, already computed by an earlier request (new user turn);
+The embedded base (SmolLM2-135M) in process, at the server's default dtype and step budget, with two
+random rank-16 LoRA adapters on q/k/v/o. Requests of a `--system`-token system prompt plus a 24-token
+user turn are sent one at a time on an idle engine; each is timed to its first token:
+- `cached`: the first adapter's shared system prompt, computed by an earlier request (new user turn);
 - `uncached`: a system prompt never seen before (a cache miss: the whole prompt is prefilled);
-- `other_adapter`: the shared system prompt on a second adapter that never saw it (blocks are keyed by
-  adapter, so this is a miss too).
-Figures are medians over the rounds; `ttft_uncached_vs_cached` (target >= 5) is the ratio of two medians
-taken in this one run (the machine may be shared and noisy). `same_tokens` checks that the cached
-request's greedy tokens equal those of the same request with prefix caching off. Ends with one JSON line.
+- `other_adapter` (once): the shared system prompt on the second adapter, which never saw it (blocks are
+  keyed by adapter, so this is a miss too).
+`cached` and `uncached` alternate for `--rounds` rounds; figures are medians, and
+`ttft_uncached_vs_cached` (target >= 5) is the ratio of two medians taken in this one run (the machine
+may be shared and noisy). `same_tokens` checks that a cached request's 8 greedy tokens equal those of
+the same request with prefix caching off. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from loraplex_server.engine.sampling import SamplingParams
 USER = 24
 
 
-def first_token_seconds(engine: Engine, prompt: list[int], adapter: str | None) -> tuple[float, list[int]]:
-    """Submit on an idle engine, step until its first token; returns the time and its 8 greedy tokens."""
-    request = GenerationRequest(prompt, adapter, SamplingParams(max_new_tokens=8, ignore_eos=True))
+def first_token_seconds(engine: Engine, prompt: list[int], adapter: str | None, new: int = 1
+                        ) -> tuple[float, list[int]]:
+    """Submit on an idle engine, step until it ends; returns the time to its first token and its `new`
+    greedy tokens."""
+    request = GenerationRequest(prompt, adapter, SamplingParams(max_new_tokens=new, ignore_eos=True))
     start = time.perf_counter()
     engine.submit(request)
     first, tokens = None, []
@@ -50,7 +53,7 @@ def first_token_seconds(engine: Engine, prompt: list[int], adapter: str | None) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--system", type=int, default=1024, help="tokens of the system prompt")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads()}
@@ -68,24 +71,18 @@ def main() -> None:
 
     system = tokens(args.system)
     first_token_seconds(engine, system + tokens(USER), cached_adapter)  # computes (and caches) the system prompt
-    times: dict[str, list[float]] = {"cached": [], "uncached": [], "other_adapter": []}
+    times: dict[str, list[float]] = {"cached": [], "uncached": []}
+    other = first_token_seconds(engine, system + tokens(USER), other_adapter)[0]
     for round_ in range(args.rounds):
-        kinds = list(times) if round_ % 2 == 0 else list(reversed(times))
-        for kind in kinds:
-            if kind == "cached":
-                prompt, adapter = system + tokens(USER), cached_adapter
-            elif kind == "uncached":
-                prompt, adapter = tokens(args.system) + tokens(USER), cached_adapter
-            else:  # a system prompt the first adapter has computed, and this one never saw
-                fresh = tokens(args.system)
-                first_token_seconds(engine, fresh + tokens(USER), cached_adapter)
-                prompt, adapter = fresh + tokens(USER), other_adapter
-            times[kind].append(first_token_seconds(engine, prompt, adapter)[0])
-    medians = {kind: statistics.median(values) for kind, values in times.items()}
+        for kind in (("cached", "uncached") if round_ % 2 == 0 else ("uncached", "cached")):
+            prompt = (system if kind == "cached" else tokens(args.system)) + tokens(USER)
+            times[kind].append(first_token_seconds(engine, prompt, cached_adapter)[0])
+            print(f"round {round_} {kind}: {1000 * times[kind][-1]:.0f} ms", flush=True)
+    medians = {kind: statistics.median(values) for kind, values in times.items()} | {"other_adapter": other}
     prompt = system + tokens(USER)
-    _, with_cache = first_token_seconds(engine, prompt, cached_adapter)
+    _, with_cache = first_token_seconds(engine, prompt, cached_adapter, new=8)
     engine.planner.prefix_caching = False
-    _, without = first_token_seconds(engine, prompt, cached_adapter)
+    _, without = first_token_seconds(engine, prompt, cached_adapter, new=8)
     results.update({f"ttft_{kind}_ms": 1000 * value for kind, value in medians.items()})
     results["ttft_uncached_vs_cached"] = medians["uncached"] / medians["cached"]
     results["ttft_other_adapter_vs_cached"] = medians["other_adapter"] / medians["cached"]
