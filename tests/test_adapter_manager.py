@@ -125,11 +125,14 @@ def test_requests_wait_for_device_room_and_a_delete_never_tears_a_running_stream
 
     async def scenario():
         gen, cls = manager.resolve("gen")[0], manager.resolve("cls")[0]
-        params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=110, ignore_eos=True)  # long enough to outlast the read
         events = await loop.submit(GenerationRequest(PROMPT, gen, params))
         await events.get()
         classified = asyncio.ensure_future(loop.classify([[5, 6, 7]], cls))
-        await asyncio.sleep(0.2)
+        for _ in range(600):  # its read from disk (the loader thread) takes a moment on a busy machine
+            await asyncio.sleep(0.05)
+            if manager.residency(cls) != "disk":
+                break
         assert not classified.done() and manager.residency(cls) == "host"  # read, waiting for the slot
         store.delete("gen")
         await loop.call(lambda: manager.forget(gen))

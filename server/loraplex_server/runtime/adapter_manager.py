@@ -122,6 +122,7 @@ class AdapterManager:
         self.engine, self.store, self.metrics = engine, store, metrics
         self.device_bytes, self.host_bytes = device_bytes, host_bytes
         self.versions: dict[str, AdapterVersion] = {}
+        self._busy: dict[str, AdapterVersion] = {}  # versions being read or with requests waiting
         self.wake: Callable[[], None] = lambda: None  # called from the loader thread when a read ends
         self._snapshot: Mapping[str, Residency] = MappingProxyType({})
         self._clock = itertools.count(1)
@@ -164,13 +165,14 @@ class AdapterManager:
         """`waiter` (a request) needs `key` in a slot: it waits here until `placed()` hands it out."""
         version = self.versions.get(key) or self.versions.setdefault(key, AdapterVersion(key))
         version.waiting.append((next(self._tickets), waiter))
+        self._busy[key] = version
         if version.tier is Tier.DISK:
             self._read(version)
 
     def withdraw(self, match: Callable[[object], bool]) -> list[object]:
         """Take the waiting requests that `match` out (cancelled before they reached the engine)."""
         gone = []
-        for version in self.versions.values():
+        for version in self._busy.values():
             gone += [w for _, w in version.waiting if match(w)]
             version.waiting = [(t, w) for t, w in version.waiting if not match(w)]
         return gone
@@ -181,17 +183,17 @@ class AdapterManager:
         until `release`), or with the error that ends it. The others keep waiting (for their read, or
         for device room that running requests hold)."""
         out: list[Placed] = []
-        arrived = [v for v in self.versions.values() if v.tier is Tier.LOADING and v.load.done()]
+        busy = list(self._busy.values())
+        arrived = [v for v in busy if v.tier is Tier.LOADING and v.load.done()]
         for version in arrived:
             error = self._arrived(version)
             if error is not None:
                 out += [(w, error) for _, w in version.waiting]
                 version.waiting.clear()
                 self._drop_if_unused(version)
-        for version in [v for v in self.versions.values() if v.waiting and v.tier is Tier.DISK]:
+        for version in [v for v in busy if v.waiting and v.tier is Tier.DISK]:
             self._read(version)  # its copy was dropped (deleted, trimmed) while requests waited
-        for version in sorted((v for v in self.versions.values() if v.waiting and v.copy is not None),
-                              key=lambda v: v.waiting[0][0]):
+        for version in sorted((v for v in busy if v.waiting and v.copy is not None), key=lambda v: v.waiting[0][0]):
             hit = version.tier is Tier.DEVICE
             try:
                 if not self._place(version):
@@ -205,6 +207,9 @@ class AdapterManager:
             version.in_flight += len(version.waiting)
             out += [(w, version.placed) for _, w in version.waiting]
             version.waiting.clear()
+        for version in busy:
+            if not version.waiting and version.tier is not Tier.LOADING:
+                self._busy.pop(version.key, None)
         if out or arrived:
             self._publish()
         return out
@@ -237,6 +242,7 @@ class AdapterManager:
         once the future is done, `placed()` takes it in."""
         version = self.versions.setdefault(key, AdapterVersion(key))
         if version.tier is Tier.DISK:
+            self._busy[key] = version
             self._read(version)
         return version.load
 
