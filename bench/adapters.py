@@ -34,7 +34,7 @@ from loraplex_adapters.store import AdapterStore
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.engine.base_model import DTYPE_CHOICES, load_base_model
 from loraplex_server.engine.engine import Engine
-from loraplex_server.runtime.adapter_cache import AdapterCache, adapter_key
+from loraplex_server.runtime.adapter_manager import AdapterManager, adapter_key
 
 RANKS = (8, 16, 64)
 
@@ -51,22 +51,23 @@ def load_latencies(base, rank: int, count: int = 16, rounds: int = 4) -> dict[st
         store.publish(folder, folder.name)
     keys = [adapter_key(m.name, m.version) for m in store.list()]
     engine = Engine(base, max_adapters=4)
-    cache = AdapterCache(engine, store, device_bytes=1 << 40, host_bytes=1 << 40, metrics=Metrics())
+    manager = AdapterManager(engine, store, device_bytes=1 << 40, host_bytes=1 << 40, metrics=Metrics())
     cold, warm = [], []
     for key in keys:
         start = time.perf_counter()
-        cache.fetch(key).result()
-        cache.arrived(key)
-        cache.ensure(key)
+        manager.read(key).result()
+        manager.placed()  # takes the finished read into the host tier
+        manager.place(key)
         cold.append(time.perf_counter() - start)
     for _ in range(rounds):
         for key in keys:
             start = time.perf_counter()
-            cache.ensure(key)
+            manager.place(key)
             warm.append(time.perf_counter() - start)
-    cache.close()
-    for key in list(cache.device):
-        cache.unload(key)
+    manager.close()
+    for key, residency in manager.snapshot().items():
+        if residency.tier == "device":
+            manager.unload(key)
     (cold_p50, cold_p99), (warm_p50, warm_p99) = _quantiles(cold), _quantiles(warm)
     return {f"cold_load_ms_p50_r{rank}": cold_p50, f"cold_load_ms_p99_r{rank}": cold_p99,
             f"warm_swap_ms_p50_r{rank}": warm_p50, f"warm_swap_ms_p99_r{rank}": warm_p99}

@@ -39,23 +39,32 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 
 
 class Timeline:
-    """Token arrival times per request, from the engine's events."""
+    """Token arrival times per request, from the events of the engine's steps."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, list[float]] = {}
         self.ids: dict[str, list[int]] = {}
 
     def request(self, prompt: list[int], new: int) -> GenerationRequest:
-        """A greedy request for exactly `new` tokens (EOS ignored), its tokens timed as they come."""
+        """A greedy request for exactly `new` tokens (EOS ignored), its tokens timed as steps return them."""
         request = GenerationRequest(prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=True))
         self.tokens[request.request_id], self.ids[request.request_id] = [], []
-
-        def on_event(event) -> None:
-            if event.token_id is not None:
-                self.tokens[event.request_id].append(time.perf_counter())
-                self.ids[event.request_id].append(event.token_id)
-        request.on_event = on_event
+        _TIMED[request.request_id] = self
         return request
+
+
+_TIMED: dict[str, Timeline] = {}  # request id -> the timeline that times it
+
+
+def step(engine: Engine) -> None:
+    """One engine step; its token events go to their requests' timelines."""
+    output = engine.step()
+    now = time.perf_counter()
+    for event in output.events:
+        timeline = _TIMED.get(event.request_id)
+        if timeline is not None and event.token_id is not None:
+            timeline.tokens[event.request_id].append(now)
+            timeline.ids[event.request_id].append(event.token_id)
 
 
 def run_until_idle(engine: Engine) -> list[float]:
@@ -63,7 +72,7 @@ def run_until_idle(engine: Engine) -> list[float]:
     steps = []
     while engine.has_work:
         start = time.perf_counter()
-        engine.step()
+        step(engine)
         steps.append(time.perf_counter() - start)
     return steps
 
@@ -109,7 +118,7 @@ def long_join(engine: Engine, prompt: list[int], long_prompt: list[int], rows: i
 
 def time_step(engine: Engine) -> float:
     start = time.perf_counter()
-    engine.step()
+    step(engine)
     return time.perf_counter() - start
 
 

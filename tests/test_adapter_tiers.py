@@ -212,10 +212,10 @@ def test_kill_9_mid_upload_then_restart_serves_every_earlier_adapter(tiny, tmp_p
 
 
 def test_pins_leave_room_and_pinned_or_running_adapters_are_never_evicted(tiny, tmp_path):
-    """In-process: the cache on the engine thread's side, with device room for 2 adapters."""
+    """In-process: the adapter manager on the engine thread's side, with device room for 2 adapters."""
     from loraplex_server.api.metrics import Metrics
     from loraplex_server.engine.sequence import GenerationRequest
-    from loraplex_server.runtime.adapter_cache import AdapterCache, PinRefused
+    from loraplex_server.runtime.adapter_manager import AdapterManager, PinRefused
 
     base_dir, adapters = tiny("llama")
     store = AdapterStore(tmp_path / "store")
@@ -223,21 +223,33 @@ def test_pins_leave_room_and_pinned_or_running_adapters_are_never_evicted(tiny, 
         store.publish(folder, f"c{i}", labels=LABELS)
     store.publish(adapters[GEN_V1][0], "g")
     engine = Engine(load_base_model(base_dir, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=8)
-    cache = AdapterCache(engine, store, device_bytes=1 << 30, host_bytes=1 << 30, metrics=Metrics())
-    keys = {name: cache.resolve(name)[0] for name in ("c0", "c1", "g")}
+    manager = AdapterManager(engine, store, device_bytes=1 << 30, host_bytes=1 << 30, metrics=Metrics())
+    keys = {name: manager.resolve(name)[0] for name in ("c0", "c1", "g")}
     for key in keys.values():
-        cache.fetch(key).result()
-        assert cache.arrived(key) is None
-    size = {name: cache.host[key].device_bytes for name, key in keys.items()}
-    cache.device_bytes = size["c0"] + size["g"] + 64  # room for c0 and g, or c0 and c1, not all three
-    assert cache.ensure(keys["c0"]) and cache.ensure(keys["c1"])
-    cache.pin(keys["c0"])
+        manager.read(key).result()
+    assert manager.placed() == [] and {manager.residency(k) for k in keys.values()} == {"host"}
+    size = {name: manager.versions[key].copy.device_bytes for name, key in keys.items()}
+    manager.device_bytes = size["c0"] + size["g"] + 64  # room for c0 and g, or c0 and c1, not all three
+
+    def on_device() -> set[str]:
+        return {k for k, r in manager.snapshot().items() if r.tier == "device"}
+
+    assert manager.place(keys["c0"]) and manager.place(keys["c1"])
+    manager.pin(keys["c0"])
     with pytest.raises(PinRefused):
-        cache.pin(keys["c1"])  # over half the device bytes pinned would starve the rest
-    assert cache.ensure(keys["g"])  # evicts c1, the unpinned one
-    assert set(cache.device) == {keys["c0"], keys["g"]}
-    prompt = engine.tokenizer("hello")["input_ids"]
-    engine.submit(GenerationRequest(prompt, keys["g"], SamplingParams(max_new_tokens=50)))
-    assert not cache.ensure(keys["c1"])  # c0 pinned, g running: no room, and nothing torn
-    assert set(cache.device) == {keys["c0"], keys["g"]}
-    cache.close()
+        manager.pin(keys["c1"])  # over half the device bytes pinned would starve the rest
+    assert manager.place(keys["g"])  # evicts c1, the unpinned one
+    assert on_device() == {keys["c0"], keys["g"]} and manager.is_pinned(keys["c0"])
+    manager.request(keys["g"], "a generation")
+    [(waiter, placed)] = manager.placed()
+    request = GenerationRequest(engine.tokenizer("hello")["input_ids"], keys["g"], SamplingParams(max_new_tokens=50))
+    engine.submit(request, placed)
+    assert waiter == "a generation" and manager.snapshot()[keys["g"]].in_flight == 1
+    assert manager.place(keys["c1"]) is None  # c0 pinned, g running: no room, and nothing torn
+    assert on_device() == {keys["c0"], keys["g"]}
+    engine.cancel(request.request_id)
+    assert engine.step().events[0].finish_reason == "cancelled"
+    manager.release(keys["g"])
+    assert manager.place(keys["c1"])  # g is idle now: it goes back to the host tier
+    assert on_device() == {keys["c0"], keys["c1"]} and manager.residency(keys["g"]) == "host"
+    manager.close()

@@ -122,17 +122,14 @@ def test_continuous_batching_greedy_matches_peft_generate(tiny, arch, quantize, 
     max_new = [12, 20, 7, 16, 25, 9]
     arrivals = {0: [0, 1], 3: [2], 5: [3, 4], 9: [5]}  # step -> request indices
     streamed: dict[str, list[int]] = {}
-
-    def collect(event):
-        streamed.setdefault(event.request_id, []).append(event.token_id)
-
-    requests = [GenerationRequest(PROMPTS[i], names[i % len(names)], SamplingParams(max_new_tokens=max_new[i]),
-                                  on_event=collect) for i in range(len(PROMPTS))]
+    requests = [GenerationRequest(PROMPTS[i], names[i % len(names)], SamplingParams(max_new_tokens=max_new[i]))
+                for i in range(len(PROMPTS))]
     finished, step, batch_sizes = {}, 0, []
     while len(finished) < len(requests):
         for index in arrivals.get(step, []):
             engine.submit(requests[index])
-        for event in engine.step():
+        for event in engine.step().events:
+            streamed.setdefault(event.request_id, []).append(event.token_id)
             if event.finished:
                 finished[event.request_id] = event
         batch_sizes.append(len(engine.planner.running))

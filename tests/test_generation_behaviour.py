@@ -21,11 +21,15 @@ def engine(tiny):
     return engine
 
 
-def run(engine, requests):
+def run(engine, requests) -> dict[str, list]:
+    """Run requests to the end; returns each one's events."""
+    events = {r.request_id: [] for r in requests}
     for r in requests:
         engine.submit(r)
     while engine.has_work:
-        engine.step()
+        for e in engine.step().events:
+            events[e.request_id].append(e)
+    return events
 
 
 def test_seeded_sampling_is_reproducible_and_differs_by_seed(engine):
@@ -37,14 +41,11 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed(engine):
 
 def test_rows_keep_their_own_sampling_parameters(engine):
     greedy = engine.generate([PROMPT], ["gen_qv_r4"], SamplingParams(max_new_tokens=15))[0]
-    events = {}
     requests = [GenerationRequest(PROMPT, "gen_qv_r4", SamplingParams(max_new_tokens=15)),
                 GenerationRequest(PROMPT, "gen_qv_r4", SamplingParams(max_new_tokens=15, temperature=2.0, seed=7))]
-    for r in requests:
-        r.on_event = lambda e: events.setdefault(e.request_id, []).append(e.token_id)
-    run(engine, requests)
-    assert events[requests[0].request_id] == greedy.token_ids
-    assert events[requests[1].request_id] != greedy.token_ids
+    events = run(engine, requests)
+    assert [e.token_id for e in events[requests[0].request_id]] == greedy.token_ids
+    assert [e.token_id for e in events[requests[1].request_id]] != greedy.token_ids
 
 
 def test_top_k_one_is_greedy(engine):
@@ -59,37 +60,32 @@ def test_stop_string_ends_generation_and_is_not_streamed(engine):
     assert len(free.text) > 6
     stop = free.text[4:6]
     first = free.text.find(stop)
-    texts = []
-    request = GenerationRequest(PROMPT, None, SamplingParams(max_new_tokens=30, stop=[stop]),
-                                on_event=lambda e: texts.append(e.text))
-    run(engine, [request])
+    request = GenerationRequest(PROMPT, None, SamplingParams(max_new_tokens=30, stop=[stop]))
+    texts = [e.text for e in run(engine, [request])[request.request_id]]
     assert "".join(texts) == free.text[:first]
     assert len(texts) < 30
 
 
 def test_streamed_text_adds_up_to_the_final_text(engine):
-    texts = []
-    request = GenerationRequest(PROMPT, "gen_mlp_r2", SamplingParams(max_new_tokens=25),
-                                on_event=lambda e: texts.append(e.text))
-    run(engine, [request])
+    request = GenerationRequest(PROMPT, "gen_mlp_r2", SamplingParams(max_new_tokens=25))
+    texts = [e.text for e in run(engine, [request])[request.request_id]]
     final = engine.generate([PROMPT], ["gen_mlp_r2"], SamplingParams(max_new_tokens=25))[0]
     assert "".join(texts) == final.text
 
 
 def test_cancel_frees_the_row_at_the_next_step(engine):
-    events = []
-    long = GenerationRequest(PROMPT, "gen_qv_r4", SamplingParams(max_new_tokens=50), on_event=events.append)
+    long = GenerationRequest(PROMPT, "gen_qv_r4", SamplingParams(max_new_tokens=50))
     other = GenerationRequest(PROMPT, "gen_all_r8", SamplingParams(max_new_tokens=50))
     engine.submit(long)
     engine.submit(other)
     engine.step()
     engine.step()
-    assert len(engine.planner.running) == 2 and engine.adapters["gen_qv_r4"].in_flight == 1
+    assert len(engine.planner.running) == 2
     engine.cancel(long.request_id)
-    engine.step()
-    assert events[-1].finished and events[-1].finish_reason == "cancelled"
+    events = [e for e in engine.step().events if e.request_id == long.request_id]
+    assert [(e.finished, e.finish_reason) for e in events] == [(True, "cancelled")]
     assert [s.request_id for s in engine.planner.running] == [other.request_id]
-    assert engine.adapters["gen_qv_r4"].in_flight == 0
+    assert engine.running_request_ids() == [other.request_id]
     engine.cancel(other.request_id)
     engine.step()
     assert not engine.has_work

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
-from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
+from loraplex_server.engine.kv_cache import PagedKVCache, block_hash, bytes_per_token
 
 CONFIG = LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 BLOCKS = 12
@@ -99,3 +99,57 @@ def test_rows_that_come_and_go_reuse_the_lowest_blocks():
             kv.release(table)
             assert kv.grow(table, 8)
     assert kv.touched_blocks == high == 6
+
+
+# Prefix caching: rows of a few adapters whose tokens share prefixes, growing, registering their full
+# blocks and leaving at random.
+prefix_operations = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2), st.integers(0, 3),
+                                       st.one_of(st.none(), st.integers(1, 24))), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix_operations)
+def test_shared_prefix_blocks_are_refcounted_found_only_by_their_adapter_and_never_lost(ops):
+    kv, rows = cache(), {}  # row -> (table, identity, tokens, keys of its registered blocks)
+    for row, adapter, prefix, tokens in ops:
+        if row in rows and tokens is None:
+            kv.release(rows.pop(row)[0])
+        elif row not in rows and tokens is not None:
+            identity, ids = f"a{adapter}", [prefix] * 8 + list(range(100 * row, 100 * row + 16))
+            keys, parent = [], b""
+            for start in range(0, len(ids) - 4 + 1, 4):
+                parent = block_hash(parent, ids[start:start + 4], identity)
+                keys.append(parent)
+            table = kv.match(keys[:(tokens - 1) // 4])
+            for found, key in zip(table, keys, strict=False):
+                assert kv._key_of[found] == (key, identity), "found a block of other tokens or another adapter"
+            if kv.grow(table, max(tokens, len(table) * 4)):
+                for index in range(len(table), tokens // 4):
+                    kv.register(table[index], keys[index], identity)
+                rows[row] = (table, identity, ids, keys)
+            else:
+                kv.release(table)
+        owned = [b for t, *_ in rows.values() for b in t]
+        assert all(kv._refs[b] == owned.count(b) for b in set(owned)), "a shared block's count is wrong"
+        assert len(set(owned)) + kv.free_blocks == BLOCKS, "a block was lost"
+        assert not set(owned) & (kv._free | set(kv._reusable)), "a block in use is also free"
+    for table, *_ in rows.values():
+        kv.release(table)
+    assert kv.free_blocks == BLOCKS
+
+
+def test_freed_blocks_stay_findable_until_their_room_is_needed_least_recently_freed_first():
+    kv = cache(4)
+    keys = [block_hash(b"", [i] * 4, "a") for i in range(4)]
+    first, second = [], []
+    assert kv.grow(first, 4) and kv.grow(second, 4)
+    kv.register(first[0], keys[0], "a")
+    kv.register(second[0], keys[1], "a")
+    kv.release(first)
+    kv.release(second)
+    assert kv.free_blocks == 4 and kv.match([keys[0]]) != []  # still there, and shared again
+    taker = []
+    assert kv.grow(taker, 12)  # needs three blocks: the two never used and the least recently freed
+    assert kv.match([keys[1]]) == [] and kv._hashed.get(keys[0]) is not None
+    kv.forget("a")  # the adapter was deleted: nobody finds its blocks any more
+    assert kv.match([keys[0]]) == []

@@ -79,20 +79,26 @@ def run_steps(engine: Engine, rows, specs) -> tuple[dict[int, list[int]], dict[i
     arrivals: dict[int, list[int]] = {}
     for index, r in enumerate(rows):
         arrivals.setdefault(r["arrival"], []).append(index)
+    row_of: dict[str, int] = {}  # engine request id -> row index
     step = 0
     while step <= max(arrivals) or engine.has_work:
         for index in arrivals.get(step, []):
             r, name = rows[index], _name(rows[index], specs)
             if name is not None and specs[r["adapter"]][2]:
-                def done(out, error, index=index):
-                    errors.append(error) if error else scores.__setitem__(index, list(out[0].scores.values()))
-                engine.submit_classify(ClassifyRequest([r["prompt"]], name, done))
+                request = ClassifyRequest([r["prompt"]], name)
+                engine.submit_classify(request)
             else:
                 tokens[index] = []
-                engine.submit(GenerationRequest(r["prompt"], name, SamplingParams(max_new_tokens=r["new_tokens"]),
-                                                on_event=lambda e, t=tokens[index]: e.token_id is not None
-                                                and t.append(e.token_id)))
-        engine.step()
+                request = GenerationRequest(r["prompt"], name, SamplingParams(max_new_tokens=r["new_tokens"]))
+                engine.submit(request)
+            row_of[request.request_id] = index
+        output = engine.step()
+        for e in output.events:
+            if e.token_id is not None:
+                tokens[row_of[e.request_id]].append(e.token_id)
+        for done in output.classified:
+            errors.append(done.error) if done.error else scores.__setitem__(
+                row_of[done.request_id], list(done.results[0].scores.values()))
         step += 1
         assert step < 500
     assert not errors, errors

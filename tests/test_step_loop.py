@@ -34,13 +34,19 @@ def requests(params: list[SamplingParams]) -> list[GenerationRequest]:
     return [GenerationRequest(PROMPTS[i % len(PROMPTS)], names[i % len(names)], p) for i, p in enumerate(params)]
 
 
+def collect(output, tokens: dict[str, list[int]]) -> None:
+    """Add a step's new tokens to `tokens` (request id -> ids) for the requests it holds."""
+    for e in output.events:
+        if e.token_id is not None and e.request_id in tokens:
+            tokens[e.request_id].append(e.token_id)
+
+
 def run(eng: Engine, reqs: list[GenerationRequest], budget_check: int | None = None) -> dict[str, list[int]]:
     out = {r.request_id: [] for r in reqs}
     for r in reqs:
-        r.on_event = lambda e: e.token_id is not None and out[e.request_id].append(e.token_id)
         eng.submit(r)
     while eng.has_work:
-        eng.step()
+        collect(eng.step(), out)
         if budget_check is not None:
             assert eng.last_step[1] <= budget_check
     return out
@@ -72,22 +78,21 @@ def test_running_rows_decode_every_step_while_a_long_prompt_is_prefilled(tiny):
     eng = engine(tiny, budget=8)
     short = requests([SamplingParams(max_new_tokens=60, ignore_eos=True) for _ in range(3)])
     short = [GenerationRequest([5, 6], r.adapter, r.params) for r in short]
-    tokens = {r.request_id: 0 for r in short}
+    tokens = {r.request_id: [] for r in short}
     for r in short:
-        r.on_event = lambda e: e.token_id is not None and tokens.__setitem__(e.request_id, tokens[e.request_id] + 1)
         eng.submit(r)
     for _ in range(3):
-        eng.step()
+        collect(eng.step(), tokens)
     long = GenerationRequest(list(range(10, 100)), "gen_all_r8", SamplingParams(max_new_tokens=3))
-    first = []
-    long.on_event = lambda e: first.append(e)
     eng.submit(long)
-    steps = 0
+    steps, first = 0, []
     while not first:
-        before = dict(tokens)
-        eng.step()
+        before = {k: len(v) for k, v in tokens.items()}
+        output = eng.step()
+        collect(output, tokens)
+        first = [e for e in output.events if e.request_id == long.request_id]
         steps += 1
-        assert all(tokens[k] == before[k] + 1 for k in tokens), "a running row stalled during the prefill"
+        assert all(len(tokens[k]) == before[k] + 1 for k in tokens), "a running row stalled during the prefill"
     assert steps >= 90 // 5  # the 90-token prompt took many 8-token steps (3 went to the decode rows)
 
 
@@ -126,21 +131,23 @@ def test_classification_rows_share_steps_with_generation(tiny):
     want_tokens = [alone(eng, r) for r in reqs]
     got, results = {r.request_id: [] for r in reqs}, {}
     for r in reqs:
-        r.on_event = lambda e: e.token_id is not None and got[e.request_id].append(e.token_id)
         eng.submit(r)
-    eng.step()
-    for i, (t, n) in enumerate(zip(texts, names, strict=True)):
-        eng.submit_classify(ClassifyRequest([t], n, lambda out, err, i=i: results.__setitem__(i, (out, err))))
+    collect(eng.step(), got)
+    classify = [ClassifyRequest([t], n) for t, n in zip(texts, names, strict=True)]
+    for request in classify:
+        eng.submit_classify(request)
     mixed = 0
     while eng.has_work:
-        eng.step()
+        output = eng.step()
+        collect(output, got)
+        results.update((c.request_id, c) for c in output.classified)
         mixed += len(eng.last_step[0]) > 0 and any(r.request_id in eng.running_request_ids() for r in reqs)
     assert mixed > 0
-    for i, scores in enumerate(want_scores):
-        out, err = results[i]
-        assert err is None
-        torch.testing.assert_close(torch.tensor(list(out[0].scores.values())), torch.tensor(list(scores.values())),
-                                   atol=1e-5, rtol=0)
+    for request, scores in zip(classify, want_scores, strict=True):
+        done = results[request.request_id]
+        assert done.error is None
+        torch.testing.assert_close(torch.tensor(list(done.results[0].scores.values())),
+                                   torch.tensor(list(scores.values())), atol=1e-5, rtol=0)
     assert [got[r.request_id] for r in reqs] == want_tokens
 
 
@@ -179,24 +186,26 @@ def test_a_row_that_fails_ends_alone_and_the_others_get_their_tokens(tiny):
     want = [alone(eng, r) for r in good]
     want_scores = eng.classify_ids([PROMPTS[4]], ["cls3_r2"])[0].scores
     bad = GenerationRequest([5, 6, 10_000], "gen_qv_r4", SamplingParams(max_new_tokens=5))
-    ended, results = [], {}
-    bad.on_event = ended.append
     got = {r.request_id: [] for r in good}
     for r in good[:2]:
-        r.on_event = lambda e: e.token_id is not None and got[e.request_id].append(e.token_id)
         eng.submit(r)
-    eng.step()
+    collect(eng.step(), got)
     eng.submit(bad)
-    eng.submit_classify(ClassifyRequest([PROMPTS[4]], "cls3_r2", lambda out, err: results.update(out=out, err=err)))
+    classify = ClassifyRequest([PROMPTS[4]], "cls3_r2")
+    eng.submit_classify(classify)
     for r in good[2:]:
-        r.on_event = lambda e: e.token_id is not None and got[e.request_id].append(e.token_id)
         eng.submit(r)
+    ended, results = [], []
     while eng.has_work:
-        eng.step()
+        output = eng.step()
+        collect(output, got)
+        ended += [e for e in output.events if e.request_id == bad.request_id]
+        results += output.classified
     assert [e.finish_reason for e in ended] == ["error"] and "other requests are not affected" in str(ended[0].error)
     assert [got[r.request_id] for r in good] == want
-    assert results["err"] is None and results["out"][0].scores == pytest.approx(want_scores, abs=1e-5)
-    assert eng.adapters["gen_qv_r4"].in_flight == 0 and eng.kv.free_blocks == eng.kv.num_blocks
+    assert [(c.request_id, c.error) for c in results] == [(classify.request_id, None)]
+    assert results[0].results[0].scores == pytest.approx(want_scores, abs=1e-5)
+    assert eng.running_request_ids() == [] and eng.kv.free_blocks == eng.kv.num_blocks
 
 
 def test_a_wide_head_costs_only_its_own_rows(tiny, tmp_path):

@@ -1,4 +1,4 @@
-"""What the request path asks of the runtime (the engine loop and the adapter cache), in one place.
+"""What the request path asks of the runtime (the engine loop and the adapter manager), in one place.
 
 Every store call runs off the event loop, on a pool of its own: a lookup reads manifests and, for a
 version seen for the first time, hashes its weights, and a slow or hostile file (a FIFO, a stalled
@@ -19,7 +19,7 @@ from loraplex_adapters.store_protocol import AdapterStoreLike
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.engine.engine import AdapterInUse, AdapterNotFound, Classification, Engine
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
-from loraplex_server.runtime.adapter_cache import AdapterCache, PinRefused, WrongBase, adapter_key
+from loraplex_server.runtime.adapter_manager import AdapterManager, PinRefused, WrongBase, adapter_key
 from loraplex_server.runtime.engine_loop import EngineLoop, QueueFull
 
 __all__ = ["AdapterInUse", "AdapterNotFound", "PinRefused", "QueueFull", "ServingRuntime", "WrongBase",
@@ -29,19 +29,19 @@ STORE_THREADS = 8
 
 
 class ServingRuntime:
-    """The engine, its loop and the adapter cache, as the request path uses them."""
+    """The engine, its loop and the adapter manager, as the request path uses them."""
 
-    def __init__(self, engine: Engine, cache: AdapterCache, engine_loop: EngineLoop) -> None:
-        self.engine, self._cache, self.engine_loop = engine, cache, engine_loop
+    def __init__(self, engine: Engine, adapters: AdapterManager, engine_loop: EngineLoop) -> None:
+        self.engine, self._adapters, self.engine_loop = engine, adapters, engine_loop
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="loraplex-store")
         self._lookups: dict[str, asyncio.Future] = {}
 
     @classmethod
     def create(cls, engine: Engine, store: AdapterStoreLike, device_bytes: int, host_bytes: int, metrics: Metrics,
                max_pending: int) -> ServingRuntime:
-        """The adapter cache over `store` and the engine loop that owns both (not started)."""
-        cache = AdapterCache(engine, store, device_bytes, host_bytes, metrics)
-        return cls(engine, cache, EngineLoop(engine, cache, metrics, max_pending=max_pending))
+        """The adapter manager over `store` and the engine loop that owns both (not started)."""
+        adapters = AdapterManager(engine, store, device_bytes, host_bytes, metrics)
+        return cls(engine, adapters, EngineLoop(engine, adapters, metrics, max_pending=max_pending))
 
     def start(self) -> None:
         self.engine_loop.start()
@@ -69,7 +69,7 @@ class ServingRuntime:
 
     @property
     def store(self) -> AdapterStoreLike:
-        return self._cache.store
+        return self._adapters.store
 
     async def in_store_thread(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
@@ -79,7 +79,7 @@ class ServingRuntime:
         lookups of one reference share that read."""
         lookup = self._lookups.get(reference)
         if lookup is None:
-            lookup = asyncio.ensure_future(self.in_store_thread(self._cache.resolve, reference))
+            lookup = asyncio.ensure_future(self.in_store_thread(self._adapters.resolve, reference))
             self._lookups[reference] = lookup
             lookup.add_done_callback(lambda done: self._forget_lookup(reference, done))
         return await asyncio.shield(lookup)
@@ -100,10 +100,10 @@ class ServingRuntime:
         return self.store.known(name)
 
     def residency(self, key: str) -> str:
-        return self._cache.residency(key)
+        return self._adapters.residency(key)
 
     def is_pinned(self, key: str) -> bool:
-        return self._cache.is_pinned(key)
+        return self._adapters.is_pinned(key)
 
     # -- the engine loop --------------------------------------------------------------------------
 
@@ -124,10 +124,10 @@ class ServingRuntime:
         await self.engine_loop.warm(key, pin)
 
     async def unload(self, key: str) -> None:
-        cache = self._cache
-        await self.engine_loop.call(lambda: cache.unload(key))
+        adapters = self._adapters
+        await self.engine_loop.call(lambda: adapters.unload(key))
 
     async def forget(self, keys: list[str]) -> None:
         """Drop the in-memory copies of deleted versions (a slot still in use goes once idle)."""
-        cache = self._cache
-        await self.engine_loop.call(lambda: [cache.forget(key) for key in keys])
+        adapters = self._adapters
+        await self.engine_loop.call(lambda: [adapters.forget(key) for key in keys])

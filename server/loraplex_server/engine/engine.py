@@ -1,8 +1,13 @@
 """The engine: one frozen base, adapters in device slots, and a step loop over rows of every kind.
 
 `step()` = plan (StepPlanner: token budget, KV blocks) -> one forward over the packed rows (each on its
-own adapter) -> postprocess (sample, detokenize, finish, classify). Not thread-safe by design: one
-scheduler thread owns it.
+own adapter) -> postprocess (sample, detokenize, finish, classify), and returns what happened: token
+events and finished classifications. It calls nobody back; the loop that owns it dispatches. Not
+thread-safe by design: one thread owns it.
+
+The engine knows adapters only as slots (`SlotAdapter`): the caller that placed an adapter (the
+runtime's AdapterManager) passes its slot with each request. `load_adapter` names adapters for tests
+and benchmarks that run an engine without a manager.
 """
 
 from __future__ import annotations
@@ -10,9 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,76 +25,40 @@ from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
 from loraplex_server.engine.model_runner import ModelRunner
 from loraplex_server.engine.planner import ClassifyRow, PlannedRow, StepPlanner
+from loraplex_server.engine.requests import (
+    AdapterInUse,
+    AdapterNotFound,
+    Classification,
+    Classified,
+    ClassifyRequest,
+    EngineFailure,
+    Generation,
+    SlotAdapter,
+    StepOutput,
+    WrongTask,
+    adapter_labels,
+)
 from loraplex_server.engine.sampling import SamplingParams, sample
-from loraplex_server.engine.sequence import GenerationRequest, Sequence, TokenEvent
+from loraplex_server.engine.sequence import GenerationRequest, Sequence
 from loraplex_server.lora.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
 
 
-class AdapterNotFound(KeyError):
-    pass
-
-
-class AdapterInUse(RuntimeError):
-    pass
-
-
-class WrongTask(ValueError):
-    """A classification call on a generation adapter, or the reverse."""
-
-
-class EngineFailure(RuntimeError):
-    """The engine could not compute this request (the others in its step went on)."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"the server failed to compute this request ({type(cause).__name__}); "
-                         "other requests are not affected; retrying it will likely fail again")
-
-
 @dataclass
-class LoadedAdapter:
-    """An adapter in a device slot: the one record of its residency (AdapterCache decides what enters
-    and leaves; `in_flight` and `pinned` keep it there)."""
+class _Classifying:
+    """A classification request inside the engine: its adapter and the results so far."""
 
-    name: str
-    slot: int
-    task: str
-    labels: list[str]
-    device_bytes: int = 0
-    in_flight: int = 0  # requests queued or running on it
-    pinned: bool = False
+    request: ClassifyRequest
+    adapter: SlotAdapter
+    results: list[Classification | None]
 
-
-@dataclass
-class Classification:
-    label: str
-    score: float
-    scores: dict[str, float]
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
-@dataclass
-class Generation:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-_classify_ids = itertools.count(1)
-
-
-@dataclass
-class ClassifyRequest:
-    """Texts for one classification adapter; `on_done(results, error)` is called once, from step()."""
-
-    token_ids: list[list[int]]
-    adapter: str
-    on_done: Callable[[list[Classification] | None, BaseException | None], None]
-    request_id: str = field(default_factory=lambda: f"cls-{next(_classify_ids)}")
-    results: list[Classification | None] = field(default_factory=list)
+_writes = itertools.count(1)
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -112,19 +79,21 @@ def default_kv_memory(base: BaseModel, rows: int) -> int:
 
 class Engine:
     def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64,
-                 max_batch_tokens: int | None = None, kv_cache_memory: int | None = None) -> None:
+                 max_batch_tokens: int | None = None, kv_cache_memory: int | None = None,
+                 prefix_caching: bool = True) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
                                base.head_module)
-        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self.adapters: dict[str, SlotAdapter] = {}  # named by load_adapter (tests, benchmarks); never by the server
         self.kv: PagedKVCache | None = None
         if base.kind == "causal":
             self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
                                    kv_cache_memory or default_kv_memory(base, max_batch))
         self.runner = ModelRunner(base, self.slots, self.kv)
-        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch)
-        self._requests: dict[str, Sequence | ClassifyRequest] = {}
+        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch,
+                                   prefix_caching=prefix_caching)
+        self._requests: dict[str, Sequence | _Classifying] = {}
         self._cancelled: set[str] = set()
         self.last_step: tuple[tuple[int, ...], int] = ((), 0)  # the rows' slots and the tokens (metrics)
         self.eos_ids = self._eos_ids()
@@ -139,57 +108,63 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
-                     validate: bool = True, device_bytes: int = 0) -> LoadedAdapter:
+    def write_adapter(self, adapter: LoraAdapter, labels: list[str] | None = None, validate: bool = True,
+                      identity: str | None = None) -> SlotAdapter:
         """Write an adapter into a free slot; validate=False skips the fit check for an adapter this
-        engine has already loaded once (a swap back in from the host tier)."""
+        engine has already written once (a swap back in from the host tier). `identity` keys its
+        prefix-cache blocks: the same for the same weights (an adapter version swapped back in finds its
+        blocks again), never reused for other weights; by default one of its own."""
+        if adapter.head is None and self.base.kind != "causal":
+            raise ValueError("an encoder base serves classification adapters only (this one has no head)")
+        names = adapter_labels(adapter, labels)
+        identity = identity if identity is not None else f"write-{next(_writes)}"
+        return SlotAdapter(self.slots.allocate(adapter, validate), adapter.task, names, identity)
+
+    def forget_prefixes(self, identity: str) -> None:
+        """No new row may reuse blocks computed with this adapter (it was deleted)."""
+        if self.kv is not None:
+            self.kv.forget(identity)
+
+    def free_adapter(self, adapter: SlotAdapter) -> None:
+        """Free its slot; refused while a queued or running request uses it."""
+        users = sum(r.adapter.slot == adapter.slot if isinstance(r, _Classifying) else r.slot == adapter.slot
+                    for r in self._requests.values())
+        if users:
+            raise AdapterInUse(f"the adapter in slot {adapter.slot} is used by {users} running request(s)")
+        self.slots.release(adapter.slot)
+
+    def load_adapter(self, name: str, source: str | Path | LoraAdapter, labels: list[str] | None = None,
+                     validate: bool = True) -> SlotAdapter:
+        """Read (a folder) and write an adapter under a name the conveniences below and `submit` accept."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
         adapter = source if isinstance(source, LoraAdapter) else load_peft_folder(source)
-        if adapter.head is not None:
-            labels = list(labels) if labels else [f"LABEL_{i}" for i in range(adapter.head.num_labels)]
-            if len(labels) != adapter.head.num_labels:
-                raise ValueError(f"{len(labels)} label names for a head with {adapter.head.num_labels} outputs")
-        elif self.base.kind != "causal":
-            raise ValueError("an encoder base serves classification adapters only (this one has no head)")
-        slot = self.slots.allocate(adapter, validate)
-        loaded = LoadedAdapter(name=name, slot=slot, task=adapter.task, labels=labels or [], device_bytes=device_bytes)
-        self.adapters[name] = loaded
-        return loaded
+        self.adapters[name] = self.write_adapter(adapter, labels, validate)
+        return self.adapters[name]
 
     def unload_adapter(self, name: str) -> None:
-        loaded = self._adapter(name)
-        if loaded.in_flight:
-            raise AdapterInUse(f"adapter {name!r} is used by {loaded.in_flight} running request(s)")
-        self.slots.release(loaded.slot)
+        self.free_adapter(self._named(name))
         del self.adapters[name]
 
-    @property
-    def adapter_bytes(self) -> int:
-        return sum(a.device_bytes for a in self.adapters.values())
-
-    def _adapter(self, name: str) -> LoadedAdapter:
+    def _named(self, name: str) -> SlotAdapter:
         try:
             return self.adapters[name]
         except KeyError:
             raise AdapterNotFound(f"adapter {name!r} is not loaded") from None
 
-    def _slot(self, name: str | None, task: str) -> int:
-        if name is None:
-            return 0
-        loaded = self._adapter(name)
-        if loaded.task != task:
-            raise WrongTask(f"adapter {name!r} is a {loaded.task} adapter, not {task}")
-        return loaded.slot
-
-    def _hold(self, name: str | None, change: int) -> None:
-        if name is not None:
-            self.adapters[name].in_flight += change
+    def _placed(self, name: str | None, adapter: SlotAdapter | None, task: str) -> SlotAdapter | None:
+        """The slot a request runs on: the one given, else the adapter named by load_adapter."""
+        if adapter is None and name is not None:
+            adapter = self._named(name)
+        if adapter is not None and adapter.task != task:
+            raise WrongTask(f"adapter {name!r} is a {adapter.task} adapter, not {task}")
+        return adapter
 
     # -- requests -------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue a generation; it joins the running rows when the budget and the KV cache allow."""
+    def submit(self, request: GenerationRequest, adapter: SlotAdapter | None = None) -> None:
+        """Queue a generation on `adapter` (default: the one load_adapter named request.adapter; none for
+        the base); it joins the running rows when the budget and the KV cache allow."""
         if self.kv is None:
             raise WrongTask("an encoder base cannot generate")
         request.params.validate()
@@ -202,22 +177,24 @@ class Engine:
         if longest > self.kv.capacity_tokens:
             raise ValueError(f"prompt ({prompt} tokens) plus max_tokens ({request.params.max_new_tokens}) can "
                              f"never fit the KV cache of {self.kv.capacity_tokens} tokens; send less")
-        slot = self._slot(request.adapter, "generation")
-        seq = Sequence(request, slot, self.eos_ids, self.base.max_positions)
-        self._hold(request.adapter, 1)
+        placed = self._placed(request.adapter, adapter, "generation")
+        seq = Sequence(request, placed.slot if placed else 0, self.eos_ids, self.base.max_positions,
+                       placed.identity if placed else "")
         self._requests[request.request_id] = seq
         self.planner.add(seq)
 
-    def submit_classify(self, request: ClassifyRequest) -> None:
-        """Queue classification texts; each becomes a row of the coming steps."""
-        slot = self._slot(request.adapter, "classification")
-        if any(not ids for ids in request.token_ids):
+    def submit_classify(self, request: ClassifyRequest, adapter: SlotAdapter | None = None) -> None:
+        """Queue classification texts on `adapter` (default: the one load_adapter named request.adapter);
+        each text becomes a row of the coming steps."""
+        placed = self._placed(request.adapter, adapter, "classification")
+        if placed is None:
+            raise WrongTask("classification needs a classification adapter")
+        if not request.token_ids or any(not ids for ids in request.token_ids):
             raise ValueError("empty input")
-        self._hold(request.adapter, 1)
-        request.results = [None] * len(request.token_ids)
-        self._requests[request.request_id] = request
+        classifying = _Classifying(request, placed, [None] * len(request.token_ids))
+        self._requests[request.request_id] = classifying
         for index, ids in enumerate(request.token_ids):
-            self.planner.add(ClassifyRow(request, index, ids, slot, request.request_id))
+            self.planner.add(ClassifyRow(classifying, index, ids, placed.slot, request.request_id))
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the start of the next step (a finished event is emitted then)."""
@@ -234,87 +211,75 @@ class Engine:
     # -- the step -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        """One forward pass over this step's rows; returns the generation rows' events."""
-        events = [self._end(rid, None) for rid in list(self._cancelled)]
+    def step(self) -> StepOutput:
+        """One forward pass over this step's rows; returns the events and classifications it produced."""
+        out = StepOutput()
+        for request_id in list(self._cancelled):
+            self._end(request_id, None, out)
         self._cancelled.clear()
         planned = self.planner.schedule()
         self.last_step = tuple(p.row.slot for p in planned), sum(len(p.token_ids) for p in planned)
         if not planned:
-            return [e for e in events if e is not None]
+            return out
         try:
-            events += self._postprocess(planned, *self.runner.run(planned))
+            self._postprocess(planned, *self.runner.run(planned), out)
         except Exception:  # noqa: BLE001 - one row's failure must not end the others: find it
-            events += self._isolate(planned)
-        return [e for e in events if e is not None]
+            self._isolate(planned, out)
+        return out
 
-    def _isolate(self, planned: list[PlannedRow]) -> list[TokenEvent | None]:
+    def _isolate(self, planned: list[PlannedRow], out: StepOutput) -> None:
         """The step failed: run each of its rows alone, so only a row that fails alone ends, with its
         error. Safe to repeat: a row's state moves only once its own step succeeded, and a retried
         row rewrites the same cache positions with the same keys and values."""
-        events = []
         for p in planned:
             if p.row.request_id not in self._requests:  # a classification request that already ended
                 continue
             try:
-                events += self._postprocess([p], *self.runner.run([p]))
+                self._postprocess([p], *self.runner.run([p]), out)
             except Exception as exc:  # noqa: BLE001
                 log.warning("request %s failed in the engine: %s", p.row.request_id, exc)
-                events.append(self._end(p.row.request_id, exc))
-        return events
+                self._end(p.row.request_id, exc, out)
 
     def _postprocess(self, planned: list[PlannedRow], sample_logits: torch.Tensor | None,
-                     class_logits: list[torch.Tensor]) -> list[TokenEvent]:
+                     class_logits: list[torch.Tensor], out: StepOutput) -> None:
         for p, logits in zip([p for p in planned if not p.is_generation], class_logits, strict=True):
-            self._classified(p.row, logits)
+            self._classified(p.row, logits, out)
         generation = [p for p in planned if p.is_generation]
         for p in generation:
-            p.row.num_cached = p.start + len(p.token_ids)
+            self.planner.computed(p)
         sampling = [p.row for p in generation if p.samples]
         if not sampling:
-            return []
+            return
         tokens = sample(sample_logits, [s.params for s in sampling], [s.seed for s in sampling],
                         [len(s.output_ids) for s in sampling])
-        events = []
         for seq, token in zip(sampling, tokens, strict=True):
             event = seq.append(token, self.tokenizer)
             if seq.finished:
                 self.planner.finish(seq)
-                self._release(seq)
-            events.append(self._emit(seq, event))
-        return events
+                self._requests.pop(seq.request_id, None)
+            out.events.append(event)
 
-    def _classified(self, row: ClassifyRow, logits: torch.Tensor) -> None:
-        request: ClassifyRequest = row.request
-        labels = self.adapters[request.adapter].labels
+    def _classified(self, row: ClassifyRow, logits: torch.Tensor, out: StepOutput) -> None:
+        request: _Classifying = row.request
+        labels = request.adapter.labels
         probs = logits.softmax(-1).tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         request.results[row.index] = Classification(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
         if all(r is not None for r in request.results):
-            self._release(request)
-            request.on_done(request.results, None)
+            self._requests.pop(request.request_id, None)
+            out.classified.append(Classified(request.request_id, list(request.results)))
 
-    def _release(self, request: Sequence | ClassifyRequest) -> None:
-        self._requests.pop(request.request_id, None)
-        self._hold(request.request.adapter if isinstance(request, Sequence) else request.adapter, -1)
-
-    def _end(self, request_id: str, error: BaseException | None) -> TokenEvent | None:
-        """Take a request out (cancelled, or its step failed with `error`); returns a generation's event."""
-        request = self._requests.get(request_id)
+    def _end(self, request_id: str, error: BaseException | None, out: StepOutput) -> None:
+        """Take a request out (cancelled, or its step failed with `error`); its end goes into `out`."""
+        request = self._requests.pop(request_id, None)
         if request is None:
-            return None
+            return
         self.planner.remove(request_id)
-        self._release(request)
-        if isinstance(request, ClassifyRequest):
-            request.on_done(None, EngineFailure(error) if error else RuntimeError("cancelled"))
-            return None
-        return self._emit(request, request.cancel(EngineFailure(error) if error else None))
-
-    @staticmethod
-    def _emit(seq: Sequence, event: TokenEvent) -> TokenEvent:
-        if seq.request.on_event is not None:
-            seq.request.on_event(event)
-        return event
+        failure = EngineFailure(error) if error else None
+        if isinstance(request, _Classifying):
+            out.classified.append(Classified(request_id, None, failure or RuntimeError("cancelled")))
+        else:
+            out.events.append(request.cancel(failure))
 
     # -- conveniences for tests and benchmarks ----------------------------------------------------
 
@@ -327,7 +292,7 @@ class Engine:
             raise WrongTask("an encoder base has no language-model head")
         if any(not ids for ids in token_ids):
             raise ValueError("empty input")
-        slots = [self._slot(a, "generation") if a is not None else 0 for a in adapters]
+        slots = [self._placed(a, None, "generation").slot if a is not None else 0 for a in adapters]
         rows = [PlannedRow(ClassifyRow(None, i, ids, slot, ""), 0, ids)
                 for i, (ids, slot) in enumerate(zip(token_ids, slots, strict=True))]
         # Single tokens first, then by length: what the batched LoRA path groups (as the planner does).
@@ -342,21 +307,17 @@ class Engine:
         return [out[i] for i in range(len(rows))]
 
     def classify_ids(self, token_ids: list[list[int]], adapters: list[str]) -> list[Classification]:
-        """Classify rows of (possibly) different adapters through the step loop."""
-        results: dict[int, list[Classification]] = {}
-        errors: list[BaseException] = []
-        for i, (ids, adapter) in enumerate(zip(token_ids, adapters, strict=True)):
-            def done(out, error, i=i):
-                if error is not None:
-                    errors.append(error)
-                else:
-                    results[i] = out
-            self.submit_classify(ClassifyRequest([ids], adapter, done))
-        while len(results) + len(errors) < len(token_ids):
-            self.step()
-        if errors:
-            raise errors[0]
-        return [results[i][0] for i in range(len(token_ids))]
+        """Classify rows of (possibly) different named adapters through the step loop."""
+        requests = [ClassifyRequest([ids], adapter) for ids, adapter in zip(token_ids, adapters, strict=True)]
+        for request in requests:
+            self.submit_classify(request)
+        done: dict[str, Classified] = {}
+        while len(done) < len(requests):
+            done.update((c.request_id, c) for c in self.step().classified)
+        for request in requests:
+            if done[request.request_id].error is not None:
+                raise done[request.request_id].error
+        return [done[r.request_id].results[0] for r in requests]
 
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
         return self.classify_ids([self.tokenizer(t)["input_ids"] for t in texts], [adapter] * len(texts))
@@ -371,7 +332,7 @@ class Engine:
             seqs[request.request_id] = self._requests[request.request_id]
         done: dict[str, Generation] = {}
         while len(done) < len(requests):
-            for event in self.step():
+            for event in self.step().events:
                 if event.finished and event.request_id in seqs:
                     done[event.request_id] = self.result(seqs[event.request_id])
         return [done[r.request_id] for r in requests]

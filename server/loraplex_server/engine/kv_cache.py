@@ -1,19 +1,42 @@
-"""The KV cache: allocated once from a byte budget, in fixed-size blocks (vLLM's PagedAttention idea).
+"""The KV cache: allocated once from a byte budget, in fixed-size blocks (vLLM's PagedAttention idea),
+with prefix caching keyed by adapter.
 
 Every attention layer has one key and one value tensor of [blocks * block_size, kv_heads, head_dim].
-A row owns a list of blocks (its block table); token t of the row lives at
+A row holds a list of blocks (its block table); token t of the row lives at
 `table[t // block_size] * block_size + t % block_size`. A row joins or leaves by taking or returning
-its own blocks: nothing else is copied, and no row ever sees another row's tokens or any padding.
+its blocks: nothing else is copied, and no row ever sees another row's tokens or any padding.
+
+Prefix caching (vLLM's automatic prefix caching): once a row has computed a full block, the block is
+registered under a hash chained over every token up to and including that block and the identity of
+the adapter that computed it (`block_hash`), so only a row with the same adapter and the same tokens so
+far can find it. A new row starts from the longest run of its leading blocks found here, shared
+(refcounted, never written again), and computes only the rest. A released block keeps its hash and
+stays findable, least recently released first to be reused, until its room is needed; `forget` drops
+an adapter's blocks (the adapter was deleted). Hashes are SHA-256, so nobody can craft a prompt whose
+blocks collide with another's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
 BLOCK_SIZE = 16
+
+
+def block_hash(parent: bytes, tokens: Sequence[int], identity: str) -> bytes:
+    """The key of a full block: its tokens, everything before it (through `parent`, the previous
+    block's key) and the adapter that computed it."""
+    digest = hashlib.sha256(parent)
+    digest.update(identity.encode())
+    digest.update(b"\0")
+    digest.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
+    return digest.digest()
 
 
 class KVCacheTooSmall(ValueError):
@@ -57,6 +80,13 @@ class PagedKVCache:
         self.block_bytes = bytes_per_token(config, dtype) * block_size
         # Blocks below this were handed out at least once: on the host, the part of the cache that is resident.
         self.touched_blocks = 0
+        self._refs = [0] * self.num_blocks  # rows holding each block
+        self._hashed: dict[bytes, int] = {}  # a full block's key -> the block that holds it
+        self._key_of: dict[int, tuple[bytes, str]] = {}  # block -> its key and adapter identity
+        self._by_identity: dict[str, set[int]] = {}  # adapter identity -> its hashed blocks
+        self._reusable: OrderedDict[int, None] = OrderedDict()  # free hashed blocks, least recently freed first
+        self.hit_tokens = 0  # tokens found here instead of computed (counters for metrics and benchmarks)
+        self.queried_tokens = 0
 
     @property
     def capacity_tokens(self) -> int:
@@ -64,7 +94,8 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a row may take: never used, or free and only kept for their cached tokens."""
+        return len(self._free) + len(self._reusable)
 
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
@@ -72,10 +103,15 @@ class PagedKVCache:
     def grow(self, table: list[int], tokens: int) -> bool:
         """Extend a block table to hold `tokens`; False (and nothing taken) when the blocks are not free."""
         need = self.blocks_for(tokens) - len(table)
-        if need > len(self._free):
+        if need > self.free_blocks:
             return False
         if need <= 0:
             return True
+        while need > len(self._free):  # reuse the least recently freed cached blocks
+            block, _ = self._reusable.popitem(last=False)
+            self._unhash(block)
+            self._free.add(block)
+            heapq.heappush(self._heap, block)
         if table:
             self._unclaim(table[-1] + 1)
         had = len(table)
@@ -86,6 +122,8 @@ class PagedKVCache:
             block = table[-1] + 1 if table and table[-1] + 1 in self._free else self._lowest_free()
             self._free.remove(block)
             table.append(block)
+        for block in table[had:]:
+            self._refs[block] = 1
         self.touched_blocks = max(self.touched_blocks, max(table[had:]) + 1)
         self._claimed[table[-1] + 1] = self._claimed.get(table[-1] + 1, 0) + 1
         return True
@@ -130,15 +168,73 @@ class PagedKVCache:
         return block if block is not None else min(skipped)
 
     def release(self, table: list[int]) -> None:
+        """A row gives its blocks back: shared ones stay with their other rows; hashed ones stay findable
+        (its last blocks, the least likely to be shared, first in line to be reused)."""
         if table:
             self._unclaim(table[-1] + 1)
-        self._free.update(table)
-        if len(self._heap) + len(table) > 2 * self.num_blocks:  # drop the stale entries now and then
+        freed = []
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if block in self._key_of:
+                self._reusable[block] = None
+            else:
+                freed.append(block)
+        self._free.update(freed)
+        if len(self._heap) + len(freed) > 2 * self.num_blocks:  # drop the stale entries now and then
             self._heap = sorted(self._free)
         else:
-            for block in table:
+            for block in freed:
                 heapq.heappush(self._heap, block)
         table.clear()
+
+    # -- prefix caching -----------------------------------------------------------------------------
+
+    def match(self, keys: Sequence[bytes]) -> list[int]:
+        """The blocks holding the longest run of these leading block keys, now shared by the caller
+        (release them with its table)."""
+        blocks = []
+        for key in keys:
+            block = self._hashed.get(key)
+            if block is None:
+                break
+            if not self._refs[block]:
+                del self._reusable[block]
+            self._refs[block] += 1
+            blocks.append(block)
+        if blocks:  # as grow does: the block after its last one is the row's to take next
+            self._claimed[blocks[-1] + 1] = self._claimed.get(blocks[-1] + 1, 0) + 1
+        self.queried_tokens += len(keys) * self.block_size
+        self.hit_tokens += len(blocks) * self.block_size
+        return blocks
+
+    def register(self, block: int, key: bytes, identity: str) -> None:
+        """A row has computed this full block: rows with the same adapter and tokens may now find it.
+        A key already held by another block stays with that one."""
+        if key in self._hashed or block in self._key_of:
+            return
+        self._hashed[key] = block
+        self._key_of[block] = (key, identity)
+        self._by_identity.setdefault(identity, set()).add(block)
+
+    def forget(self, identity: str) -> None:
+        """Nobody may find this adapter's blocks any more (it was deleted); free ones become plain free."""
+        for block in self._by_identity.pop(identity, ()):
+            key, _ = self._key_of.pop(block)
+            del self._hashed[key]
+            if block in self._reusable:
+                del self._reusable[block]
+                self._free.add(block)
+                heapq.heappush(self._heap, block)
+
+    def _unhash(self, block: int) -> None:
+        key, identity = self._key_of.pop(block)
+        del self._hashed[key]
+        blocks = self._by_identity[identity]
+        blocks.discard(block)
+        if not blocks:
+            del self._by_identity[identity]
 
     def contiguous(self, table: list[int], tokens: int) -> bool:
         """The row's first `tokens` tokens sit in consecutive blocks (one slice of the cache)."""

@@ -1,12 +1,19 @@
 """What one engine step runs: rows of every kind under a token budget and the KV cache's blocks.
 
-The nano-vllm scheduler shape. Each step first gives every running generation row its next tokens
-(one for a decode, a chunk for a prompt still being prefilled), then admits waiting rows in arrival
-order while tokens and KV blocks last. A long prompt is prefilled in chunks across steps while the
-running rows keep decoding. When a running row needs a block and none is free, the most recently
-admitted row is preempted: its blocks are returned and it goes back to the front of the queue, to
-recompute its prompt and output later (sampling is counter-based, so its tokens do not change).
-Classification rows need no KV: they are admitted whole when their tokens fit the budget.
+The nano-vllm scheduler shape. Each step first gives running generation rows their next tokens (one for
+a decode, a chunk for a prompt still being prefilled), then admits waiting generation rows in arrival
+order while tokens and KV blocks last, then classification texts in arrival order. A long prompt is
+prefilled in chunks across steps while the running rows keep decoding. When a running row needs a
+block and none is free, the most recently admitted row is preempted: its blocks are returned and it
+goes back to the front of its queue, to recompute its prompt and output later (sampling is
+counter-based, so its tokens do not change). Classification rows need no KV: they are admitted whole.
+
+Fairness between the two kinds: while both have work, each is sure of a share of every step's tokens
+and rows (`share`, half by default), and a step that runs generation rows takes no more classification
+tokens than that share. So a flood of texts neither delays a generation's admission (it no longer
+waits behind every text queued before it) nor makes each of its decode steps cost a full budget of
+prompt tokens; and a full batch of decoding rows or a long prefill never starves classification. What
+one kind leaves of its share goes to generation rows; running rows that do not all fit take turns.
 """
 
 from __future__ import annotations
@@ -46,30 +53,40 @@ class PlannedRow:
 
 
 class StepPlanner:
-    def __init__(self, kv: PagedKVCache | None, max_batch_tokens: int, max_rows: int) -> None:
+    def __init__(self, kv: PagedKVCache | None, max_batch_tokens: int, max_rows: int, share: float = 0.5,
+                 prefix_caching: bool = True) -> None:
         self.kv = kv
+        self.prefix_caching = prefix_caching
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = max_rows
-        self.waiting: deque[Sequence | ClassifyRow] = deque()
+        # While both kinds have work, classification is sure of (and beside generation rows, held to)
+        # this many tokens and rows of each step.
+        self.classify_tokens = max(1, int(max_batch_tokens * share))
+        self.classify_rows = max(1, int(max_rows * share)) if max_rows > 1 else 0
+        self.waiting: deque[Sequence] = deque()  # generation rows not yet admitted, in arrival order
+        self.texts: deque[ClassifyRow] = deque()  # classification rows, in arrival order
         self.running: list[Sequence] = []  # admitted generation rows, oldest first
         self.preemptions = 0
+        self._turn = 0  # where the running rows start when they do not all fit a step
 
     def add(self, row: Sequence | ClassifyRow) -> None:
-        self.waiting.append(row)
+        (self.texts if isinstance(row, ClassifyRow) else self.waiting).append(row)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.texts or self.running)
 
     @property
     def waiting_for_kv(self) -> int:
-        return sum(isinstance(r, Sequence) for r in self.waiting)
+        return len(self.waiting)
 
     def remove(self, request_id: str) -> list[Sequence | ClassifyRow]:
         """Take every row of a request out (cancel, failure); its blocks go back to the cache."""
-        gone = [r for r in (*self.waiting, *self.running) if r.request_id == request_id]
+        gone = [r for r in (*self.waiting, *self.texts, *self.running) if r.request_id == request_id]
         for row in gone:
-            if row in self.running:
+            if isinstance(row, ClassifyRow):
+                self.texts.remove(row)
+            elif row in self.running:
                 self.finish(row)
             else:
                 self.waiting.remove(row)
@@ -81,16 +98,74 @@ class StepPlanner:
 
     def _preempt(self, seq: Sequence) -> None:
         self.finish(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.registered = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def computed(self, p: PlannedRow) -> None:
+        """A generation row's step succeeded: its tokens up to the step's end are in the cache, and the
+        blocks that became full are registered for other rows (same adapter, same tokens) to find."""
+        seq = p.row
+        seq.num_cached = p.start + len(p.token_ids)
+        if not self.prefix_caching:
+            return
+        full = seq.num_cached // self.kv.block_size
+        if full > seq.registered:
+            keys = seq.keys(full, self.kv.block_size)
+            for index in range(seq.registered, full):
+                self.kv.register(seq.blocks[index], keys[index], seq.identity)
+            seq.registered = full
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a new row from the longest run of its leading blocks in the prefix cache; at least its
+        last token is left to compute (its logits give the next token)."""
+        if self.prefix_caching and not seq.blocks:
+            seq.blocks = self.kv.match(seq.keys((seq.num_tokens - 1) // self.kv.block_size, self.kv.block_size))
+            seq.num_cached = seq.registered = len(seq.blocks)
+            seq.num_cached *= self.kv.block_size
+
     def schedule(self) -> list[PlannedRow]:
-        """This step's rows: single-token generation rows first (what the batched LoRA path wants),
-        then chunks, then classification texts."""
-        budget, planned = self.max_batch_tokens, []
-        for seq in list(self.running):
-            if budget == 0 or len(planned) == self.max_rows:
+        """This step's rows: generation rows under their share, then classification texts under theirs;
+        within each kind, single-token rows first (what the batched LoRA path wants), then by length."""
+        tokens, rows = self.max_batch_tokens, self.max_rows
+        if self.texts and (self.running or self.waiting):  # keep classification's share free
+            share_tokens, share_rows = self._texts_in_share()
+            tokens, rows = tokens - share_tokens, rows - share_rows
+        planned = self._generation(tokens, rows)
+        used = sum(len(p.token_ids) for p in planned)
+        tokens = self.max_batch_tokens - used
+        if planned:  # a decode row pays for at most classification's share of tokens
+            tokens = min(tokens, self.classify_tokens)
+        planned += self._classification(tokens, self.max_rows - len(planned),
+                                        chunked=any(len(p.token_ids) > 1 for p in planned))
+        # Within each kind, by shape: the attention buckets then are runs of the packed step.
+        planned.sort(key=lambda p: (not p.is_generation, len(p.token_ids) != 1, len(p.token_ids),
+                                    p.start + len(p.token_ids)))
+        return planned
+
+    def _texts_in_share(self) -> tuple[int, int]:
+        """Tokens and rows of the waiting texts that classification's share takes next (at least one
+        text, at most the share's rows)."""
+        tokens = rows = 0
+        for row in self.texts:
+            if rows == self.classify_rows or (rows and tokens + len(row.token_ids) > self.classify_tokens):
+                break
+            tokens, rows = tokens + len(row.token_ids), rows + 1
+        return min(tokens, self.classify_tokens), rows
+
+    def _generation(self, budget: int, rows: int) -> list[PlannedRow]:
+        """Running rows' next tokens, then new rows admitted in arrival order while tokens, rows and KV
+        blocks last. Running rows that do not all fit the rows take turns, starting after the last
+        one served."""
+        planned: list[PlannedRow] = []
+        if len(self.running) > rows > 0:
+            self._turn %= len(self.running)
+            order = self.running[self._turn:] + self.running[:self._turn]
+            self._turn += rows
+        else:
+            order = list(self.running)
+        for seq in order:
+            if budget <= 0 or len(planned) >= rows:
                 break
             if seq not in self.running:  # preempted for an older row in this loop
                 continue
@@ -105,32 +180,34 @@ class StepPlanner:
             if count:
                 planned.append(self._plan(seq, count))
                 budget -= count
-        kv_blocked = False  # a generation row waits for blocks: later ones wait behind it, texts need none
-        for row in list(self.waiting):
-            if budget == 0 or len(planned) == self.max_rows:
+        while self.waiting and budget > 0 and len(planned) < rows:
+            seq = self.waiting[0]
+            self._reuse_prefix(seq)
+            # Blocks for the whole prompt at once: it joins only when all of it fits, and its blocks
+            # come out as one run, which attention reads without a gather.
+            if not self.kv.grow(seq.blocks, seq.num_tokens):
+                self.kv.release(seq.blocks)  # the shared prefix too: it waits without holding blocks
+                seq.num_cached = seq.registered = 0
+                break  # later rows wait behind it
+            self.waiting.popleft()
+            self.running.append(seq)
+            count = min(seq.num_tokens - seq.num_cached, budget)
+            planned.append(self._plan(seq, count))
+            budget -= count
+        return planned
+
+    def _classification(self, budget: int, rows: int, chunked: bool) -> list[PlannedRow]:
+        """Waiting texts in arrival order while tokens and rows last. The first text of a step may be
+        longer than what is left (a text longer than the budget would never run otherwise), unless a
+        prefill chunk already makes the step long."""
+        planned: list[PlannedRow] = []
+        while self.texts and len(planned) < rows:
+            row = self.texts[0]
+            if len(row.token_ids) > budget and (planned or chunked or budget <= 0):
                 break
-            if isinstance(row, ClassifyRow):
-                # A text longer than the whole budget runs beside decode rows only, rather than never.
-                if len(row.token_ids) > budget and any(len(p.token_ids) > 1 for p in planned):
-                    break
-                planned.append(PlannedRow(row, 0, row.token_ids))
-                budget = max(budget - len(row.token_ids), 0)
-            elif kv_blocked:
-                continue
-            else:
-                count = min(row.num_tokens - row.num_cached, budget)
-                # Blocks for the whole prompt at once: it joins only when all of it fits, and its blocks
-                # come out as one run, which attention reads without a gather.
-                if not self.kv.grow(row.blocks, row.num_tokens):
-                    kv_blocked = True
-                    continue
-                self.running.append(row)
-                planned.append(self._plan(row, count))
-                budget -= count
-            self.waiting.remove(row)
-        # Within each kind, by shape: the attention buckets then are runs of the packed step.
-        planned.sort(key=lambda p: (not p.is_generation, len(p.token_ids) != 1, len(p.token_ids),
-                                    p.start + len(p.token_ids)))
+            self.texts.popleft()
+            planned.append(PlannedRow(row, 0, row.token_ids))
+            budget -= len(row.token_ids)
         return planned
 
     @staticmethod

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.engine.detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
+from loraplex_server.engine.kv_cache import block_hash
 from loraplex_server.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
@@ -28,13 +28,14 @@ class GenerationRequest:
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
-    on_event: Callable[[TokenEvent], None] | None = None
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, slot: int, eos_ids: set[int], max_total_tokens: int) -> None:
+    def __init__(self, request: GenerationRequest, slot: int, eos_ids: set[int], max_total_tokens: int,
+                 identity: str = "") -> None:
         self.request = request
         self.slot = slot
+        self.identity = identity  # the adapter's identity in prefix-cache keys ("" for the base)
         self.seed = request.params.resolved_seed()  # fixed for the request: its sampling noise is keyed on it
         self.eos_ids = eos_ids
         self.max_total_tokens = max_total_tokens
@@ -45,6 +46,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.blocks: list[int] = []  # its KV cache blocks (the planner grows and releases them)
         self.num_cached = 0  # leading tokens whose keys and values are in those blocks
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its first full blocks (tokens never change)
+        self.registered = 0  # leading blocks registered in the prefix cache (or found there)
 
     @property
     def request_id(self) -> str:
@@ -65,6 +68,14 @@ class Sequence:
             return prompt[start:end]
         return (prompt[start:] if start < len(prompt) else []) + self.output_ids[max(start - len(prompt), 0):
                                                                                 end - len(prompt)]
+
+    def keys(self, count: int, block_size: int) -> list[bytes]:
+        """Prefix-cache keys of its first `count` full blocks, each chained over every token before it."""
+        while len(self.block_keys) < count:
+            start = len(self.block_keys) * block_size
+            parent = self.block_keys[-1] if self.block_keys else b""
+            self.block_keys.append(block_hash(parent, self.all_token_ids(start, start + block_size), self.identity))
+        return self.block_keys[:count]
 
     @property
     def finished(self) -> bool:

@@ -1,9 +1,10 @@
-"""One thread owns the engine and its adapter cache; asyncio handlers hand it work and await results.
+"""One thread owns the engine and the adapter manager; asyncio handlers hand it work and await results.
 
-The thread loops: take what arrived (typed jobs and control messages), start the jobs whose adapters
-can be put on the device now, run one engine step. Classification and generation both become rows of
-the engine's steps. A request whose adapter is only on disk waits, without holding anyone up, until the
-loader thread has read it.
+The thread loops: take what arrived (jobs and cancels), hand each job that needs an adapter to the
+adapter manager, start the jobs whose adapters the manager has put into slots, run one engine step, and
+dispatch what the step returned (token events, classifications) to the futures and queues the callers
+await. Classification and generation both become rows of the engine's steps. A request whose adapter
+is only on disk waits in the manager, without holding anyone up, until the loader thread has read it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.api.metrics import Metrics
-from loraplex_server.engine.engine import Classification, ClassifyRequest, Engine
+from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.requests import Classification, ClassifyRequest, SlotAdapter, StepOutput
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
-from loraplex_server.runtime.adapter_cache import AdapterCache
+from loraplex_server.runtime.adapter_manager import AdapterManager
 
 log = logging.getLogger(__name__)
-
-Done = Callable[[object, BaseException | None], None]
 
 
 class QueueFull(RuntimeError):
@@ -33,7 +33,8 @@ class QueueFull(RuntimeError):
 @dataclass(kw_only=True)
 class _Job:
     key: str | None  # the adapter as `name@version`; None for the base model
-    done: Done
+    loop: asyncio.AbstractEventLoop  # the caller's event loop, where `future` resolves
+    future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -44,7 +45,10 @@ class _ClassifyJob(_Job):
 
 @dataclass(kw_only=True)
 class _SubmitJob(_Job):
+    """A generation: `future` resolves once the engine took it, then its events go to `events`."""
+
     request: GenerationRequest
+    events: asyncio.Queue
 
 
 @dataclass(kw_only=True)
@@ -66,24 +70,20 @@ class _Cancel:
     request_id: str
 
 
-@dataclass
-class _Arrived:
-    """A disk read finished: its waiting jobs go on, or fail with its error."""
-
-    key: str
+_WAKE = object()  # a disk read ended: the manager has requests to place
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, cache: AdapterCache, metrics: Metrics, max_pending: int = 256) -> None:
-        self.engine, self.cache, self.metrics = engine, cache, metrics
+    def __init__(self, engine: Engine, manager: AdapterManager, metrics: Metrics, max_pending: int = 256) -> None:
+        self.engine, self.manager, self.metrics = engine, manager, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running
         self._inbox: queue.Queue = queue.Queue()
-        self._pending: list[_Job] = []  # taken from the inbox, waiting for device room
-        self._waiting: dict[str, list[_Job]] = {}  # adapter key -> jobs waiting for its disk read
+        self._running: dict[str, _ClassifyJob | _SubmitJob] = {}  # engine request id -> its caller's job
         self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        manager.wake = lambda: self._inbox.put(_WAKE)
 
     def start(self) -> None:
         self._thread.start()
@@ -91,7 +91,7 @@ class EngineLoop:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=30)
-        self.cache.close()
+        self.manager.close()
 
     def _put(self, job: _Job) -> None:
         with self._lock:
@@ -113,48 +113,29 @@ class EngineLoop:
 
     # -- asyncio side ---------------------------------------------------------------------------
 
-    async def _job(self, make: Callable[[Done], _Job]):
+    async def _job(self, kind: type[_Job], key: str | None, **fields):
         """Queue a job and await its result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-
-        def done(result, error):
-            self._finished()
-            loop.call_soon_threadsafe(_resolve, future, result, error)
-
-        self._put(make(done))
+        self._put(kind(key=key, loop=loop, future=future, **fields))
         return await future
 
     async def classify(self, token_ids: list[list[int]], key: str) -> list[Classification]:
-        return await self._job(lambda done: _ClassifyJob(key=key, done=done, token_ids=token_ids))
+        return await self._job(_ClassifyJob, key, token_ids=token_ids)
 
     async def warm(self, key: str, pin: bool) -> None:
-        await self._job(lambda done: _WarmJob(key=key, done=done, pin=pin))
+        await self._job(_WarmJob, key, pin=pin)
 
     async def call(self, fn: Callable[[], object]):
         """Run fn on the engine thread, between steps."""
-        return await self._job(lambda done: _CallJob(key=None, done=done, fn=fn))
+        return await self._job(_CallJob, None, fn=fn)
 
     async def submit(self, request: GenerationRequest) -> asyncio.Queue[TokenEvent]:
         """Queue a generation (request.adapter is a `name@version` key); returns the queue its token
-        events arrive on."""
+        events arrive on, once the engine took it."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def on_event(event: TokenEvent) -> None:
-            if event.finished:
-                self.metrics.finished.labels(event.finish_reason).inc()
-                self._finished()
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        def accepted_or_not(_, error: BaseException | None) -> None:
-            if error is not None:
-                self._finished()
-            loop.call_soon_threadsafe(_resolve, accepted, None, error)
-
-        request.on_event = on_event
-        accepted = loop.create_future()
-        self._put(_SubmitJob(key=request.adapter, done=accepted_or_not, request=request))
+        accepted, events = loop.create_future(), asyncio.Queue()
+        self._put(_SubmitJob(key=request.adapter, loop=loop, future=accepted, request=request, events=events))
         try:
             await accepted
         except asyncio.CancelledError:  # the caller left before the engine took the request
@@ -172,34 +153,20 @@ class EngineLoop:
             for message in self._drain(block=not self.engine.has_work):
                 if isinstance(message, _Cancel):
                     self._cancel(message.request_id)
-                elif isinstance(message, _Arrived):
-                    self._arrived(message.key)
-                else:
-                    self._pending.append(message)
-            self._dispatch()
+                elif isinstance(message, _Job):
+                    self._take(message)
+            for job, placed in self.manager.placed():
+                self._start(job, placed)
             if self.engine.has_work:
                 try:
-                    self.engine.step()
+                    output = self.engine.step()
                 except Exception:  # a bug outside the engine's per-row isolation: never lose this thread
                     log.exception("engine step failed; cancelling every request in the engine")
                     for request_id in self.engine.running_request_ids():
                         self.engine.cancel(request_id)
+                else:
+                    self._dispatch(output)
                 self.metrics.observe_step(self.engine)
-
-    def _cancel(self, request_id: str) -> None:
-        self.engine.cancel(request_id)
-        for jobs in (self._pending, *self._waiting.values()):
-            for job in [j for j in jobs if isinstance(j, _SubmitJob) and j.request.request_id == request_id]:
-                jobs.remove(job)
-                job.done(None, asyncio.CancelledError())
-
-    def _arrived(self, key: str) -> None:
-        error = self.cache.arrived(key)
-        for job in self._waiting.pop(key, []):
-            if error is None:
-                self._pending.append(job)
-            else:
-                job.done(None, error)
 
     def _drain(self, block: bool) -> list:
         messages = []
@@ -217,45 +184,87 @@ class EngineLoop:
                 self.metrics.queue_wait.labels(method).observe(now - job.arrived)
         return messages
 
-    def _dispatch(self) -> None:
-        """Start every pending job whose adapter can be put on the device now; the others keep waiting
-        (for their disk read, or for device room that running requests hold)."""
-        jobs, self._pending = self._pending, []
-        for job in jobs:
-            if job.key is not None and not self.cache.in_memory(job.key):
-                self._await_disk(job)
-            else:
-                self._start(job)
+    def _take(self, job: _Job) -> None:
+        """A new job: one on an adapter waits in the manager until it sits in a slot."""
+        if job.key is None:
+            self._start(job, None)
+        else:
+            self.manager.request(job.key, job)
 
-    def _await_disk(self, job: _Job) -> None:
-        self._waiting.setdefault(job.key, []).append(job)
-        future = self.cache.fetch(job.key)
-        if future is not None:
-            key = job.key
-            future.add_done_callback(lambda _: self._inbox.put(_Arrived(key)))
+    def _cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)  # its end comes out of the next step
+        for job in self.manager.withdraw(lambda j: isinstance(j, _SubmitJob) and j.request.request_id == request_id):
+            self._reply(job, None, asyncio.CancelledError())
 
-    def _start(self, job: _Job) -> None:
-        """Hand a job to the engine once its adapter sits in a slot; the slot stays while it runs."""
+    def _start(self, job: _Job, placed: SlotAdapter | BaseException | None) -> None:
+        """Hand a job to the engine on its adapter's slot (None: the base). A job the manager placed counts
+        in its adapter's in-flight requests until it ends, so the slot stays while it runs."""
+        if isinstance(placed, BaseException):  # its adapter could not be read or placed
+            self._reply(job, None, placed)
+            return
         try:
-            if job.key is not None and not self.cache.ensure(job.key):
-                self._pending.append(job)
-                return
             if isinstance(job, _ClassifyJob):
-                self.engine.submit_classify(ClassifyRequest(job.token_ids, job.key, job.done))
+                request = ClassifyRequest(job.token_ids, job.key)
+                self.engine.submit_classify(request, placed)
+                self._running[request.request_id] = job
                 return
             if isinstance(job, _SubmitJob):
-                self.engine.submit(job.request)
+                self.engine.submit(job.request, placed)
+                self._running[job.request.request_id] = job
                 result = None
             elif isinstance(job, _WarmJob):
-                if job.pin:
-                    self.cache.pin(job.key)
+                try:
+                    if job.pin:
+                        self.manager.pin(job.key)
+                finally:
+                    self.manager.release(job.key)
                 result = None
             else:
                 result = job.fn()
         except Exception as exc:  # bad request: reported to its caller only
-            job.done(None, exc)
+            if job.key is not None and not isinstance(job, _WarmJob):
+                self.manager.release(job.key)
+            self._reply(job, None, exc)
             return
-        job.done(result, None)
+        self._reply(job, result, None)
+
+    def _reply(self, job: _Job, result, error: BaseException | None) -> None:
+        """Resolve the caller's future. A generation stays in flight after its acceptance, until its
+        finished event."""
+        if error is not None or not isinstance(job, _SubmitJob):
+            self._finished()
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+    def _dispatch(self, output: StepOutput) -> None:
+        """Send a step's events to their streams (one wake-up per event loop per step) and its
+        classifications to their callers; requests that ended release their adapters."""
+        streams: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
+        for event in output.events:
+            job = self._running.get(event.request_id)
+            if job is None:
+                continue
+            if event.finished:
+                del self._running[event.request_id]
+                self._ended(job)
+                self.metrics.finished.labels(event.finish_reason).inc()
+                self._finished()
+            streams.setdefault(job.loop, []).append((job.events, event))
+        for loop, items in streams.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        for done in output.classified:
+            job = self._running.pop(done.request_id, None)
+            if job is not None:
+                self._ended(job)
+                self._reply(job, done.results, done.error)
+
+    def _ended(self, job: _Job) -> None:
+        if job.key is not None:
+            self.manager.release(job.key)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
 
 
 def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
