@@ -1,12 +1,19 @@
 """One forward over a step's planned rows: pack them, set each row's adapter and attention context,
-run the base, and return what postprocessing needs (nano-vllm's ModelRunner role)."""
+run the base, and return what postprocessing needs (nano-vllm's ModelRunner role).
+
+Llama-family bases run on our own forward (engine/models/); others, or LORAPLEX_OWN_FORWARD=0, on the
+Hugging Face modules with our paged attention registered as their attention function.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.kv_cache import PagedKVCache
+from loraplex_server.engine.models import own_forward
 from loraplex_server.engine.padded_batch import pad_rows
 from loraplex_server.engine.paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
 from loraplex_server.engine.planner import PlannedRow
@@ -16,7 +23,10 @@ from loraplex_server.lora.slot_table import SlotTable
 class ModelRunner:
     def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None) -> None:
         self.base, self.slots, self.kv = base, slots, kv
+        self.forward = None
         if kv is not None:
+            if os.environ.get("LORAPLEX_OWN_FORWARD", "1") != "0":
+                self.forward = own_forward(base.model, base.quantize, slots.state)
             base.model.set_attn_implementation(ATTENTION)
             config = base.model.config
             heads = getattr(config, "num_attention_heads", None) or config.n_head
@@ -48,6 +58,10 @@ class ModelRunner:
             positions += range(p.start, p.start + len(p.token_ids))
             lengths.append(len(p.token_ids))
         self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)
+        if self.forward is not None:
+            self.forward.bind(self.slots.layers)
+            return self.forward(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                                self._attention(planned))
         return self.base.model.base_model(input_ids=torch.tensor([ids], device=device),
                                           position_ids=torch.tensor([positions], device=device),
                                           step=self._attention(planned), use_cache=False).last_hidden_state[0]
