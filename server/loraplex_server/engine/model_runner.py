@@ -14,6 +14,7 @@ import torch
 from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.kv_cache import PagedKVCache
 from loraplex_server.engine.models import own_forward
+from loraplex_server.engine.models.step_graphs import StepGraphs, compile_mode
 from loraplex_server.engine.padded_batch import pad_rows
 from loraplex_server.engine.paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
 from loraplex_server.engine.planner import PlannedRow
@@ -21,13 +22,21 @@ from loraplex_server.lora.slot_table import SlotTable
 
 
 class ModelRunner:
-    def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None) -> None:
+    def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None, max_rows: int = 64) -> None:
         self.base, self.slots, self.kv = base, slots, kv
         self.forward = None
+        self.graphs: StepGraphs | None = None  # pure decode steps replayed per bucket (step_graphs.py)
         if kv is not None:
             if os.environ.get("LORAPLEX_OWN_FORWARD", "1") != "0":
                 self.forward = own_forward(base.model, base.quantize, slots.state)
             base.model.set_attn_implementation(ATTENTION)
+        if self.forward is not None:
+            mode = compile_mode(base.device)
+            if mode != "off":
+                self.graphs = StepGraphs(self.forward, kv, base.device, mode, max_rows, base.max_positions)
+                if mode != "eager":
+                    with torch.inference_mode():
+                        self.graphs.warm_up()
             config = base.model.config
             heads = getattr(config, "num_attention_heads", None) or config.n_head
             self._group = heads // kv.keys[0].shape[1]  # query heads per key/value head
@@ -52,6 +61,9 @@ class ModelRunner:
 
     def hidden(self, planned: list[PlannedRow]) -> torch.Tensor:
         """The last hidden states [tokens, hidden] of the rows packed back to back."""
+        if self.graphs is not None and self.graphs.accepts(planned):
+            self.forward.bind(self.slots.layers)
+            return self.graphs.run(planned)
         device, ids, positions, lengths = self.base.device, [], [], []
         for p in planned:
             ids += p.token_ids

@@ -208,7 +208,7 @@ class BatchedLoraLinear(nn.Module):
         if not state.active:
             return
         x2 = x.reshape(-1, self.in_features)
-        if state.single_slot is not None:
+        if state.single_slot is not None and not self._decode_gathered(x2):
             self._add_segment(x2, out, state.single_slot)
             return
         if state.row_slots is not None:
@@ -218,6 +218,14 @@ class BatchedLoraLinear(nn.Module):
                 self._add_segment(x2[group.start:group.end], out[group.start:group.end], group.slot)
             else:
                 self._add_group(x2, out, group)
+
+    def _decode_gathered(self, x2: torch.Tensor) -> bool:
+        """Single-token rows in bf16 on CPU take the gathered path even on one adapter: the CPU kernel
+        (or the bmm over gathered weights, kept across steps) beats two small bf16 matmuls on CPUs
+        without native bf16, 3x at 16 rows, so one adapter is never slower than many."""
+        state = self.state
+        return (state.packed and not state.groups and state.row_slots is not None
+                and x2.dtype == torch.bfloat16 and x2.device.type == "cpu")
 
     def _add_segment(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> None:
         """Tokens that share one adapter: two plain matmuls on views of its slot."""
