@@ -55,7 +55,7 @@ def engine_in(mode: str, monkeypatch, tiny, budget: int | None = None) -> Engine
 def staggered(engine: Engine, adapters: list[str | None], new_tokens: int = 14) -> list[list[int]]:
     """Requests joining at different steps (so decode steps of 1 to 6 rows, and mixed steps)."""
     requests = [GenerationRequest(p, a, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                for p, a in zip(PROMPTS, adapters, strict=True)]
+                for p, a in zip(PROMPTS[:len(adapters)], adapters, strict=True)]
     tokens = {r.request_id: [] for r in requests}
     step = 0
     while step < len(requests) * 3 or engine.has_work:
@@ -68,18 +68,16 @@ def staggered(engine: Engine, adapters: list[str | None], new_tokens: int = 14) 
     return [tokens[r.request_id] for r in requests]
 
 
-def rows_on(tiny) -> list[str | None]:
-    names = ["gen_qv_r4", "gen_all_r8", "gen_mlp_r2"]
-    return [names[0], names[1], None, names[2], names[1], None]
+ROWS = ["gen_qv_r4", "gen_all_r8", None, "gen_mlp_r2", "gen_all_r8", None]  # the tiny Llama's adapters
 
 
 @pytest.mark.parametrize("budget", [None, 3])
 def test_replayed_decode_steps_give_the_eager_tokens(tiny, monkeypatch, budget):
-    expected = staggered(engine_in("off", monkeypatch, tiny, budget), rows_on(tiny))
+    expected = staggered(engine_in("off", monkeypatch, tiny, budget), ROWS)
     engine = engine_in("eager", monkeypatch, tiny, budget)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.mode == "eager"
-    assert staggered(engine, rows_on(tiny)) == expected
+    assert staggered(engine, ROWS) == expected
     used = set(graphs.steps)
     # 1..6 rows padded up to their buckets (a budget of 3 tokens runs at most 3 rows a step)
     assert {rows for rows, _ in used} == ({1, 2, 4, 8} if budget is None else {1, 2, 4}), used
@@ -89,7 +87,7 @@ def test_replayed_decode_steps_give_the_eager_tokens(tiny, monkeypatch, budget):
 
 def test_buffers_are_static_and_padding_rows_repeat_the_first(tiny, monkeypatch):
     engine = engine_in("eager", monkeypatch, tiny)
-    for prompt, name in zip(PROMPTS[:3], rows_on(tiny)[:3], strict=True):
+    for prompt, name in zip(PROMPTS[:3], ROWS[:3], strict=True):
         engine.submit(GenerationRequest(prompt, name, SamplingParams(max_new_tokens=20, ignore_eos=True)))
     engine.step()  # the three prompts' prefill: eager
     engine.step()  # the first decode step: captured at 4 rows
@@ -115,7 +113,7 @@ def test_a_replaced_table_drops_the_captured_steps(tiny, monkeypatch):
     base_dir, adapters = tiny("llama")
     eager = engine_in("off", monkeypatch, tiny)
     engine = engine_in("eager", monkeypatch, tiny)
-    staggered(engine, rows_on(tiny))
+    staggered(engine, ROWS)
     before = engine.runner.graphs.captures
     for e in (eager, engine):
         e.load_adapter("wide", adapters["gen_all_r8"][0])  # same rank: tables unchanged
@@ -131,7 +129,7 @@ def test_a_replaced_table_drops_the_captured_steps(tiny, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decode_steps_give_the_eager_tokens(tiny, monkeypatch):
-    expected = staggered(engine_in("off", monkeypatch, tiny), rows_on(tiny)[:2], new_tokens=6)
+    expected = staggered(engine_in("off", monkeypatch, tiny), ROWS[:2], new_tokens=6)
     monkeypatch.setenv("LORAPLEX_WARMUP_S", "0")
     engine = engine_in("compile", monkeypatch, tiny)
-    assert staggered(engine, rows_on(tiny)[:2], new_tokens=6) == expected
+    assert staggered(engine, ROWS[:2], new_tokens=6) == expected

@@ -30,6 +30,9 @@ class ModelRunner:
             if os.environ.get("LORAPLEX_OWN_FORWARD", "1") != "0":
                 self.forward = own_forward(base.model, base.quantize, slots.state)
             base.model.set_attn_implementation(ATTENTION)
+            config = base.model.config
+            heads = getattr(config, "num_attention_heads", None) or config.n_head
+            self._group = heads // kv.keys[0].shape[1]  # query heads per key/value head
         if self.forward is not None:
             mode = compile_mode(base.device)
             if mode != "off":
@@ -37,9 +40,6 @@ class ModelRunner:
                 if mode != "eager":
                     with torch.inference_mode():
                         self.graphs.warm_up()
-            config = base.model.config
-            heads = getattr(config, "num_attention_heads", None) or config.n_head
-            self._group = heads // kv.keys[0].shape[1]  # query heads per key/value head
 
     def run(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Logits of the rows that sample, and each classification row's head logits."""

@@ -126,7 +126,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
         written = step.write_index.shape[0]
         step.cache.keys[layer].index_copy_(0, step.write_index, key[:written])
         step.cache.values[layer].index_copy_(0, step.write_index, value[:written])
-    out = query.new_empty(tokens, heads, dim)
+    # One bucket over every token in order (a lone decode row, one prompt): its output is the whole output.
+    first = step.buckets[0]
+    whole = len(step.buckets) == 1 and first.q_run == 0 and first.rows * first.queries == tokens
+    out = None if whole else query.new_empty(tokens, heads, dim)
     for b in step.buckets:
         keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (key, value)
         if b.kv_run is not None:
@@ -142,6 +145,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
         q = q.reshape(b.rows, kv_heads, group * b.queries, dim)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling)
         o = o.view(b.rows, kv_heads, group, b.queries, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
+        if whole:
+            return o
         if b.q_run is not None:
             out[b.q_run:b.q_run + b.rows * b.queries] = o
         else:

@@ -175,10 +175,11 @@ class StepGraphs:
         return CapturedStep(buffers, replay)
 
     def warm_up(self, rows: list[int] | None = None, seconds: float = WARMUP_SECONDS) -> int:
-        """Capture the smallest context bucket for the given row buckets (default: all), largest first
-        (as nano-vllm does, so smaller graphs reuse its memory pool), until `seconds` are spent."""
+        """Capture the smallest context bucket for the given row buckets (default: all) until `seconds`
+        are spent: CUDA graphs largest first (as nano-vllm does, so smaller graphs reuse its memory
+        pool), compiled steps smallest first (the buckets a lightly loaded server uses)."""
         self._check_tables()
-        wanted = sorted(rows or self.buckets, reverse=True)
+        wanted = sorted(rows or self.buckets, reverse=self.mode == "cuda_graph")
         started = time.perf_counter()
         done = 0
         for i, count in enumerate(wanted):
