@@ -1,7 +1,7 @@
 """Decode step benchmark: one row's step on the Hugging Face modules vs our forward vs the bandwidth floor,
 the share of the step spent around the forward, and 16 rows on one adapter vs 16 over 4 adapters.
 
-    python -m bench.decode_step [--dtype auto] [--reps 30] [--compile]
+    python -m bench.decode_step [--dtype auto] [--reps 30] [--compile] [--threads N]
 
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
@@ -170,7 +170,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also our forward under LORAPLEX_COMPILE=1")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 keeps timings sane on an oversubscribed CPU")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = announce_dtype(args.dtype, "cpu")
     results: dict[str, object] = {"dtype": dtype, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                   "threads": torch.get_num_threads()}

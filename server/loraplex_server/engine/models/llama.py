@@ -32,8 +32,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope not in STATIC_ROPE:
         return f"rope type {rope!r} changes with the length"
-    if any(not isinstance(m, nn.Linear) or type(m) is not nn.Linear
-           for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)):
+    projections = [m for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)]
+    if any(type(m) is not nn.Linear for m in projections):
         return "quantized or wrapped linear layers"
     return None
 
