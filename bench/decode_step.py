@@ -1,7 +1,7 @@
 """Decode step benchmark: one row's step on the Hugging Face modules vs our forward vs the bandwidth floor,
 the share of the step spent around the forward, and 16 rows on one adapter vs 16 over 4 adapters.
 
-    python -m bench.decode_step [--dtype auto] [--reps 30] [--compile] [--threads N]
+    python -m bench.decode_step [--dtype auto] [--reps 30] [--compile] [--threads N] [--parts one_row,adapters]
 
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also our forward under LORAPLEX_COMPILE=1")
+    parser.add_argument("--parts", default="one_row,adapters", help="one_row, adapters, or both")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 keeps timings sane on an oversubscribed CPU")
     args = parser.parse_args()
@@ -178,12 +179,17 @@ def main() -> None:
     dtype = announce_dtype(args.dtype, "cpu")
     results: dict[str, object] = {"dtype": dtype, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                   "threads": torch.get_num_threads()}
-    results.update(one_row(args, args.dtype))
-    results.update(one_vs_four_adapters(args, args.dtype))
+    parts = set(args.parts.split(","))
+    if "one_row" in parts:
+        results.update(one_row(args, args.dtype))
+    if "adapters" in parts:
+        results.update(one_vs_four_adapters(args, args.dtype))
     targets = {"one_row_hf_vs_ours": (">=", 1.5), "one_row_floor_vs_ours": (">=", 0.5),
                "around_forward_share": ("<=", 0.10), "rows16_four_vs_single": (">=", 1.0)}
     print(f"\n{'figure':24s} {'measured':>9s} {'target':>9s}")
     for key, (sense, target) in targets.items():
+        if key not in results:
+            continue
         value = results[key]
         met = value >= target if sense == ">=" else value <= target
         print(f"{key:24s} {value:9.3f} {sense} {target:6.2f}  {'met' if met else 'NOT met'}")

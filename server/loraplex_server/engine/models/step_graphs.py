@@ -7,12 +7,14 @@ before each replay. Padding rows repeat the first row exactly (same token, posit
 cache position), so they write the very values that row writes and change nothing; their outputs
 are dropped. Any other step (a prefill chunk, a classification text) runs the eager forward.
 
-Modes (`LORAPLEX_COMPILE`): "cuda_graph" (captured graphs; the default on CUDA), "compile"
-(inductor, static shapes per bucket), "eager" (the same buffers and replay, no capture: what CPU
-tests use to check the bookkeeping), "off" (no bucketing; the default on CPU, where compiling does
-not pay: see bench/RESULTS.md). A captured graph holds the slot tables' addresses, so the graphs are
-dropped and captured again when a table is replaced (more slots, a higher rank, a newly adapted
-layer). Warm-up captures the smallest buckets at start, within a time bound, logging progress.
+Modes (`LORAPLEX_COMPILE`; "1" = the device's capture, "0" = off): "cuda_graph" (captured graphs),
+"compile" (inductor, static shapes per bucket), "eager" (the same buffers and replay, no capture: what
+the CPU tests use to check the bookkeeping), "off" (no bucketing: the eager forward for every step).
+Off by default: on this project's 2-core CPU compiling a bucket of SmolLM2 takes minutes for a step
+about 1.3x faster, and the CUDA graphs have not yet been timed (or run) on a GPU. A captured graph
+holds the slot tables' addresses, so the graphs are dropped and captured again when a table is
+replaced (more slots, a higher rank, a newly adapted layer). Warm-up captures the smallest buckets
+at start, within a time bound, logging progress.
 """
 
 from __future__ import annotations
@@ -37,11 +39,9 @@ WARMUP_SECONDS = float(os.environ.get("LORAPLEX_WARMUP_S", "120"))
 
 
 def compile_mode(device: torch.device) -> str:
-    """The mode LORAPLEX_COMPILE asks for ("1" = the device's capture, "0" = off), else the default."""
-    wanted = os.environ.get("LORAPLEX_COMPILE", "")
+    """The mode LORAPLEX_COMPILE asks for ("1" = the device's capture, "0" or unset = off)."""
+    wanted = os.environ.get("LORAPLEX_COMPILE", "0")
     capture = "cuda_graph" if device.type == "cuda" else "compile"
-    if wanted in ("", "auto"):
-        return "cuda_graph" if device.type == "cuda" else "off"
     mode = {"1": capture, "0": "off"}.get(wanted, wanted)
     if mode not in MODES or (mode == "cuda_graph" and device.type != "cuda"):
         raise ValueError(f"LORAPLEX_COMPILE={wanted!r}: choose 0, 1, {', '.join(MODES)} (cuda_graph on CUDA only)")
@@ -83,6 +83,7 @@ class StepGraphs:
         self.max_context = max_context
         self.steps: dict[tuple[int, int], CapturedStep] = {}
         self.captures = 0  # how many steps were captured (or compiled) so far
+        self.replayed: set[tuple[int, int]] = set()  # the buckets steps have run in
         self._signature: tuple = ()
         self._pool = None
         self._compiled = torch.compile(decode_hidden, dynamic=False) if mode == "compile" else None
@@ -101,6 +102,7 @@ class StepGraphs:
         if step is None:
             step = self.steps[key] = self._capture(*key)
         self._fill(step.buffers, planned, lengths)
+        self.replayed.add(key)
         return step.run()[:len(planned)]
 
     def _fill(self, b: DecodeBuffers, planned: list[PlannedRow], lengths: list[int]) -> None:
