@@ -6,6 +6,8 @@ SmolLM2-135M (embedded default) at the `auto` dtype (bf16 on CUDA and on CPUs wi
 fp32; PEFT runs at the same one), rank 16 on q/k/v/o. Every figure is a ratio of two timings
 taken in this same process (the machines are shared and noisy): variants run round-robin after a
 warm-up, and each ratio is the median of back-to-back pairs. Ends with one JSON line.
+One row's decode step (Hugging Face modules vs our forward vs the bandwidth floor) and one adapter vs
+many at 16 rows: `python -m bench.decode_step`.
 """
 
 from __future__ import annotations

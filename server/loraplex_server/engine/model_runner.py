@@ -1,12 +1,20 @@
 """One forward over a step's planned rows: pack them, set each row's adapter and attention context,
-run the base, and return what postprocessing needs (nano-vllm's ModelRunner role)."""
+run the base, and return what postprocessing needs (nano-vllm's ModelRunner role).
+
+Llama-family bases run on our own forward (engine/models/); others, or LORAPLEX_OWN_FORWARD=0, on the
+Hugging Face modules with our paged attention registered as their attention function.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.kv_cache import PagedKVCache
+from loraplex_server.engine.models import own_forward
+from loraplex_server.engine.models.step_graphs import StepGraphs, compile_mode
 from loraplex_server.engine.padded_batch import pad_rows
 from loraplex_server.engine.paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
 from loraplex_server.engine.planner import PlannedRow
@@ -14,13 +22,24 @@ from loraplex_server.lora.slot_table import SlotTable
 
 
 class ModelRunner:
-    def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None) -> None:
+    def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None, max_rows: int = 64) -> None:
         self.base, self.slots, self.kv = base, slots, kv
+        self.forward = None
+        self.graphs: StepGraphs | None = None  # pure decode steps replayed per bucket (step_graphs.py)
         if kv is not None:
+            if os.environ.get("LORAPLEX_OWN_FORWARD", "1") != "0":
+                self.forward = own_forward(base.model, base.quantize, slots.state)
             base.model.set_attn_implementation(ATTENTION)
             config = base.model.config
             heads = getattr(config, "num_attention_heads", None) or config.n_head
             self._group = heads // kv.keys[0].shape[1]  # query heads per key/value head
+        if self.forward is not None:
+            mode = compile_mode(base.device)
+            if mode != "off":
+                self.graphs = StepGraphs(self.forward, kv, base.device, mode, max_rows, base.max_positions)
+                if mode != "eager":
+                    with torch.inference_mode():
+                        self.graphs.warm_up()
 
     def run(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Logits of the rows that sample, and each classification row's head logits."""
@@ -42,12 +61,19 @@ class ModelRunner:
 
     def hidden(self, planned: list[PlannedRow]) -> torch.Tensor:
         """The last hidden states [tokens, hidden] of the rows packed back to back."""
+        if self.graphs is not None and self.graphs.accepts(planned):
+            self.forward.bind(self.slots.layers)
+            return self.graphs.run(planned)
         device, ids, positions, lengths = self.base.device, [], [], []
         for p in planned:
             ids += p.token_ids
             positions += range(p.start, p.start + len(p.token_ids))
             lengths.append(len(p.token_ids))
         self.slots.state.set_rows([p.row.slot for p in planned], device, lengths)
+        if self.forward is not None:
+            self.forward.bind(self.slots.layers)
+            return self.forward(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                                self._attention(planned))
         return self.base.model.base_model(input_ids=torch.tensor([ids], device=device),
                                           position_ids=torch.tensor([positions], device=device),
                                           step=self._attention(planned), use_cache=False).last_hidden_state[0]

@@ -1,13 +1,14 @@
 """Attention for one engine step over packed rows and the paged KV cache.
 
-The model runs on one packed sequence [1, tokens] (rows back to back). This function, registered with
-transformers' AttentionInterface, first stores the step's new keys and values in the rows' cache
-blocks. Then rows of similar shape are attended together, one SDPA call per bucket: each row's
-queries see only its own context (its cached tokens plus the new ones, or for a row without cache its
-own tokens), causally. A bucket pads its rows only up to its own longest, and buckets are cut so that
-padding stays a small fraction of their rows' own work: a short row never pays for a long one.
-Grouped-query heads are folded into the query length ([kv_heads, group * tokens, dim]) so keys and
-values are never repeated per head. Without step metadata it is transformers' SDPA attention.
+The model runs on one packed sequence of tokens (rows back to back). `attend` (called by our own
+Llama-family forward, and through transformers' AttentionInterface by the Hugging Face path) first
+stores the step's new keys and values in the rows' cache blocks. Then rows of similar shape are
+attended together, one SDPA call per bucket: each row's queries see only its own context (its
+cached tokens plus the new ones, or for a row without cache its own tokens), causally. A bucket pads
+its rows only up to its own longest, and buckets are cut so that padding stays a small fraction of
+their rows' own work: a short row never pays for a long one. Grouped-query heads are folded into the
+query length ([kv_heads, group * tokens, dim]) so keys and values are never repeated per head.
+Without step metadata the HF path is transformers' SDPA attention.
 """
 
 from __future__ import annotations
@@ -113,41 +114,55 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
         mask=mask.repeat(1, group, 1).unsqueeze(1).to(device) if needs_mask else None)
 
 
-def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    step: StepAttention | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    layer = module.layer_idx
-    _, heads, tokens, dim = query.shape
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: StepAttention, layer: int,
+           scaling: float | None) -> torch.Tensor:
+    """One layer's attention over the step: query [tokens, heads, dim], the step's new (rotated) keys and
+    values [tokens, kv_heads, dim] -> [tokens, heads, dim]. Stores the new keys and values in the cache
+    first (rows that keep KV), then attends bucket by bucket."""
+    tokens, heads, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [tokens, kv_heads, dim]
     if step.write_index is not None:
         written = step.write_index.shape[0]
-        step.cache.keys[layer].index_copy_(0, step.write_index, new_keys[:written])
-        step.cache.values[layer].index_copy_(0, step.write_index, new_values[:written])
-    out = query.new_empty(tokens, heads, dim)
+        step.cache.keys[layer].index_copy_(0, step.write_index, key[:written])
+        step.cache.values[layer].index_copy_(0, step.write_index, value[:written])
+    # One bucket over every token in order (a lone decode row, one prompt): its output is the whole output.
+    first = step.buckets[0]
+    whole = len(step.buckets) == 1 and first.q_run == 0 and first.rows * first.queries == tokens
+    out = None if whole else query.new_empty(tokens, heads, dim)
     for b in step.buckets:
-        keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (new_keys, new_values)
+        keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (key, value)
         if b.kv_run is not None:
             k, v = (t[b.kv_run:b.kv_run + b.context].transpose(0, 1).unsqueeze(0) for t in (keys, values))
         else:
             k = keys.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
             v = values.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
         if b.q_run is not None:
-            q = query[0, :, b.q_run:b.q_run + b.rows * b.queries]
+            q = query[b.q_run:b.q_run + b.rows * b.queries]
         else:
-            q = query[0].index_select(1, b.q_index)
-        q = q.reshape(kv_heads, group, b.rows, b.queries, dim).permute(2, 0, 1, 3, 4)
+            q = query.index_select(0, b.q_index)
+        q = q.reshape(b.rows, b.queries, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(b.rows, kv_heads, group * b.queries, dim)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling)
         o = o.view(b.rows, kv_heads, group, b.queries, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
+        if whole:
+            return o
         if b.q_run is not None:
             out[b.q_run:b.q_run + b.rows * b.queries] = o
         else:
             out.index_copy_(0, b.out_index, o if b.keep is None else o.index_select(0, b.keep))
+    return out
+
+
+def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    step: StepAttention | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The Hugging Face attention interface ([1, heads, tokens, dim] tensors) over `attend`."""
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    out = attend(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), step,
+                 module.layer_idx, scaling)
     return out.unsqueeze(0), None
 
 

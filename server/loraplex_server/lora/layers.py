@@ -189,28 +189,43 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        state = self.state
-        if not state.active:
+        if not self.state.active:
             return result
         # The expand is fused with the add into the base output (addmm_/baddbmm_): a separate add of two
         # [tokens, out] tensors costs twice the expand itself on CPU. An output of another dtype (an int8
         # base gives float16) or layout gets the delta added afterwards.
         fused = result.dtype == self.lora_B_t.dtype and result.is_contiguous()
         out = result if fused else torch.zeros(result.shape, dtype=self.lora_B_t.dtype, device=result.device)
-        x2, out2 = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
-        if state.single_slot is not None:
-            self._add_segment(x2, out2, state.single_slot)
-        else:
-            if state.row_slots is not None:
-                self._add_gathered(x, x2, out2)
-            for group in state.groups:
-                if group.slot:
-                    self._add_segment(x2[group.start:group.end], out2[group.start:group.end], group.slot)
-                else:
-                    self._add_group(x2, out2, group)
+        self.add_delta_(x, out.view(-1, self.out_features))
         if not fused:
             result += out.to(result.dtype)
         return result
+
+    def add_delta_(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add each row's adapter delta of input `x` [..., in] into `out` [tokens, out_features], which
+        may be a column range of a wider output (a fused q/k/v or gate/up projection)."""
+        state = self.state
+        if not state.active:
+            return
+        x2 = x.reshape(-1, self.in_features)
+        if state.single_slot is not None and not self._decode_gathered(x2):
+            self._add_segment(x2, out, state.single_slot)
+            return
+        if state.row_slots is not None:
+            self._add_gathered(x, x2, out)
+        for group in state.groups:
+            if group.slot:
+                self._add_segment(x2[group.start:group.end], out[group.start:group.end], group.slot)
+            else:
+                self._add_group(x2, out, group)
+
+    def _decode_gathered(self, x2: torch.Tensor) -> bool:
+        """Single-token rows in bf16 on CPU take the gathered path even on one adapter: the CPU kernel
+        (or the bmm over gathered weights, kept across steps) beats two small bf16 matmuls on CPUs
+        without native bf16, 3x at 16 rows, so one adapter is never slower than many."""
+        state = self.state
+        return (state.packed and not state.groups and state.row_slots is not None
+                and x2.dtype == torch.bfloat16 and x2.device.type == "cpu")
 
     def _add_segment(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> None:
         """Tokens that share one adapter: two plain matmuls on views of its slot."""

@@ -25,15 +25,17 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 
 }  // namespace
 
-// out: [N, out_features] bf16 (updated in place); x: [N, in_features] bf16; row_slots: [N] int64
+// out: [N, out_features] bf16 (updated in place, rows may be strided); x: [N, in_features] bf16; row_slots: [N] int64
 // a: [S, R, in_features] bf16; b_t: [S, R, out_features] bf16 (B transposed, so both loops run over
 // contiguous memory); rank <= R (rows beyond are zero).
 void bgmv_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor b_t, torch::Tensor row_slots,
                int64_t rank) {
   TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16, "bf16 only");
   TORCH_CHECK(a.scalar_type() == torch::kBFloat16 && b_t.scalar_type() == torch::kBFloat16, "bf16 tables only");
-  TORCH_CHECK(out.is_contiguous() && x.is_contiguous() && a.is_contiguous() && b_t.is_contiguous(), "contiguous");
+  // out may be a column range of a wider output (a fused q/k/v projection): rows dense, any row stride.
+  TORCH_CHECK(out.stride(1) == 1 && x.is_contiguous() && a.is_contiguous() && b_t.is_contiguous(), "dense rows");
   const int64_t rows = x.size(0), in_f = x.size(1), out_f = out.size(1), max_r = a.size(1);
+  const int64_t out_stride = out.stride(0);
   TORCH_CHECK(rank <= max_r && rank <= 1024, "rank out of range");
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
@@ -58,7 +60,7 @@ void bgmv_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tenso
       h[k] = acc;
     }
     const uint16_t* brow = bp + slot * max_r * out_f;
-    uint16_t* orow = op + n * out_f;
+    uint16_t* orow = op + n * out_stride;
     std::vector<float> acc(out_f, 0.f);
     for (int64_t k = 0; k < rank; ++k) {
       const uint16_t* bk = brow + k * out_f;

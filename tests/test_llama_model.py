@@ -1,0 +1,214 @@
+"""Our own Llama-family forward (engine/models/) against the Hugging Face modules and PEFT.
+
+Tiny random Llama and Qwen2 shapes (GQA, tied or untied embeddings, q/k/v bias, attention and MLP
+bias, llama3 rope scaling), fp32: packed logits equal HF's to float rounding, generation through the
+paged cache (chunked prefill, decode) gives HF's greedy tokens, and mixed adapters per row give PEFT's
+own outputs. Where our forward must not run (GPT-2, quantized bases, the switch), the HF path does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from loraplex_server.engine.base_model import load_base_model
+from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.models.llama import LlamaForward
+from loraplex_server.engine.sampling import SamplingParams
+from tiny_models import TEST_DEVICE, AdapterSpec, make_adapter, write_tokenizer
+
+TOL = 1e-5
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [7], [30, 31]]
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+SHAPES = {
+    "llama_gqa_tied": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_bias_mha": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=4, attention_bias=True,
+                                                           mlp_bias=True, head_dim=32)),
+    "llama3_rope": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=1, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2_bias_gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """name -> a base folder of that shape (random weights, scaled so adapters and tokens matter)."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            tok = write_tokenizer(folder)
+            model_cls, config_cls, extra = SHAPES[name]
+            torch.manual_seed(list(SHAPES).index(name))  # the same weights whatever runs first
+            config = config_cls(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                bos_token_id=tok.bos_token_id, **COMMON, **extra)
+            model = model_cls(config)
+            with torch.no_grad():
+                for param_name, param in model.named_parameters():
+                    if param.dim() == 2:
+                        param.mul_(3.0)
+                    elif param_name.endswith("bias"):  # HF starts biases at zero: make them count
+                        param.normal_(0, 0.1)
+                if not config.tie_word_embeddings:  # logits well apart: greedy choices without near-ties
+                    model.lm_head.weight.mul_(4.0)
+            model.save_pretrained(folder)
+            built[name] = folder
+        return built[name]
+
+    return get
+
+
+def hf_model(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": TEST_DEVICE}).eval()
+
+
+def engine_for(folder, budget: int | None = None, **kwargs) -> Engine:
+    return Engine(load_base_model(folder, quantize="none", dtype="float32", device=TEST_DEVICE), max_adapters=4,
+                  max_batch_tokens=budget, **kwargs)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_packed_logits_equal_hugging_face(shapes, shape):
+    folder = shapes(shape)
+    engine = engine_for(folder)
+    assert isinstance(engine.runner.forward, LlamaForward)
+    reference = hf_model(folder)
+    got = engine.logits(PROMPTS, [None] * len(PROMPTS))
+    with torch.no_grad():
+        for prompt, logits in zip(PROMPTS, got, strict=True):
+            expected = reference(torch.tensor([prompt], device=TEST_DEVICE)).logits[0]
+            torch.testing.assert_close(logits.cpu(), expected.cpu(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [None, 4])
+@pytest.mark.parametrize("shape", ["llama_gqa_tied", "qwen2_bias_gqa", "llama3_rope"])
+def test_generation_through_the_paged_cache_equals_hugging_face_generate(shapes, shape, budget):
+    """Prefill (in chunks of 4 tokens with a budget) and decode through the paged cache, rows joining
+    at different steps, give exactly HF's greedy tokens for each prompt alone."""
+    folder = shapes(shape)
+    engine = engine_for(folder, budget)
+    reference = hf_model(folder)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    requests = [GenerationRequest(p, None, params) for p in PROMPTS]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for step in range(200):
+        if step < len(requests):
+            engine.submit(requests[step])
+        for event in engine.step():
+            if event.token_id is not None:
+                tokens[event.request_id].append(event.token_id)
+        if step >= len(requests) and not engine.has_work:
+            break
+    with torch.no_grad():
+        for request in requests:
+            prompt = torch.tensor([request.prompt_ids], device=TEST_DEVICE)
+            expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                          min_new_tokens=24, do_sample=False)[0, prompt.shape[1]:]
+            assert_same_or_tie(reference, request.prompt_ids, tokens[request.request_id], expected.tolist())
+
+
+def assert_same_or_tie(reference, prompt: list[int], got: list[int], expected: list[int]) -> None:
+    """Equal greedy tokens, or equal up to a step where HF's own logits tie the two choices (a random
+    tiny model can loop into one; float rounding then decides, and either choice is right)."""
+    if got == expected:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+    logits = reference(torch.tensor([prompt + got[:i]], device=TEST_DEVICE)).logits[0, -1]
+    assert abs(float(logits[got[i]] - logits[expected[i]])) < 1e-5, f"token {i}: {got} != {expected}"
+
+
+@pytest.fixture(scope="module")
+def qwen_adapters(shapes, tmp_path_factory):
+    folder = shapes("qwen2_bias_gqa")
+    root = tmp_path_factory.mktemp("qwen_adapters")
+    specs = [AdapterSpec("all_r8", 8, ALL_MODULES, alpha=16), AdapterSpec("kv_r4", 4, ["k_proj", "v_proj"]),
+             AdapterSpec("mlp_r2", 2, ["gate_proj", "down_proj"], rslora=True)]
+    return folder, {s.name: make_adapter(folder, root / s.name, s, seed) for seed, s in enumerate(specs, start=1)}
+
+
+@pytest.mark.parametrize("rows", [["all_r8", "kv_r4", None, "mlp_r2", "all_r8"], ["kv_r4"] * 5])
+def test_mixed_adapters_per_row_equal_peft(qwen_adapters, rows):
+    """Every projection (the fused q/k/v with bias, gate/up) takes each row's own adapter's delta in its
+    columns; one adapter for all rows (the single-slot path) too."""
+    folder, adapters = qwen_adapters
+    engine = engine_for(folder)
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    got = engine.logits(PROMPTS, rows)
+    base = hf_model(folder)
+    with torch.no_grad():
+        for prompt, name, logits in zip(PROMPTS, rows, got, strict=True):
+            model = base if name is None else PeftModel.from_pretrained(hf_model(folder), adapters[name]).eval()
+            expected = model(torch.tensor([prompt], device=TEST_DEVICE)).logits[0]
+            torch.testing.assert_close(logits.cpu(), expected.cpu(), atol=1e-4, rtol=0)
+
+
+def test_decode_rows_on_mixed_adapters_equal_peft_generate(qwen_adapters):
+    folder, adapters = qwen_adapters
+    engine = engine_for(folder)
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    rows = ["all_r8", "kv_r4", None, "mlp_r2", "all_r8"]
+    out = engine.generate(PROMPTS, rows, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    with torch.no_grad():
+        for prompt, name, generation in zip(PROMPTS, rows, out, strict=True):
+            model = hf_model(folder) if name is None else \
+                PeftModel.from_pretrained(hf_model(folder), adapters[name]).eval()
+            ids = torch.tensor([prompt], device=TEST_DEVICE)
+            expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                      min_new_tokens=12, do_sample=False)[0, len(prompt):]
+            assert generation.token_ids == expected.tolist(), name
+
+
+def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
+    folder = shapes("qwen2_bias_gqa")
+    engine = engine_for(folder)
+    layer = engine.runner.forward.layers[0]
+    attn = engine.base.model.model.layers[0].self_attn
+    fused = layer.qkv.weight
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert attn.v_proj.bias.untyped_storage().data_ptr() == layer.qkv.bias.untyped_storage().data_ptr()
+    mlp = engine.base.model.model.layers[1].mlp
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == \
+        engine.runner.forward.layers[1].gate_up.weight.untyped_storage().data_ptr()
+
+
+def test_other_bases_and_the_switch_keep_the_hugging_face_path(tiny, shapes, monkeypatch):
+    assert engine_for(tiny("gpt2")[0]).runner.forward is None
+    monkeypatch.setenv("LORAPLEX_OWN_FORWARD", "0")
+    folder = shapes("llama_gqa_tied")
+    hf_path = engine_for(folder)
+    assert hf_path.runner.forward is None
+    monkeypatch.delenv("LORAPLEX_OWN_FORWARD")
+    ours = engine_for(folder)
+    for a, b in zip(ours.logits(PROMPTS, [None] * 5), hf_path.logits(PROMPTS, [None] * 5), strict=True):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
+def test_quantized_base_keeps_the_hugging_face_path(tiny):
+    pytest.importorskip("bitsandbytes")
+    engine = Engine(load_base_model(tiny("llama")[0], quantize="nf4", dtype="float32", device=TEST_DEVICE))
+    assert engine.runner.forward is None
+
+
+@pytest.mark.slow
+def test_embedded_base_greedy_outputs_equal_the_hugging_face_path(monkeypatch):
+    """SmolLM2-135M: the same greedy tokens on our forward as on the HF modules (one adapter-free batch)."""
+    prompts = [[1, 504, 3458, 282, 260, 1345, 314], [1, 19556, 28, 638, 253, 1345, 30, 2375], [1, 42]]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    ours = Engine(load_base_model(None, quantize="none", dtype="float32", device=TEST_DEVICE), max_batch=4,
+                  kv_cache_memory=64 << 20)
+    assert isinstance(ours.runner.forward, LlamaForward)
+    got = [g.token_ids for g in ours.generate(prompts, [None] * 3, params)]
+    del ours
+    monkeypatch.setenv("LORAPLEX_OWN_FORWARD", "0")
+    hf = Engine(load_base_model(None, quantize="none", dtype="float32", device=TEST_DEVICE), max_batch=4,
+                kv_cache_memory=64 << 20)
+    assert got == [g.token_ids for g in hf.generate(prompts, [None] * 3, params)]
