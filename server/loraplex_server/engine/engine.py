@@ -90,7 +90,7 @@ class Engine:
         if base.kind == "causal":
             self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
                                    kv_cache_memory or default_kv_memory(base, max_batch))
-        self.runner = ModelRunner(base, self.slots, self.kv)
+        self.runner = ModelRunner(base, self.slots, self.kv, max_rows=max_batch)
         self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch,
                                    prefix_caching=prefix_caching)
         self._requests: dict[str, Sequence | _Classifying] = {}
