@@ -109,6 +109,6 @@ def test_each_refusal_has_its_status():
 
     with pytest.raises(AdapterFormatError) as bad:
         parse_reference("replies@07")
-    assert status_of(bad.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_of(VersionsExhausted("used up"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert status_of(AdapterQuarantined("damaged"))[0] == grpc.StatusCode.NOT_FOUND
+    assert status_of(bad.value).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(VersionsExhausted("used up")).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(AdapterQuarantined("damaged")).code == grpc.StatusCode.NOT_FOUND
