@@ -64,6 +64,13 @@ def _samples(url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
+def _wait_in_flight(url: str, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _samples(url).get("loraplex_in_flight_requests", 0) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests reached the server"
+        time.sleep(0.05)
+
+
 def _finished(samples: dict, reason: str) -> float:
     return samples.get(f'loraplex_generations_finished_total{{reason="{reason}"}}', 0.0)
 
@@ -183,6 +190,7 @@ def test_sigterm_ends_open_streams_with_a_clear_error_and_no_traceback(long_base
         streams = [stub.GenerateStream(pb.GenerateStreamRequest(adapter=GEN, prompt="hi", sampling=_sampling()),
                                        timeout=120) for _ in range(2)]
         assert next(lines[0]).startswith("data: ")  # generating
+        _wait_in_flight(f"http://127.0.0.1:{http_port}", 6)  # every stream reached the server before the signal
         process.send_signal(signal.SIGTERM)
         endings = [[line for line in rest if line] for rest in lines]
         ends = [_stream_end(stream) for stream in streams]
@@ -202,7 +210,7 @@ def test_sigterm_ends_open_streams_with_a_clear_error_and_no_traceback(long_base
         if "error" in last:
             errors.append(last["error"])
         else:
-            assert last["choices"][0]["finish_reason"] == "length"
+            assert last["choices"][0]["finish_reason"] in ("length", "stop")  # the tiny model may sample its EOS
     for end in ends:
         assert end == grpc.StatusCode.OK or (end[0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in end[1])
     assert errors or any(end != grpc.StatusCode.OK for end in ends), "every stream finished within the grace"
