@@ -1,0 +1,46 @@
+"""Two lines every training run printed that tell its user nothing, each silenced at its source, by exact
+message, for the trainer only.
+
+- bitsandbytes (imported by peft) logs "Failed to load CPU gemm_4bit_forward from kernels-community ...
+  pip install kernels" as a WARNING on its `bitsandbytes.backends.cpu.ops` logger when it is imported on
+  a CPU with AVX512-BF16. The kernel it misses would only speed up an nf4 base on the CPU, which then
+  runs bitsandbytes' own kernel; the trainer's CPU default is an unquantized base, and the remedy (the
+  `kernels` package fetches kernels from the Hugging Face Hub) cannot work offline.
+- transformers 5 deprecates `PreTrainedModel.is_gradient_checkpointing`, which peft's `PeftModel` still
+  reads while wrapping the model: a FutureWarning addressed to peft's maintainers, not to a trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_MISSING_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
+PEFT_DEPRECATED_PROPERTY = r"`is_gradient_checkpointing` is deprecated"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_bitsandbytes_kernel_notice() -> None:
+    """Before bitsandbytes is first imported: its logger exists from now on, and the module takes it."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropMessage) and f.prefix == BNB_MISSING_KERNEL for f in logger.filters):
+        logger.addFilter(_DropMessage(BNB_MISSING_KERNEL))
+
+
+@contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Around get_peft_model: drops transformers' deprecation warning that peft's own code triggers."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_PROPERTY, category=FutureWarning)
+        yield
