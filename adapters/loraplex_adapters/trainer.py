@@ -31,7 +31,7 @@ from .training_data import (
 )
 from .training_eval import base_to_beat, beats, evaluate, headline, majority_class
 from .training_loop import BatchSettings, fit
-from .training_noise import quiet_peft_wrapping, silence_bitsandbytes_kernel_notice
+from .training_noise import quiet_peft_wrapping, silence_import_notices
 from .training_schedule import Schedule, auto_schedule
 
 # LoRA targets per architecture (config.model_type); others fall back to PEFT's own defaults.
@@ -190,7 +190,7 @@ def _load_lora_model(config: TrainConfig, base_dir: Path, num_labels: int, quant
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     started = time.perf_counter()
-    silence_bitsandbytes_kernel_notice()  # before peft imports bitsandbytes
+    silence_import_notices()  # before peft imports bitsandbytes and torchao
     train_data, eval_data = load_data(config)  # bad data fails here, before the model loads
     extra_data = {name: _task_data(config, path, train_data) for name, path in config.extra_eval.items()}
     quantize = resolved_quantize(config)

@@ -75,7 +75,7 @@ def fit(model, tokenizer, config, schedule: Schedule, train_data, eval_data, dev
             state["since_best"] += 1
         bar.write(f"{desc} epoch {epoch} step {state['step']}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
-                  + ("" if state["since_best"] else "  (best so far)"))
+                  + ("" if state["since_best"] else "  (best so far)"), file=sys.stderr)
         if schedule.patience and state["since_best"] >= schedule.patience:
             state["stopped_early"] = True
 

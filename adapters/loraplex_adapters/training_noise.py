@@ -8,6 +8,10 @@ message, for the trainer only.
   `kernels` package fetches kernels from the Hugging Face Hub) cannot work offline.
 - transformers 5 deprecates `PreTrainedModel.is_gradient_checkpointing`, which peft's `PeftModel` still
   reads while wrapping the model: a FutureWarning addressed to peft's maintainers, not to a trainer.
+- Where torchao is installed, peft imports it while wrapping the model, and its import logs "Failed to
+  load ...so" for each prebuilt extension that does not fit this Python or has no GPU to run on, and
+  torch logs that its Enum types "are now natively supported" (addressed to torchao's maintainers).
+  The trainer uses none of torchao.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_MISSING_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# (logger, the start of the message as the library writes it: a format string or an f-string's output)
+LOG_NOISE = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("torchao", "Failed to load "),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
+)
 PEFT_DEPRECATED_PROPERTY = r"`is_gradient_checkpointing` is deprecated"
 
 
@@ -31,11 +39,13 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def silence_bitsandbytes_kernel_notice() -> None:
-    """Before bitsandbytes is first imported: its logger exists from now on, and the module takes it."""
-    logger = logging.getLogger(BNB_CPU_LOGGER)
-    if not any(isinstance(f, _DropMessage) and f.prefix == BNB_MISSING_KERNEL for f in logger.filters):
-        logger.addFilter(_DropMessage(BNB_MISSING_KERNEL))
+def silence_import_notices() -> None:
+    """Before the libraries are first imported: a logger exists from its first getLogger, and the module
+    that logs takes the same one."""
+    for name, prefix in LOG_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
 
 
 @contextmanager
