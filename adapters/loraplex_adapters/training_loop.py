@@ -1,9 +1,10 @@
 """The training loop both the LoRA run and the full fine-tuning comparison use.
 
 A plain PyTorch loop (no HF Trainer), so what runs is visible: seeded shuffling and dropout, AdamW with
-linear warmup/decay, gradient accumulation, held-out evaluation every `eval_every` optimizer steps and
-at each epoch's end, early stopping after `patience` evaluations without a better score, the best
-weights kept. With a checkpoint folder it writes one checkpoint per epoch to resume from.
+linear warmup/decay, gradient accumulation, held-out evaluation at evenly spaced steps of each epoch
+(about every `eval_every` optimizer steps, the last at the epoch's end), early stopping after
+`patience` evaluations without a better score, the best weights kept. With a checkpoint folder it
+writes one checkpoint per epoch to resume from.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class Fit:
     stopped_early: bool
     steps: int  # optimizer steps run
     total_steps: int  # optimizer steps the schedule allowed
+
+
+def evaluation_steps(per_epoch: int, eval_every: int) -> set[int]:
+    """Steps within an epoch (1-based) to evaluate at: evenly spaced, about eval_every apart, the last one
+    the epoch's end (so that no evaluation repeats one a step or two earlier)."""
+    count = math.ceil(per_epoch / max(1, eval_every))
+    return {round(per_epoch * j / count) for j in range(1, count + 1)}
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -76,7 +84,7 @@ def fit(model, tokenizer, config, schedule: Schedule, train_data, eval_data, dev
         bar.write(f"{desc} epoch {epoch} step {state['step']}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples")
                   + ("" if state["since_best"] else "  (best so far)"), file=sys.stderr)
-        if schedule.patience and state["since_best"] >= schedule.patience:
+        if schedule.patience and state["since_best"] >= schedule.patience and state["step"] < total_steps:
             state["stopped_early"] = True
 
     model.train()
@@ -85,7 +93,7 @@ def fit(model, tokenizer, config, schedule: Schedule, train_data, eval_data, dev
         if state["stopped_early"]:
             break
         order = bucketed_order(train_data, schedule.batch_size, config.seed + epoch)
-        evaluated_at = -1
+        checks = evaluation_steps(per_epoch, schedule.eval_every)
         micro_batches = math.ceil(len(train_data) / schedule.batch_size)
         for micro, batch in enumerate(batches(batching, tokenizer, train_data, order, device)):
             loss = model(**batch).loss / config.grad_accum
@@ -98,13 +106,10 @@ def fit(model, tokenizer, config, schedule: Schedule, train_data, eval_data, dev
             state["step"] += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item() * config.grad_accum:.4f}")
-            if state["step"] % schedule.eval_every == 0:
+            if state["step"] - epoch * per_epoch in checks:
                 held_out_check(epoch + 1)
-                evaluated_at = state["step"]
                 if state["stopped_early"]:
                     break
-        if evaluated_at != state["step"] and not state["stopped_early"]:
-            held_out_check(epoch + 1)
         state["epoch"] = epoch + 1
         if checkpoints is not None:
             _save_checkpoint(checkpoints, config, schedule, model, optimizer, scheduler, state)
