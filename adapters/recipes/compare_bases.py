@@ -5,7 +5,8 @@ accuracy on the same rows, and classify throughput through two real servers, one
 
 The SmolLM2 server gets a fresh store holding the shipped example adapters. Throughput is measured in
 alternating rounds (SmolLM2, MiniLM, SmolLM2, MiniLM, ...) so that a shared machine's load hits both
-alike; each round classifies the sentiment held-out tweets, 64 texts a request.
+alike; each round classifies the sentiment held-out tweets (or the first --throughput-texts of them, shuffled),
+64 texts a request.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--minilm-store", required=True, help="the store holding sentiment-minilm and topic-minilm")
     parser.add_argument("--suffix", default="minilm", help="the encoder adapters' name suffix (encoder.py --name)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating throughput rounds")
+    parser.add_argument("--throughput-texts", type=int, default=600,
+                        help="sentiment held-out tweets classified per round (at most the 600 there are)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sets = held_out_sets(args.seed)
@@ -96,6 +99,7 @@ def main() -> None:
                                       "accuracy": round(accuracy, 4)}))
             texts = [r["text"] for r in sets["sentiment held-out"][1]]
             random.Random(args.seed).shuffle(texts)
+            texts = texts[:args.throughput_texts]
             for round_number in range(1, args.rounds + 1):
                 rates = {}
                 for base, (_, client) in bases.items():
