@@ -133,7 +133,8 @@ class BatchSettings:
 
 def _resumable(config, schedule: Schedule) -> dict:
     """The settings a checkpoint must share with the run resuming it."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "output", "name", "force")}
+    after_the_run = ("resume", "output", "name", "force", "compare_full", "full_learning_rate")
+    settings = {k: v for k, v in asdict(config).items() if k not in after_the_run}
     return {**settings, "schedule": asdict(schedule)}
 
 
