@@ -7,11 +7,23 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .help_format import HelpFormatter
-from .trainer import TrainConfig, TrainResult, train
+from .trainer import TrainConfig, TrainResult, summary_line, train
+from .training_eval import headline
+from .training_schedule import (
+    EVALUATIONS,
+    FULL_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    MAX_EPOCHS,
+    PATIENCE,
+    SMALL_DATA_ROWS,
+    TARGET_STEPS,
+)
+
+NOT_BETTER = 3  # the exit status when the adapter did not beat the base and was not written
 
 Upload = Callable[[str, str | None, Path, str, list[str], dict, str], str]
 
@@ -45,9 +57,18 @@ def _common_options(defaults: dict) -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=defaults["dropout"], help="LoRA dropout")
     parser.add_argument("--target-modules", type=_list, default=[],
                         help="comma-separated (default: attention projections of the architecture)")
-    parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
-    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training rows")
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="rows per forward pass")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"AdamW learning rate (default: {LORA_LEARNING_RATE:g})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"most passes over the training rows (default: auto, about {TARGET_STEPS} optimizer steps "
+                             f"in all, at most {MAX_EPOCHS} epochs)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"rows per forward pass (default: auto, 8 below {SMALL_DATA_ROWS} training rows, else 16)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help=f"optimizer steps between held-out evaluations, besides each epoch's end (default: auto, "
+                             f"every epoch on small data, about {EVALUATIONS} in all on large data)")
+    parser.add_argument("--patience", type=int, default=PATIENCE,
+                        help="stop after this many evaluations without a better held-out score (0: never stop early)")
     parser.add_argument("--grad-accum", type=int, default=defaults["grad_accum"],
                         help="batches per optimizer step")
     parser.add_argument("--warmup", type=float, default=defaults["warmup"], help="fraction of the optimizer steps")
@@ -60,6 +81,13 @@ def _common_options(defaults: dict) -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=defaults["quantize"], choices=["auto", "nf4", "int8", "none"],
                         help="auto: nf4 (QLoRA) on CUDA, none on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="write and register the adapter even when it is no better than the base on held-out data")
+    parser.add_argument("--compare-full", action="store_true",
+                        help="also fine-tune every weight of the base on the same split (fp32, same epochs and early "
+                             "stopping) and print both scores and their ratio, LoRA / full")
+    parser.add_argument("--full-learning-rate", type=float, default=None,
+                        help=f"learning rate of --compare-full (default: {FULL_LEARNING_RATE:g})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     register = parser.add_mutually_exclusive_group()
     register.add_argument("--register", metavar="SERVER", default=None,
@@ -114,10 +142,34 @@ def main(argv: list[str], upload: Upload | None = None) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     try:
         result = train(config, progress=not args.no_progress)
-        reference = register(result, args.register, args.store, args.token, upload)
+        reference = register(result, args.register, args.store, args.token, upload) if result.written else None
     except (ValueError, OSError) as exc:  # DataError, AdapterFormatError (a refused upload: the caller's)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"adapter": str(result.output), "registered": reference, "best_epoch": result.best_epoch,
-                      "before": result.before, "after": result.after}))
+    print(json.dumps({"adapter": str(result.output) if result.written else None, "registered": reference,
+                      "beats_base": result.beats_base, "base": result.base, "best_epoch": result.best_epoch,
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds),
+                      "schedule": asdict(result.schedule), "before": result.before, "after": result.after,
+                      "compare_full": result.comparison}))
+    if result.comparison:
+        print(comparison_line(config.task, result.comparison), file=sys.stderr)
+    print(summary_line(result) + (f"; registered as {reference}" if reference else ""), file=sys.stderr)
+    if not result.written:
+        print(refusal(result), file=sys.stderr)
+        return NOT_BETTER
     return 0
+
+
+def comparison_line(task: str, comparison: dict) -> str:
+    return (f"LoRA {headline(task, comparison['lora'])} in {comparison['lora_seconds']} s; full fine-tuning "
+            f"{headline(task, comparison['full'])} in {comparison['full_seconds']} s; "
+            f"LoRA / full {comparison['metric']}: {comparison['ratio']:.3f}")
+
+
+def refusal(result: TrainResult) -> str:
+    rows = result.after["examples"]
+    return ("\n*** NOT WRITTEN: the adapter is no better than the base on the held-out rows, so it was neither "
+            "written nor registered. ***\n"
+            f"With {rows} held-out rows, one row is {100 / rows:.1f} points. Try more rows (or more held-out rows: "
+            "--eval-data, --eval-fraction), more --epochs, another --learning-rate; or pass --force to write and "
+            "register it anyway.")

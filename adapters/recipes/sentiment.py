@@ -14,7 +14,7 @@ import io
 import os
 from pathlib import Path
 
-from recipe import balanced_split, parser, run
+from recipe import balanced_split, classification_parser, run, subsample
 
 LABELS = ["negative", "neutral", "positive"]
 # 60 short everyday sentences, written before any training and never trained on: scored into the manifest.
@@ -39,11 +39,12 @@ def load_rows() -> list[dict]:
 
 
 def main() -> None:
-    args = parser(__doc__, "sentiment").parse_args()
+    args = classification_parser(__doc__, "sentiment").parse_args()
     # 1,800 rows per class, near all the high-confidence positives there are: 600 per class called "great
     # movie" negative; 1,800 scored 0.967 on data/everyday_sentiment.csv (never trained on).
     train_rows, held = balanced_split(load_rows(), 1800 + 200, 200, args.seed)
-    run(args, train_rows, held, task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
+    run(args, subsample(train_rows, args.per_class, args.seed), held,
+        task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
         warmup=0.1, epochs=1, batch_size=16, max_length=48, extra_eval={"everyday": EVERYDAY})
 
 

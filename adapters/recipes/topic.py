@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe import balanced_split, parser, run
+from recipe import balanced_split, classification_parser, run, subsample
 
 FORTUNES = Path("/usr/share/games/fortunes")
 LABELS = ["art", "computers", "food", "politics", "science"]
@@ -31,9 +31,10 @@ def load_rows() -> list[dict]:
 
 
 def main() -> None:
-    args = parser(__doc__, "topic").parse_args()
+    args = classification_parser(__doc__, "topic").parse_args()
     train_rows, held = balanced_split(load_rows(), 160, 40, args.seed)
-    run(args, train_rows, held, task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
+    run(args, subsample(train_rows, args.per_class, args.seed), held,
+        task="classification", labels=LABELS, rank=16, alpha=32, learning_rate=1e-3,
         warmup=0.1, epochs=2, batch_size=16, max_length=96)
 
 
