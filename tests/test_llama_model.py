@@ -100,7 +100,7 @@ def test_generation_through_the_paged_cache_equals_hugging_face_generate(shapes,
     for step in range(200):
         if step < len(requests):
             engine.submit(requests[step])
-        for event in engine.step():
+        for event in engine.step().events:
             if event.token_id is not None:
                 tokens[event.request_id].append(event.token_id)
         if step >= len(requests) and not engine.has_work:

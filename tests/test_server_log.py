@@ -39,7 +39,7 @@ def test_adapter_lifecycle_and_requests_are_logged(tiny, tmp_path, access_log):
         _wait_for(process, r"published logged@1 \(classification, rank 2")
         client.classify(["hello"], adapter="logged")
         _wait_for(process, r"adapter logged@1 read from the store in \d+ ms")
-        _wait_for(process, r"adapter logged@1 loaded into a device slot")
+        _wait_for(process, r"adapter logged@1 written into device slot")
         client.classify(["hello"], adapter="other")  # one slot for adapters: `logged` must leave
         _wait_for(process, r"adapter logged@1 left the device")
         with pytest.raises(InvalidArgument):

@@ -63,7 +63,7 @@ def staggered(engine: Engine, adapters: list[str | None], new_tokens: int = 14) 
     while step < len(requests) * 3 or engine.has_work:
         if step % 3 == 0 and step // 3 < len(requests):
             engine.submit(requests[step // 3])
-        for event in engine.step():
+        for event in engine.step().events:
             if event.token_id is not None:
                 tokens[event.request_id].append(event.token_id)
         step += 1
