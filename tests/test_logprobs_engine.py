@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine_vs_peft import engine_for, peft_reference, reference_model, tensor
 
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.logprobs import MIN_LOGPROB
 from loraplex_server.engine.sampling import SamplingParams
-from test_engine_vs_peft import engine_for, peft_reference, reference_model, tensor
 
 PROMPT_21 = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]  # a block + 5
 
