@@ -63,6 +63,9 @@ def test_completion_logprobs_equal_grpc_and_sdk(api, server):
     assert [t.token for t in sdk.logprobs] == lp.tokens
     assert [t.logprob for t in sdk.logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
     assert all(len(t.top) == 3 and t.top[0].logprob >= t.top[-1].logprob for t in sdk.logprobs)
+    streamed = [t for piece in server["client"].generate_stream("the quick brown", adapter=GEN, max_tokens=6,
+                                                                 top_logprobs=3) for t in piece.logprobs]
+    assert streamed == sdk.logprobs
     plain = server["client"].generate("the quick brown", adapter=GEN, max_tokens=6)
     assert plain.logprobs == [] and plain.text == sdk.text
 
