@@ -182,3 +182,18 @@ def test_a_choice_forked_without_a_free_block_waits_and_recomputes(tiny):
     for i, r in enumerate(alone):
         assert choices[i] == [e.token_id for e in lone[r.request_id]], f"choice {i}"
     assert engine.kv.free_blocks == engine.kv.num_blocks
+
+
+def test_cancelling_a_request_ends_all_its_choices_and_frees_their_blocks(tiny):
+    base_dir, adapters = tiny("llama")
+    engine = engine_for(base_dir, adapters)
+    request = GenerationRequest(PROMPT_21, None, SamplingParams(max_new_tokens=50, temperature=0.9, n=3,
+                                                                ignore_eos=True))
+    engine.submit(request)
+    while len([s for s in engine.planner.running if s.request_id == request.request_id]) < 3:
+        engine.step()
+    engine.step()
+    engine.cancel(request.request_id)
+    ended = [e for e in engine.step().events if e.finished]
+    assert [(e.request_id, e.finish_reason) for e in ended] == [(request.request_id, "cancelled")]
+    assert not engine.has_work and engine.kv.free_blocks == engine.kv.num_blocks
