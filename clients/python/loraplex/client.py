@@ -51,10 +51,16 @@ def _backoff(attempt: int) -> float:
 
 
 def _request(kind, adapter: str | None, prompt: str, messages: Iterable[Message] | None, max_tokens: int,
-             temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None):
-    """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages."""
+             temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None,
+             logprobs: bool = False, top_logprobs: int = 0, n: int = 1):
+    """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages.
+
+    logprobs: return each token's logprob (Generation.logprobs, GenerationChunk.logprobs); top_logprobs
+    (0..20, implies logprobs): that many most probable alternatives per token. n (1..16): choices of the
+    prompt (Generation.choices; chunks carry their choice's index), sharing its prefill; choice i samples
+    with seed + i."""
     return kind(adapter=adapter or "", prompt=prompt, messages=chat_messages(messages) if messages is not None else [],
-                sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+                sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed, logprobs, top_logprobs, n))
 
 
 class Client:
@@ -101,33 +107,37 @@ class Client:
         return classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None
+                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, n: int = 1
                  ) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, logprobs, top_logprobs, n)
         return generation(self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None) -> Iterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None, logprobs: bool = False,
+                        top_logprobs: int = 0, n: int = 1) -> Iterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, logprobs, top_logprobs, n))
 
     def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-             seed: int | None = None) -> Generation:
+             seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+             n: int = 1) -> Generation:
         """The assistant's reply to `messages` ({"role", "content"} dicts or (role, content) tuples), rendered
         with the base model's chat template by the server."""
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, logprobs, top_logprobs, n)
         return generation(self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None) -> Iterator[GenerationChunk]:
+                    seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                    n: int = 1) -> Iterator[GenerationChunk]:
         # Built now, not on the first next(): a malformed message fails at the call.
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, logprobs, top_logprobs, n))
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """`if client.health(): ...` is true only while the server is SERVING."""
@@ -209,29 +219,33 @@ class AsyncClient:
 
     async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                       seed: int | None = None) -> Generation:
+                       seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                       n: int = 1) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, logprobs, top_logprobs, n)
         return generation(await self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None, logprobs: bool = False,
+                        top_logprobs: int = 0, n: int = 1) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, logprobs, top_logprobs, n))
 
     async def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                   seed: int | None = None) -> Generation:
+                   seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                   n: int = 1) -> Generation:
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, logprobs, top_logprobs, n)
         return generation(await self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+                    seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                    n: int = 1) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, logprobs, top_logprobs, n))
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         try:

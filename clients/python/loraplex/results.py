@@ -17,12 +17,38 @@ class Classification:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the distribution it was sampled from (after temperature, top-k,
+    top-p; greedy: the raw logits), with the most probable tokens at its position in `top` (their own
+    `top` is empty). `bytes` are the token's exact bytes; `token` their text."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    """One of the n choices of a generation."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of every choice
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked (choice 0's)
+    choices: list[Choice] = field(default_factory=list)  # every choice (n >= 1), in index order
 
 
 @dataclass
@@ -34,15 +60,26 @@ class GenerationChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0  # the choice it belongs to (n > 1: each choice has its own last chunk)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
-             seed: int | None) -> pb.SamplingParameters:
+             seed: int | None, logprobs: bool = False, top_logprobs: int = 0, n: int = 1) -> pb.SamplingParameters:
+    """top_logprobs > 0 implies logprobs."""
     params = pb.SamplingParameters(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                    stop=stop or [])
     if seed is not None:
         params.seed = seed
+    if logprobs or top_logprobs:
+        params.logprobs.top_logprobs = top_logprobs
+    if n != 1:
+        params.n = n
     return params
+
+
+def token_logprobs(entries) -> list[TokenLogprob]:
+    return [TokenLogprob(t.token_id, t.token, t.logprob, t.bytes, token_logprobs(t.top_logprobs)) for t in entries]
 
 
 def classifications(response: pb.ClassifyResponse) -> list[Classification]:
@@ -50,13 +87,19 @@ def classifications(response: pb.ClassifyResponse) -> list[Classification]:
 
 
 def generation(r: pb.GenerateResponse) -> Generation:
-    return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
-                      r.completion_tokens)
+    logprobs = token_logprobs(r.logprobs)
+    choices = [Choice(c.index, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason, ""),
+                      token_logprobs(c.logprobs)) for c in r.choices]
+    finish = FINISH_REASONS.get(r.finish_reason, "")
+    return Generation(r.text, list(r.token_ids), finish, r.prompt_tokens, r.completion_tokens, logprobs,
+                      choices or [Choice(0, r.text, list(r.token_ids), finish, logprobs)])
 
 
 def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
     if message.HasField("delta"):
-        return GenerationChunk(message.delta.text, list(message.delta.token_ids))
+        delta = message.delta
+        return GenerationChunk(delta.text, list(delta.token_ids), index=delta.index,
+                               logprobs=token_logprobs(delta.logprobs))
     done = message.done
     return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
-                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, index=done.index)

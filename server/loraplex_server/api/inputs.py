@@ -16,7 +16,7 @@ from loraplex_server.api import chat_template
 from loraplex_server.api.chat_template import ChatMessage, check_messages
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.requests import SamplingInput
-from loraplex_server.engine.sampling import MAX_STOP_STRINGS, SamplingParams
+from loraplex_server.engine.sampling import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
 
 __all__ = ["CHARS_PER_TOKEN", "MAX_STOP_STRINGS", "Limits", "chat_token_ids", "check_text", "check_texts",
            "check_tree_unicode", "check_unicode", "sampling", "text_token_ids"]
@@ -70,13 +70,27 @@ def sampling(values: SamplingInput, limits: Limits, longest_by_default: bool = F
     for i, stop in enumerate(values.stop):
         if isinstance(stop, str):
             check_unicode(stop, f"stop[{i}]")
+    check_choices(values)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=values.temperature, top_p=values.top_p,
                             top_k=values.top_k, stop=list(values.stop), seed=values.seed)
+    params.logprobs, params.n = values.logprobs, values.n
     try:
         params.validate()
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     return params
+
+
+def check_choices(values: SamplingInput) -> None:
+    """logprobs (top alternatives) in 0..MAX_LOGPROBS or unset, n in 1..MAX_N; whether n choices of
+    max_tokens fit the KV cache is the engine's check (it knows the cache)."""
+    top = values.logprobs
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        raise InvalidRequest(f"{values.logprobs_field} must be an integer in 0..{MAX_LOGPROBS}, got {top!r}"[:200],
+                             values.logprobs_field)
+    n = values.n
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"{values.n_field} must be an integer in 1..{MAX_N}, got {n!r}"[:200], values.n_field)
 
 
 def check_texts(texts: list[str], what: str, max_texts: int, max_chars: int, context: int) -> None:

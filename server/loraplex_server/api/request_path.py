@@ -22,6 +22,7 @@ from loraplex_server.api import inputs as bounds
 from loraplex_server.api.auth import TokenPolicy
 from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown, WrongTask
 from loraplex_server.api.inputs import CHARS_PER_TOKEN, Limits, chat_token_ids, text_token_ids
+from loraplex_server.api.logprobs import TokenLogprob, TokenTexts, collect_choices, token_texts
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.api.requests import (
     Call,
@@ -263,16 +264,26 @@ class Generation:
             self._end(error if error is not None or self._finished else asyncio.CancelledError())
 
     async def collect(self) -> GenerationResult:
-        text, token_ids = [], []
+        events = []
         try:
             async for event in self.events():
-                text.append(event.text)
-                if event.token_id is not None:
-                    token_ids.append(event.token_id)
+                events.append(event)
         finally:
             self.close()
-        return GenerationResult("".join(text), token_ids, self.finish_reason, self.prompt_tokens,
-                                self.completion_tokens)
+        choices = collect_choices(events, self.request.params.n, self.token_texts)
+        first = choices[0]
+        return GenerationResult(first.text, first.token_ids, first.finish_reason, self.prompt_tokens,
+                                self.completion_tokens, first.logprobs, choices)
+
+    @property
+    def token_texts(self) -> TokenTexts | None:
+        """Token texts and bytes for this generation's logprobs; None when it did not ask for them."""
+        return token_texts(self._runtime.tokenizer) if self.request.params.logprobs is not None else None
+
+    def logprobs(self, event: TokenEvent) -> TokenLogprob | None:
+        """An event's logprobs with token texts (streaming codecs); None when not asked."""
+        texts = self.token_texts
+        return texts.describe(event.logprobs) if texts is not None and event.logprobs is not None else None
 
     def close(self) -> None:
         """Free the row if it still runs (idempotent; codecs call it when their response ends)."""

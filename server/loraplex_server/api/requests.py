@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api.chat_template import ChatMessage
+from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.engine.engine import Classification
 
 __all__ = ["AdapterView", "Call", "ChatMessage", "ClassifyInput", "ClassifyOutput", "GenerateInput",
@@ -31,6 +32,10 @@ class SamplingInput:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its top k alternatives
+    n: int = 1  # choices of the prompt
+    logprobs_field: str = "top_logprobs"  # the wire's names of those two, in refusals
+    n_field: str = "n"
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str | None  # eos, stop, length
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of every choice
+    logprobs: list[TokenLogprob] | None = None  # choice 0's, when asked
+    choices: list[ChoiceResult] = field(default_factory=list)  # every choice, in index order
 
 
 @dataclass

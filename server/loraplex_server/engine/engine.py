@@ -22,7 +22,9 @@ import torch
 
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from loraplex_server.engine.base_model import BaseModel
+from loraplex_server.engine.choices import choice_ended, fits_choices, fork, forks_now
 from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
+from loraplex_server.engine.logprobs import token_logprobs, wants_logprobs
 from loraplex_server.engine.model_runner import ModelRunner
 from loraplex_server.engine.planner import ClassifyRow, PlannedRow, StepPlanner
 from loraplex_server.engine.requests import (
@@ -177,6 +179,10 @@ class Engine:
         if longest > self.kv.capacity_tokens:
             raise ValueError(f"prompt ({prompt} tokens) plus max_tokens ({request.params.max_new_tokens}) can "
                              f"never fit the KV cache of {self.kv.capacity_tokens} tokens; send less")
+        if request.params.n > 1 and not fits_choices(prompt, longest - prompt, request.params.n, self.kv):
+            raise ValueError(f"n ({request.params.n}) choices of max_tokens ({request.params.max_new_tokens}) "
+                             f"after a prompt of {prompt} tokens can never fit the KV cache of "
+                             f"{self.kv.capacity_tokens} tokens; send a smaller n or max_tokens")
         placed = self._placed(request.adapter, adapter, "generation")
         seq = Sequence(request, placed.slot if placed else 0, self.eos_ids, self.base.max_positions,
                        placed.identity if placed else "")
@@ -250,13 +256,26 @@ class Engine:
         sampling = [p.row for p in generation if p.samples]
         if not sampling:
             return
-        tokens = sample(sample_logits, [s.params for s in sampling], [s.seed for s in sampling],
-                        [len(s.output_ids) for s in sampling])
-        for seq, token in zip(sampling, tokens, strict=True):
+        forking = [i for i, s in enumerate(sampling) if forks_now(s)]
+        if forking:  # n > 1: the other choices draw their first token from the same logits
+            rows = [i for i in forking for _ in range(sampling[i].params.n - 1)]
+            sampling = sampling + [c for i in forking for c in fork(sampling[i], self.planner)]
+            sample_logits = torch.cat([sample_logits, sample_logits[rows]])
+        params = [s.params for s in sampling]
+        tokens = sample(sample_logits, params, [s.seed for s in sampling], [len(s.output_ids) for s in sampling])
+        logprobs = (token_logprobs(sample_logits, params, tokens) if any(map(wants_logprobs, params))
+                    else [None] * len(tokens))
+        for seq, token, token_logprob in zip(sampling, tokens, logprobs, strict=True):
             event = seq.append(token, self.tokenizer)
+            event.logprobs, event.index = token_logprob, seq.index
             if seq.finished:
-                self.planner.finish(seq)
-                self._requests.pop(seq.request_id, None)
+                if seq in self.planner.running:
+                    self.planner.finish(seq)
+                else:  # a choice forked into the queue (no block was free) that ended on its first token
+                    self.planner.waiting.remove(seq)
+                event.finished = choice_ended(seq)
+                if event.finished:
+                    self._requests.pop(seq.request_id, None)
             out.events.append(event)
 
     def _classified(self, row: ClassifyRow, logits: torch.Tensor, out: StepOutput) -> None:

@@ -189,6 +189,27 @@ class PagedKVCache:
                 heapq.heappush(self._heap, block)
         table.clear()
 
+    def fork(self, table: list[int], tokens: int) -> list[int] | None:
+        """A block table for another row continuing after the first `tokens` tokens of `table` (choices of
+        one prompt): its full blocks are shared (refcounted, never written again), and a partly filled
+        last block is copied into a fresh block, which the new row alone writes on (copy-on-write, done
+        at once). None, with nothing taken, when no block is free for that copy."""
+        full = tokens // self.block_size
+        child = list(table[:full])
+        for block in child:
+            self._refs[block] += 1
+        if tokens % self.block_size:
+            if not self.grow(child, tokens):
+                for block in child:
+                    self._refs[block] -= 1
+                return None
+            source, target = table[full] * self.block_size, child[full] * self.block_size
+            for cache in (*self.keys, *self.values):
+                cache[target:target + self.block_size].copy_(cache[source:source + self.block_size])
+        elif child:  # as grow does: the block after its last one is the row's to take next
+            self._claimed[child[-1] + 1] = self._claimed.get(child[-1] + 1, 0) + 1
+        return child
+
     # -- prefix caching -----------------------------------------------------------------------------
 
     def match(self, keys: Sequence[bytes]) -> list[int]:

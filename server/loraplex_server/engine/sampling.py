@@ -24,6 +24,8 @@ MAX_TOP_K = 1_000_000
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs bound)
+MAX_N = 16  # choices per request
 
 
 def _is_int(value) -> bool:
@@ -43,6 +45,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # None: a random one per request (resolved_seed)
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k (engine/logprobs.py)
+    n: int = 1  # choices sampled from one prompt, sharing its prefill (engine/choices.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of its range."""
@@ -62,6 +66,10 @@ class SamplingParams:
             raise ValueError(f"each stop string must have 1 to {MAX_STOP_LENGTH} characters")
         if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
             raise ValueError(f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}] (int64), got {self.seed}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n}")
 
     @property
     def greedy(self) -> bool:

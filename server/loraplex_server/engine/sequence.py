@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loraplex_server.engine.detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
 from loraplex_server.engine.kv_cache import block_hash
+from loraplex_server.engine.logprobs import TokenLogprobs
 from loraplex_server.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
@@ -20,6 +21,10 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None  # "eos", "stop", "length", "cancelled", "error"
     error: BaseException | None = None  # why the engine could not go on with this row ("error")
+    logprobs: TokenLogprobs | None = None  # when the request asked (params.logprobs)
+    # Which of the request's n choices this token is of. With n > 1, finish_reason says a choice ended and
+    # `finished` says the request did (its last choice ended).
+    index: int = 0
 
 
 @dataclass
@@ -31,6 +36,11 @@ class GenerationRequest:
 
 
 class Sequence:
+    # Choices of one request (engine/choices.py): choice `index`, forked from `parent` after the prompt.
+    index = 0
+    parent: Sequence | None = None
+    open_choices = 1  # on the first choice: its request's choices not yet ended
+
     def __init__(self, request: GenerationRequest, slot: int, eos_ids: set[int], max_total_tokens: int,
                  identity: str = "") -> None:
         self.request = request

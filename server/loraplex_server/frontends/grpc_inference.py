@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
@@ -17,9 +18,26 @@ def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Ge
     s = request.sampling
     sampling = SamplingInput(max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
                              temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0,
-                             top_k=s.top_k, stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None)
+                             top_k=s.top_k, stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None,
+                             logprobs=s.logprobs.top_logprobs if s.HasField("logprobs") else None,
+                             n=s.n if s.HasField("n") else 1, logprobs_field="sampling.logprobs.top_logprobs",
+                             n_field="sampling.n")
     return GenerateInput(request.adapter or None, request.prompt,
                          tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling)
+
+
+def token_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob, bytes=t.bytes,
+                            top_logprobs=token_logprobs(t.top)) for t in logprobs or ()]
+
+
+def choices(results: list[ChoiceResult]) -> list[pb.Choice]:
+    """Every choice of an n > 1 generation; none for n = 1 (the response's own fields are the one choice)."""
+    if len(results) < 2:
+        return []
+    return [pb.Choice(index=c.index, text=c.text, token_ids=c.token_ids, completion_tokens=len(c.token_ids),
+                      finish_reason=FINISH_REASONS.get(c.finish_reason, 0), logprobs=token_logprobs(c.logprobs))
+            for c in results]
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
@@ -44,7 +62,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await abort_for(context, exc)
         return pb.GenerateResponse(text=result.text, token_ids=result.token_ids,
                                    finish_reason=FINISH_REASONS.get(result.finish_reason, 0),
-                                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+                                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                                   logprobs=token_logprobs(result.logprobs), choices=choices(result.choices))
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -53,13 +72,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         except Exception as exc:
             await abort_for(context, exc)
         try:
+            n = generation.request.params.n
+            tokens = [0] * n  # per choice, for each choice's GenerationDone
             async for event in generation.events():
                 if event.token_id is not None:
-                    yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=event.text, token_ids=[event.token_id]))
-                if event.finished:
+                    tokens[event.index] += 1
+                    logprobs = generation.logprobs(event)
+                    yield pb.GenerateStreamResponse(delta=pb.TokenDelta(
+                        text=event.text, token_ids=[event.token_id], index=event.index,
+                        logprobs=token_logprobs([logprobs] if logprobs else None)))
+                if event.finished or (n > 1 and event.finish_reason is not None):
                     yield pb.GenerateStreamResponse(done=pb.GenerationDone(
                         finish_reason=FINISH_REASONS.get(event.finish_reason, 0),
-                        prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens))
+                        prompt_tokens=generation.prompt_tokens,
+                        completion_tokens=generation.completion_tokens if n == 1 else tokens[event.index],
+                        index=event.index))
         except Exception as exc:
             await abort_for(context, exc)
         finally:

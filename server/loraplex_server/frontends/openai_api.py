@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -24,9 +25,11 @@ from starlette.routing import Match, Route
 
 from loraplex_server.api.auth import bearer_token
 from loraplex_server.api.errors import InvalidRequest, PayloadTooLarge
+from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import Generation, RequestPath
 from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
 from loraplex_server.api.status import status_of
+from loraplex_server.frontends.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from loraplex_server.frontends.openai_schema import (
     GenerationBody,
     parse_chat,
@@ -151,8 +154,7 @@ class OpenAIApi:
             body = parse(await self._json(request))
             bodies.append(body)
             adapter = self._adapter(body.model)
-            return GenerateInput(adapter, body.request.prompt, body.request.messages, body.request.sampling,
-                                 longest_by_default=True)
+            return replace(body.request, adapter=adapter, longest_by_default=True)
 
         generation = await self.path.generate(call, decode)
         body = bodies[0]
@@ -161,8 +163,8 @@ class OpenAIApi:
             return StreamingResponse(_sse(reply, generation, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         result = await _until_disconnected(request, generation.collect())
-        return JSONResponse(reply.whole(result.text, FINISH_REASONS.get(result.finish_reason),
-                                        _usage(result.prompt_tokens, result.completion_tokens)))
+        return JSONResponse(reply.whole_choices(result.choices, _usage(result.prompt_tokens,
+                                                                      result.completion_tokens)))
 
     async def http_classify(self, request: Request, call: Call) -> Response:
         models: list[str] = []
@@ -207,13 +209,19 @@ async def _sse(reply: _Reply, generation: Generation, include_usage: bool) -> As
     """Server-sent events; a client that disconnects cancels this generator, which frees the row. A failure
     after the headers went out (the engine failed the row, the server is stopping) is an error event."""
     try:
+        n = generation.request.params.n
+        offsets = [0] * n  # each choice's text so far, for completions' text_offset
         if reply.chat:
-            yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
+            for index in range(n):
+                yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage, index))
         async for event in generation.events():
-            if event.text:
-                yield _data(reply.chunk(event.text, None, include_usage))
-            if event.finished:
-                yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage))
+            logprobs = generation.logprobs(event)
+            if event.text or logprobs is not None:
+                yield _data(reply.chunk(event.text, None, include_usage, event.index,
+                                        reply.logprobs([logprobs] if logprobs else None, offsets[event.index])))
+                offsets[event.index] += text_length(logprobs) if logprobs else 0
+            if event.finish_reason is not None and (event.finished or n > 1):
+                yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage, event.index))
         if include_usage:
             yield _data(reply.usage_chunk(_usage(generation.prompt_tokens, generation.completion_tokens)))
     except Exception as exc:
@@ -244,12 +252,25 @@ class _Reply:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]), "usage": usage}
 
-    def chunk(self, delta: str | dict, finish_reason: str | None, include_usage: bool) -> dict:
+    def whole_choices(self, choices: list[ChoiceResult], usage: dict) -> dict:
+        """The response of every choice (n >= 1), each with its logprobs when asked."""
+        whole = self.whole("", None, usage)
+        whole["choices"] = [{**whole["choices"][0], "index": c.index, "finish_reason": FINISH_REASONS.get(
+            c.finish_reason), "logprobs": self.logprobs(c.logprobs),
+            **({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})}
+            for c in choices]
+        return whole
+
+    def logprobs(self, tokens: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        return chat_logprobs(tokens) if self.chat else completion_logprobs(tokens, offset)
+
+    def chunk(self, delta: str | dict, finish_reason: str | None, include_usage: bool, index: int = 0,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             content = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         chunk = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
         return {**chunk, "usage": None} if include_usage else chunk
 

@@ -9,16 +9,18 @@ accepted as an extension, as vLLM does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
 from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 
+COMPLETION_MAX_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
+
 # Options we do not implement -> their neutral value(s): anything else is a 400, never a silent ignore.
 _NEUTRAL = {
-    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "best_of": (None, 1), "echo": (None, False),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
@@ -143,6 +145,29 @@ def _user(body: dict) -> None:
         raise BadRequestBody("user must be a string", "user")
 
 
+def _choices(body: dict, sampling: SamplingInput, chat: bool) -> SamplingInput:
+    """n, and logprobs as each API asks for them: completions' `logprobs` is the number of alternatives
+    (0..5); chat's `logprobs` is a boolean and `top_logprobs` the number (0..20, only with logprobs)."""
+    n = body.get("n")
+    if n is not None and not _is_int(n):
+        raise BadRequestBody("n must be an integer", "n")
+    top = None
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise BadRequestBody("logprobs must be a boolean", "logprobs")
+        top = _integer(body, "top_logprobs")
+        if top is not None and not wanted:
+            raise BadRequestBody("top_logprobs needs logprobs set to true", "top_logprobs")
+        top = (top or 0) if wanted else None
+    elif body.get("logprobs") is not None:
+        top = body["logprobs"]
+        if not _is_int(top) or not 0 <= top <= COMPLETION_MAX_LOGPROBS:
+            raise BadRequestBody(f"logprobs must be an integer in 0..{COMPLETION_MAX_LOGPROBS}", "logprobs")
+    return replace(sampling, logprobs=top, n=1 if n is None else n,
+                   logprobs_field="top_logprobs" if chat else "logprobs")
+
+
 def parse_completion(body: dict) -> GenerationBody:
     check_fields(body, COMPLETION_FIELDS)
     _user(body)
@@ -155,8 +180,8 @@ def parse_completion(body: dict) -> GenerationBody:
         raise BadRequestBody("prompt must be a non-empty string (token-id prompts are not supported)", "prompt")
     stream, usage = _stream(body)
     model = _string(body, "model")
-    return GenerationBody(model, GenerateInput(model, prompt=prompt, sampling=_sampling(body), longest_by_default=True),
-                          stream, usage)
+    return GenerationBody(model, GenerateInput(model, prompt=prompt, sampling=_choices(body, _sampling(body), False),
+                                               longest_by_default=True), stream, usage)
 
 
 def _content(message: dict, i: int) -> str:
@@ -195,7 +220,8 @@ def parse_chat(body: dict) -> GenerationBody:
     _user(body)
     stream, usage = _stream(body)
     model = _string(body, "model")
-    request = GenerateInput(model, messages=tuple(_messages(body)), sampling=_sampling(body, "max_completion_tokens"),
+    request = GenerateInput(model, messages=tuple(_messages(body)),
+                            sampling=_choices(body, _sampling(body, "max_completion_tokens"), True),
                             longest_by_default=True)
     return GenerationBody(model, request, stream, usage)
 
