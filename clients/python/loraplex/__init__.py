@@ -16,7 +16,7 @@ _EXPORTS = {
     "FailedPrecondition": "errors", "InvalidArgument": "errors", "LoraplexError": "errors", "NotFound": "errors",
     "PermissionDenied": "errors", "ResourceExhausted": "errors", "Unauthenticated": "errors", "Unavailable": "errors",
     "HealthStatus": "health",
-    "Classification": "results", "Generation": "results", "GenerationChunk": "results",
+    "Classification": "results", "Embeddings": "results", "Generation": "results", "GenerationChunk": "results",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -36,6 +36,20 @@ class GenerationChunk:
     completion_tokens: int = 0
 
 
+@dataclass
+class Embeddings:
+    """One embedding per input text, in order, and the tokens they took (after truncation)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, index: int) -> list[float]:
+        return self.vectors[index]
+
+
 def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
              seed: int | None) -> pb.SamplingParameters:
     params = pb.SamplingParameters(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -60,3 +74,7 @@ def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
     done = message.done
     return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
                            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+
+def embeddings(response: pb.EmbedResponse) -> Embeddings:
+    return Embeddings([list(e.values) for e in response.embeddings], response.prompt_tokens)

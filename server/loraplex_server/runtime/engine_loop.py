@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.embedding import EmbedRequest
 from loraplex_server.engine.engine import Engine
 from loraplex_server.engine.requests import Classification, ClassifyRequest, SlotAdapter, StepOutput
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
@@ -40,6 +41,13 @@ class _Job:
 
 @dataclass(kw_only=True)
 class _ClassifyJob(_Job):
+    token_ids: list[list[int]]
+
+
+@dataclass(kw_only=True)
+class _EmbedJob(_Job):
+    """Texts to embed, on an adapter (key) or the base (key None)."""
+
     token_ids: list[list[int]]
 
 
@@ -78,7 +86,7 @@ class EngineLoop:
         self.engine, self.manager, self.metrics = engine, manager, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running
         self._inbox: queue.Queue = queue.Queue()
-        self._running: dict[str, _ClassifyJob | _SubmitJob] = {}  # engine request id -> its caller's job
+        self._running: dict[str, _ClassifyJob | _EmbedJob | _SubmitJob] = {}  # engine request id -> its caller's job
         self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -122,6 +130,10 @@ class EngineLoop:
 
     async def classify(self, token_ids: list[list[int]], key: str) -> list[Classification]:
         return await self._job(_ClassifyJob, key, token_ids=token_ids)
+
+    async def embed(self, token_ids: list[list[int]], key: str | None):
+        """The texts' embeddings [texts, hidden] (a float32 CPU tensor)."""
+        return await self._job(_EmbedJob, key, token_ids=token_ids)
 
     async def warm(self, key: str, pin: bool) -> None:
         await self._job(_WarmJob, key, pin=pin)
@@ -180,7 +192,8 @@ class EngineLoop:
         for job in messages:
             if isinstance(job, _Job):
                 self.metrics.queue_depth.dec()
-                method = {_ClassifyJob: "Classify", _SubmitJob: "Generate"}.get(type(job), "AdapterService")
+                method = {_ClassifyJob: "Classify", _SubmitJob: "Generate", _EmbedJob: "Embed"}.get(
+                    type(job), "AdapterService")
                 self.metrics.queue_wait.labels(method).observe(now - job.arrived)
         return messages
 
@@ -206,6 +219,11 @@ class EngineLoop:
             if isinstance(job, _ClassifyJob):
                 request = ClassifyRequest(job.token_ids, job.key)
                 self.engine.submit_classify(request, placed)
+                self._running[request.request_id] = job
+                return
+            if isinstance(job, _EmbedJob):
+                request = EmbedRequest(job.token_ids, job.key)
+                self.engine.submit_embed(request, placed)
                 self._running[request.request_id] = job
                 return
             if isinstance(job, _SubmitJob):
@@ -251,7 +269,7 @@ class EngineLoop:
             streams.setdefault(job.loop, []).append((job.events, event))
         for loop, items in streams.items():
             loop.call_soon_threadsafe(_deliver, items)
-        for done in output.classified:
+        for done in [*output.classified, *output.embedded]:
             job = self._running.pop(done.request_id, None)
             if job is not None:
                 self._ended(job)
