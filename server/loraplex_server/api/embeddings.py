@@ -51,7 +51,7 @@ def check_inputs(request: EmbedInput, limits: bounds.Limits, runtime) -> None:
     if not isinstance(items, list) or not items:
         raise InvalidRequest(f"{what} is empty; send at least one input", what)
     if len(items) > limits.max_embed_inputs:
-        raise InvalidRequest(f"{len(items)} inputs; at most {limits.max_embed_inputs} per request", what)
+        raise InvalidRequest(f"{what} has {len(items)} inputs; at most {limits.max_embed_inputs} per request", what)
     if not isinstance(request.truncate, bool):
         raise InvalidRequest("truncate must be a boolean", "truncate")
     dimensions = request.dimensions
