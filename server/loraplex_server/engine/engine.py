@@ -63,9 +63,13 @@ class _Classifying:
 _writes = itertools.count(1)
 
 
-def default_batch_tokens(device: torch.device) -> int:
+def default_batch_tokens(device: torch.device, kind: str = "causal", max_batch: int = 64) -> int:
     """Tokens per step: on a CPU a step of 128 prompt tokens costs a few decode steps, so running rows
-    never stall long while a long prompt is prefilled in chunks; a GPU takes far more at the same cost."""
+    never stall long while a long prompt is prefilled in chunks; a GPU takes far more at the same cost. An
+    encoder has no decoding rows to keep waiting: a step takes a full batch of texts of up to 256 tokens
+    (what sentence-transformers' encode batches)."""
+    if kind != "causal":
+        return max_batch * 256
     return 2048 if device.type == "cuda" else 128
 
 
@@ -95,7 +99,8 @@ class Engine:
         self.runner = ModelRunner(base, self.slots, self.kv, max_rows=max_batch)
         if pooling is not None:  # else the model's own (pooling.pooling_of)
             self.runner.pooling = pooling
-        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch,
+        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device, base.kind, max_batch),
+                                   max_batch,
                                    prefix_caching=prefix_caching)
         self._requests: dict[str, Sequence | _Classifying | Embedding] = {}
         self._cancelled: set[str] = set()
@@ -213,7 +218,9 @@ class Engine:
             raise ValueError(f"a text has {longest} tokens; the model's context is {self.base.max_positions}")
         embedding = Embedding(request, adapter, [None] * len(request.token_ids))
         self._requests[request.request_id] = embedding
-        for row in embedding.rows():
+        # Shortest first, as sentence-transformers' encode orders a batch: each step's texts are of similar
+        # length, so an encoder's padded batch wastes little (results are kept in input order).
+        for row in sorted(embedding.rows(), key=lambda r: len(r.token_ids)):
             self.planner.add(row)
 
     def cancel(self, request_id: str) -> None:
