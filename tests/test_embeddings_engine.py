@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from server_process import free_port, start_server
 from test_engine_vs_peft import reference_model, tensor
+from transformers import AutoTokenizer
 
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.embedding import EmbedRequest
@@ -135,3 +137,25 @@ def test_pooling_config(tmp_path):
     assert pooling_of(tmp_path, "encoder", "last").mode == "last"
     with pytest.raises(PoolingConfigError):
         pooling_of(tmp_path, "causal", "max")
+
+
+@torch.inference_mode()
+def test_serve_options_choose_the_pooling(tiny, adapter_dir):
+    """`serve --embed-pooling mean --no-embed-normalize` reaches the engine: raw mean-pooled vectors."""
+    base_dir, _ = tiny("llama")
+    port = free_port()
+    process, client = start_server(base_dir, adapter_dir, port,
+                                   extra_args=["--embed-pooling", "mean", "--no-embed-normalize"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        texts = ["the quick brown fox", "hello world"]
+        got = torch.tensor(client.embed(texts).vectors)
+    finally:
+        client.close()
+        process.kill()
+        process.wait()
+    reference = reference_model(base_dir, "none")
+    for text, vector in zip(texts, got, strict=True):
+        expected = pooled(decoder_states(reference, tokenizer(text)["input_ids"]), "mean", normalize=False)
+        torch.testing.assert_close(vector, expected.cpu(), atol=1e-4, rtol=1e-4)
+    assert abs(got[0].norm() - 1) > 1e-3
