@@ -89,6 +89,18 @@ def test_encoder_pooling_and_adapter_match_peft(tiny):
         encoder = peft.get_base_model().bert
         torch.testing.assert_close(a, pooled(encoder(input_ids=tensor([row])).last_hidden_state[0], "mean"),
                                    atol=1e-4, rtol=1e-4)
+    # One padded step of mixed rows: the adapter's texts, the base's, and a classification text.
+    expected = engine.classify_ids([rows[0]], ["cls3_qv"])[0]
+    requests = [EmbedRequest(rows, "cls3_qv"), EmbedRequest(rows)]
+    for request in requests:
+        engine.submit_embed(request)
+    engine.submit_classify(ClassifyRequest([rows[0]], "cls3_qv"))
+    output = engine.step()
+    assert len(engine.last_step[0]) == 2 * len(rows) + 1 and len(output.classified) == 1
+    assert output.classified[0].results[0].scores == pytest.approx(expected.scores, abs=1e-5)
+    done = {e.request_id: e.results for e in output.embedded}
+    torch.testing.assert_close(done[requests[0].request_id], adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(done[requests[1].request_id], base, atol=1e-5, rtol=1e-5)
 
 
 @torch.inference_mode()
