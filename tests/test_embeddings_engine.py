@@ -4,6 +4,8 @@ path; each checked against a direct Hugging Face / PEFT forward with the pooling
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,12 +14,16 @@ from server_process import free_port, start_server
 from test_engine_vs_peft import reference_model, tensor
 from transformers import AutoTokenizer
 
+from loraplex_adapters.store import AdapterStore
+from loraplex_server.api.metrics import Metrics
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.embedding import EmbedRequest
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.pooling import Pooling, PoolingConfigError, pooling_of
 from loraplex_server.engine.requests import ClassifyRequest
 from loraplex_server.engine.sampling import SamplingParams
+from loraplex_server.runtime.adapter_manager import AdapterManager
+from loraplex_server.runtime.engine_loop import EngineLoop
 from tiny_models import TEST_DEVICE
 
 ROWS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [7, 7, 7, 7], [30]]
@@ -171,3 +177,35 @@ def test_serve_options_choose_the_pooling(tiny, adapter_dir):
         expected = pooled(decoder_states(reference, tokenizer(text)["input_ids"]), "mean", normalize=False)
         torch.testing.assert_close(vector, expected.cpu(), atol=1e-4, rtol=1e-4)
     assert abs(got[0].norm() - 1) > 1e-3
+
+
+def test_a_caller_that_leaves_takes_its_texts_out_of_the_engine(tiny, tmp_path):
+    """Through the real engine loop and adapter manager: the embedding's caller is cancelled, and the next
+    step ends its rows (hundreds of steps of texts were queued), its adapter's count returns to zero."""
+    _, adapters = tiny("llama")
+    store = AdapterStore(tmp_path / "store")
+    store.publish(adapters["gen_qv_r4"][0], "gen")
+    engine = engine_on(tiny("llama")[0], {})
+    manager = AdapterManager(engine, store, 1 << 30, 1 << 30, Metrics())
+    loop = EngineLoop(engine, manager, manager.metrics)
+    loop.start()
+
+    async def scenario():
+        key = manager.resolve("gen")[0]
+        alone = await loop.embed([ROWS[0]], key)
+        task = asyncio.ensure_future(loop.embed([list(range(1, 101))] * 256, key))  # ~200 steps of 128 tokens
+        while not await loop.call(engine.running_request_ids):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await loop.call(lambda: None)  # after the step that saw the cancel
+        assert await loop.call(engine.running_request_ids) == []
+        assert not await loop.call(lambda: engine.has_work)
+        assert manager.snapshot()[key].in_flight == 0
+        torch.testing.assert_close(await loop.embed([ROWS[0]], key), alone)
+        assert loop.in_flight == 0
+    try:
+        asyncio.run(scenario())
+    finally:
+        loop.stop()

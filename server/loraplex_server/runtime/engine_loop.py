@@ -48,7 +48,7 @@ class _ClassifyJob(_Job):
 class _EmbedJob(_Job):
     """Texts to embed, on an adapter (key) or the base (key None)."""
 
-    token_ids: list[list[int]]
+    request: EmbedRequest
 
 
 @dataclass(kw_only=True)
@@ -132,8 +132,14 @@ class EngineLoop:
         return await self._job(_ClassifyJob, key, token_ids=token_ids)
 
     async def embed(self, token_ids: list[list[int]], key: str | None):
-        """The texts' embeddings [texts, hidden] (a float32 CPU tensor)."""
-        return await self._job(_EmbedJob, key, token_ids=token_ids)
+        """The texts' embeddings [texts, hidden] (a float32 CPU tensor); the caller leaving (a client gone, a
+        deadline) takes its texts out of the engine at the next step."""
+        request = EmbedRequest(token_ids, key)
+        try:
+            return await self._job(_EmbedJob, key, request=request)
+        except asyncio.CancelledError:
+            self.cancel(request.request_id)
+            raise
 
     async def warm(self, key: str, pin: bool) -> None:
         await self._job(_WarmJob, key, pin=pin)
@@ -206,7 +212,8 @@ class EngineLoop:
 
     def _cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)  # its end comes out of the next step
-        for job in self.manager.withdraw(lambda j: isinstance(j, _SubmitJob) and j.request.request_id == request_id):
+        for job in self.manager.withdraw(lambda j: isinstance(j, _SubmitJob | _EmbedJob)
+                                         and j.request.request_id == request_id):
             self._reply(job, None, asyncio.CancelledError())
 
     def _start(self, job: _Job, placed: SlotAdapter | BaseException | None) -> None:
@@ -222,9 +229,8 @@ class EngineLoop:
                 self._running[request.request_id] = job
                 return
             if isinstance(job, _EmbedJob):
-                request = EmbedRequest(job.token_ids, job.key)
-                self.engine.submit_embed(request, placed)
-                self._running[request.request_id] = job
+                self.engine.submit_embed(job.request, placed)
+                self._running[job.request.request_id] = job
                 return
             if isinstance(job, _SubmitJob):
                 self.engine.submit(job.request, placed)
