@@ -2,9 +2,10 @@
 
 The thread loops: take what arrived (jobs and cancels), hand each job that needs an adapter to the
 adapter manager, start the jobs whose adapters the manager has put into slots, run one engine step, and
-dispatch what the step returned (token events, classifications) to the futures and queues the callers
-await. Classification and generation both become rows of the engine's steps. A request whose adapter
-is only on disk waits in the manager, without holding anyone up, until the loader thread has read it.
+dispatch what the step returned (token events, classifications, embeddings) to the futures and queues the
+callers await. Classification, embedding and generation all become rows of the engine's steps. A request
+whose adapter is only on disk waits in the manager, without holding anyone up, until the loader thread has
+read it.
 """
 
 from __future__ import annotations
