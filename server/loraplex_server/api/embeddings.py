@@ -59,11 +59,12 @@ def check_inputs(request: EmbedInput, limits: bounds.Limits, runtime) -> None:
         raise InvalidRequest(f"this model's embeddings have {runtime.embedding_size} dimensions; leave dimensions "
                              f"out or set it to {runtime.embedding_size}", "dimensions")
     longest, vocab = max_input_tokens(runtime), runtime.vocab_size
-    max_chars = runtime.max_positions * bounds.CHARS_PER_TOKEN
+    # Refused by length before tokenizing: past the embedding length unless truncating, else the context.
+    chars_of = runtime.max_positions if request.truncate else longest
     for i, item in enumerate(items):
         name = f"{what}[{i}]"
         if isinstance(item, str):
-            bounds.check_text(item, name, max_chars, runtime.max_positions)
+            bounds.check_text(item, name, chars_of * bounds.CHARS_PER_TOKEN, chars_of)
         elif isinstance(item, list) and item and all(_is_int(t) for t in item):
             if not all(0 <= t < vocab for t in item):
                 raise InvalidRequest(f"{name} holds a token id outside the vocabulary (0..{vocab - 1})", name)
