@@ -108,6 +108,15 @@ def classification(draw):
         texts=draw(texts if "texts" in hostile else st.lists(valid_text, min_size=1, max_size=4)))
 
 
+@st.composite
+def embedding(draw):
+    hostile = _hostile_fields(draw, ["adapter", "texts"])
+    adapter = st.sampled_from(CLASSIFICATION + GENERATION + [""])  # embeddings take an adapter of either task
+    return pb.EmbedRequest(adapter=draw(adapter_reference if "adapter" in hostile else adapter),
+                           texts=draw(texts if "texts" in hostile else st.lists(valid_text, min_size=1, max_size=4)),
+                           truncate=draw(st.booleans()))
+
+
 def _upload_parts(meta, chunks):
     parts = [apb.UploadRequest(metadata=meta)] if meta is not None else []
     return parts + [apb.UploadRequest(chunk=c) for c in chunks]
@@ -134,7 +143,7 @@ admin_call = st.one_of(
     st.tuples(st.just("Upload"), upload),
 )
 inference_call = {"Classify": classification(), "Generate": generation(pb.GenerateRequest),
-                  "GenerateStream": generation(pb.GenerateStreamRequest)}
+                  "GenerateStream": generation(pb.GenerateStreamRequest), "Embed": embedding()}
 # Inference requests three times as often as adapter management (whose six methods share one draw).
 call = st.sampled_from([*inference_call] * 3 + ["admin"]).flatmap(
     lambda name: admin_call if name == "admin" else st.tuples(st.just(name), inference_call[name]))
@@ -199,7 +208,7 @@ def outcome(stubs, method: str, request) -> tuple[grpc.StatusCode, str]:
                 pass
         elif method == "Upload":
             stubs["admin"].Upload(iter(request), timeout=RPC_TIMEOUT)
-        elif method in ("Classify", "Generate"):
+        elif method in ("Classify", "Generate", "Embed"):
             getattr(stubs["inference"], method)(request, timeout=RPC_TIMEOUT)
         else:
             getattr(stubs["admin"], method)(request, timeout=RPC_TIMEOUT)
@@ -230,6 +239,7 @@ METHODS = [  # (path, kind, request message)
     ("/loraplex.v1.InferenceService/Classify", "unary", pb.ClassifyRequest),
     ("/loraplex.v1.InferenceService/Generate", "unary", pb.GenerateRequest),
     ("/loraplex.v1.InferenceService/GenerateStream", "stream", pb.GenerateStreamRequest),
+    ("/loraplex.v1.InferenceService/Embed", "unary", pb.EmbedRequest),
     ("/loraplex.v1.AdapterService/Get", "unary", apb.GetRequest),
     ("/loraplex.v1.AdapterService/List", "unary", apb.ListRequest),
     ("/loraplex.v1.AdapterService/Upload", "upload", apb.UploadRequest),

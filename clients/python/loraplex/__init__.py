@@ -16,8 +16,8 @@ _EXPORTS = {
     "FailedPrecondition": "errors", "InvalidArgument": "errors", "LoraplexError": "errors", "NotFound": "errors",
     "PermissionDenied": "errors", "ResourceExhausted": "errors", "Unauthenticated": "errors", "Unavailable": "errors",
     "HealthStatus": "health",
-    "Choice": "results", "Classification": "results", "Generation": "results", "GenerationChunk": "results",
-    "TokenLogprob": "results",
+    "Choice": "results", "Classification": "results", "Embeddings": "results", "Generation": "results",
+    "GenerationChunk": "results", "TokenLogprob": "results",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""The `loraplex` command: serve, classify, generate, chat, health, base, and `adapters ...` management.
+"""The `loraplex` command: serve, classify, embed, generate, chat, health, base, and `adapters ...` management.
 
 The client commands are the SDK's own. `serve`, `train`, `adapters publish` and `base` belong to the server
 and training extras: each is found by name only when it runs (COMMANDS), so the SDK imports neither the
@@ -30,6 +30,18 @@ def _classify(args) -> int:
     with _client(args) as client:
         for text, result in zip(args.texts, client.classify(args.texts, adapter=args.adapter), strict=True):
             print(f"{result.label}\t{result.score:.4f}\t{text}")
+    return 0
+
+
+def _embed(args) -> int:
+    with _client(args) as client:
+        result = client.embed(args.texts, adapter=args.adapter, truncate=args.truncate)
+    for text, vector in zip(args.texts, result.vectors, strict=True):
+        if args.json:
+            print(json.dumps(vector))
+        else:
+            head = ", ".join(f"{v:+.4f}" for v in vector[:4])
+            print(f"{len(vector)}\t[{head}, ...]\t{text}")
     return 0
 
 
@@ -159,6 +171,13 @@ def _inference_commands(commands) -> None:
     classify.add_argument("--adapter", required=True, help="NAME or NAME@VERSION")
     classify.add_argument("texts", nargs="+", help="texts to classify, one result line each")
     classify.set_defaults(run=_classify)
+    embed = _command(commands, "embed", "print the embedding of each text (its size and first values, or --json)")
+    embed.add_argument("--adapter", default=None, help="NAME or NAME@VERSION (default: the base model)")
+    embed.add_argument("--truncate", action="store_true", help="cut texts past the model's embedding length "
+                       "(default: refuse them)")
+    embed.add_argument("--json", action="store_true", help="print each whole embedding as a JSON list, one a line")
+    embed.add_argument("texts", nargs="+", help="texts to embed, one result line each")
+    embed.set_defaults(run=_embed)
     generate = _command(commands, "generate", "stream a completion of PROMPT to stdout")
     generate.add_argument("--adapter", default=None, help="NAME or NAME@VERSION (default: the base model)")
     add_sampling(generate, max_tokens=64)

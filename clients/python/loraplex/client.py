@@ -19,12 +19,22 @@ from .adapters import Adapters, AsyncAdapters
 from .chat import Message, chat_messages
 from .errors import LoraplexError, error_from
 from .health import HealthStatus, health_request, health_status, health_stub, not_serving_after
-from .results import Classification, Generation, GenerationChunk, chunk, classifications, generation, sampling
+from .results import (
+    Classification,
+    Embeddings,
+    Generation,
+    GenerationChunk,
+    chunk,
+    classifications,
+    embeddings,
+    generation,
+    sampling,
+)
 
-__all__ = ["AsyncClient", "Classification", "Client", "Generation", "GenerationChunk", "HealthStatus"]
+__all__ = ["AsyncClient", "Classification", "Client", "Embeddings", "Generation", "GenerationChunk", "HealthStatus"]
 
 HEALTH_POLL_SECONDS = 0.2
-_INFERENCE_REQUESTS = (pb.ClassifyRequest, pb.GenerateRequest, pb.GenerateStreamRequest)
+_INFERENCE_REQUESTS = (pb.ClassifyRequest, pb.GenerateRequest, pb.GenerateStreamRequest, pb.EmbedRequest)
 
 
 def _credentials(tls: bool, ca_cert: str | None) -> grpc.ChannelCredentials | None:
@@ -105,6 +115,12 @@ class Client:
 
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
         return classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
+
+    def embed(self, texts: list[str], adapter: str | None = None, truncate: bool = False) -> Embeddings:
+        """One embedding per text, on the base model or through `adapter`'s LoRA; `truncate` cuts texts longer
+        than the model's embedding length instead of refusing them."""
+        return embeddings(self._call(self._stub.Embed, pb.EmbedRequest(adapter=adapter or "", texts=texts,
+                                                                       truncate=truncate)))
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None,
@@ -216,6 +232,10 @@ class AsyncClient:
     async def classify(self, texts: list[str], adapter: str) -> list[Classification]:
         return classifications(await self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter,
                                                                                          texts=texts)))
+
+    async def embed(self, texts: list[str], adapter: str | None = None, truncate: bool = False) -> Embeddings:
+        return embeddings(await self._call(self._stub.Embed, pb.EmbedRequest(adapter=adapter or "", texts=texts,
+                                                                             truncate=truncate)))
 
     async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,

@@ -64,6 +64,20 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+@dataclass
+class Embeddings:
+    """One embedding per input text, in order, and the tokens they took (after truncation)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, index: int) -> list[float]:
+        return self.vectors[index]
+
+
 def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
              seed: int | None, logprobs: bool = False, top_logprobs: int = 0, n: int = 1) -> pb.SamplingParameters:
     """top_logprobs > 0 implies logprobs."""
@@ -103,3 +117,7 @@ def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
     done = message.done
     return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
                            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, index=done.index)
+
+
+def embeddings(response: pb.EmbedResponse) -> Embeddings:
+    return Embeddings([list(e.values) for e in response.embeddings], response.prompt_tokens)

@@ -31,6 +31,8 @@ class Limits:
     max_texts: int = 64
     max_tokens: int = 1024
     default_max_tokens: int = 64
+    max_embed_inputs: int = 256  # texts or token-id lists per embeddings request (api/embeddings.py)
+    max_embed_tokens: int = 32768  # their tokens in all
 
 
 def check_unicode(text: str, what: str) -> str:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from loraplex_adapters.manifest import Manifest
+from loraplex_server.api import embeddings
 from loraplex_server.api import inputs as bounds
 from loraplex_server.api.auth import TokenPolicy
 from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown, WrongTask
@@ -37,7 +38,7 @@ from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
 
 access_log = logging.getLogger("loraplex.access")  # one line per request; off unless `serve --access-log`
 T = TypeVar("T")
-R = TypeVar("R", ClassifyInput, GenerateInput)
+R = TypeVar("R", ClassifyInput, GenerateInput, embeddings.EmbedInput)
 Decode = Callable[[], Awaitable[R]]
 OTHER_CALL = {"classification": "Classify", "generation": "Generate"}
 
@@ -116,6 +117,25 @@ class RequestPath:
         ids = await text_token_ids(runtime.tokenizer, request.texts, runtime.max_positions, names)
         results = await runtime.classify(ids, key)
         return ClassifyOutput(key, manifest, results, sum(map(len, ids)))
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    async def embed(self, call: Call, request: embeddings.EmbedInput | Decode[embeddings.EmbedInput]
+                    ) -> embeddings.EmbedOutput:
+        """Embeddings of texts or token-id lists on the base or an adapter of any task (its LoRA applies; a
+        head is unused); `request` may be a function that decodes it once auth and readiness passed."""
+        observation = self.observe(call, getattr(request, "adapter", "") or "")
+        try:
+            self.policy.check(call.token)
+            runtime = self.ready()
+            request = await _decoded(request, observation)
+            key = (await self.adapter(runtime, request.adapter, None))[0] if request.adapter else None
+            output = await embeddings.embed(request, self.limits, runtime, key)
+        except BaseException as exc:
+            observation.finish(exc)
+            raise
+        observation.finish()
+        return output
 
     # -- generation ------------------------------------------------------------------------------
 

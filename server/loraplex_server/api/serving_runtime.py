@@ -114,6 +114,24 @@ class ServingRuntime:
     async def classify(self, token_ids: list[list[int]], key: str) -> list[Classification]:
         return await self.engine_loop.classify(token_ids, key)
 
+    async def embed(self, token_ids: list[list[int]], key: str | None):
+        """Embeddings [texts, hidden] (a float32 CPU tensor) of the texts, on the adapter `key` or the base."""
+        return await self.engine_loop.embed(token_ids, key)
+
+    @property
+    def pooling(self):
+        """How embeddings are pooled (engine/pooling.py): mode, normalize, and the model's max_tokens."""
+        return self.engine.runner.pooling
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a client may send are below this."""
+        return int(self.engine.base.model.config.vocab_size)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.engine.base.hidden_size
+
     async def submit(self, request: GenerationRequest) -> asyncio.Queue[TokenEvent]:
         return await self.engine_loop.submit(request)
 

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=_env("dtype", "auto"), choices=DTYPE_CHOICES,
                         help="compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
     parser.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--embed-pooling", default=_env("embed_pooling", None), choices=("mean", "last", "cls"),
+                        help="how /v1/embeddings and Embed pool the base's last hidden states (default: the "
+                             "model's sentence-transformers config, else mean on an encoder, last token on a "
+                             "decoder)")
+    parser.add_argument("--embed-normalize", action=argparse.BooleanOptionalAction,
+                        default={"1": True, "0": False}.get(_env("embed_normalize", "")),
+                        help="L2-normalize embeddings (default: as the model's sentence-transformers config "
+                             "says, else yes)")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"),
                         help="address the gRPC and HTTP APIs bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=int(_env("port", 50051)),
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address the metrics endpoint binds (default: --host)")
     parser.add_argument("--http-port", type=int, default=int(_env("http_port", 8000)),
                         help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
-                             "/classify, /health, /metrics) on --host; 0 turns it off")
+                             "/v1/embeddings, /classify, /health, /metrics) on --host; 0 turns it off")
     parser.add_argument("--adapter-dir", default=_env("adapter_dir", default_adapter_dir()),
                         help="the adapter store: uploads go here, requests load from here")
     parser.add_argument("--adapter-store", default=_env("adapter_store", None),

@@ -12,6 +12,7 @@ from loraplex_server.api.metrics import Metrics
 from loraplex_server.api.serving_runtime import ServingRuntime
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
+from loraplex_server.engine.pooling import pooling_of
 
 log = logging.getLogger("loraplex.serve")
 
@@ -24,9 +25,12 @@ def build_runtime(args: argparse.Namespace, metrics: Metrics, examples: bool = F
     """Load the base (blocking: seconds to minutes), open the store every replica shares (--adapter-store or
     --adapter-dir) and start the engine loop. `examples`: publish the shipped example adapters into the
     store (a new default store, on a single server's first start)."""
-    engine = Engine(load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device),
-                    max_adapters=args.max_adapters, max_batch=args.max_batch,
-                    max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None)
+    base = load_base_model(args.base, quantize=args.quantize, dtype=args.dtype, device=args.device)
+    pooling = pooling_of(base.path, base.kind, getattr(args, "embed_pooling", None),
+                         getattr(args, "embed_normalize", None))
+    engine = Engine(base, max_adapters=args.max_adapters, max_batch=args.max_batch,
+                    max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None,
+                    pooling=pooling)
     location = store_location(args)
     store = open_store(location, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
                        max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,

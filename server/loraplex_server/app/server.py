@@ -23,6 +23,7 @@ from loraplex_server.app.options import default_adapter_dir
 from loraplex_server.app.ports import Ports
 from loraplex_server.app.runtime import build_runtime, store_location
 from loraplex_server.engine.kv_cache import KVCacheTooSmall
+from loraplex_server.engine.pooling import PoolingConfigError
 from loraplex_server.frontends.grpc_admin import AdapterAdminService
 from loraplex_server.frontends.grpc_decoding import RequestDecoding
 from loraplex_server.frontends.grpc_inference import InferenceService
@@ -118,7 +119,7 @@ async def _load(args: argparse.Namespace, metrics: Metrics):
     examples = location == default_adapter_dir() and not Path(location).exists() and not args.no_examples
     try:
         runtime = await asyncio.get_running_loop().run_in_executor(None, build_runtime, args, metrics, examples)
-    except (KVCacheTooSmall, StoreUnavailable) as exc:
+    except (KVCacheTooSmall, StoreUnavailable, PoolingConfigError) as exc:
         raise SystemExit(str(exc)) from None
     versions = len(await runtime.in_store_thread(runtime.store.list))
     log.info("serving %s (%s, quantize=%s) with %d adapter versions in %s", runtime.base_id,

@@ -23,10 +23,12 @@ import torch
 from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.choices import choice_ended, fits_choices, fork, forks_now
+from loraplex_server.engine.embedding import Embedded, Embedding, EmbedRequest, EmbedRow
 from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
 from loraplex_server.engine.logprobs import token_logprobs, wants_logprobs
 from loraplex_server.engine.model_runner import ModelRunner
 from loraplex_server.engine.planner import ClassifyRow, PlannedRow, StepPlanner
+from loraplex_server.engine.pooling import Pooling
 from loraplex_server.engine.requests import (
     AdapterInUse,
     AdapterNotFound,
@@ -63,9 +65,13 @@ class _Classifying:
 _writes = itertools.count(1)
 
 
-def default_batch_tokens(device: torch.device) -> int:
+def default_batch_tokens(device: torch.device, kind: str = "causal", max_batch: int = 64) -> int:
     """Tokens per step: on a CPU a step of 128 prompt tokens costs a few decode steps, so running rows
-    never stall long while a long prompt is prefilled in chunks; a GPU takes far more at the same cost."""
+    never stall long while a long prompt is prefilled in chunks; a GPU takes far more at the same cost. An
+    encoder has no decoding rows to keep waiting: a step takes a full batch of texts of up to 256 tokens
+    (what sentence-transformers' encode batches)."""
+    if kind != "causal":
+        return max_batch * 256
     return 2048 if device.type == "cuda" else 128
 
 
@@ -82,7 +88,7 @@ def default_kv_memory(base: BaseModel, rows: int) -> int:
 class Engine:
     def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64,
                  max_batch_tokens: int | None = None, kv_cache_memory: int | None = None,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, pooling: Pooling | None = None) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
@@ -93,9 +99,12 @@ class Engine:
             self.kv = PagedKVCache(base.model.config, base.dtype, base.device,
                                    kv_cache_memory or default_kv_memory(base, max_batch))
         self.runner = ModelRunner(base, self.slots, self.kv, max_rows=max_batch)
-        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device), max_batch,
+        if pooling is not None:  # else the model's own (pooling.pooling_of)
+            self.runner.pooling = pooling
+        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device, base.kind, max_batch),
+                                   max_batch,
                                    prefix_caching=prefix_caching)
-        self._requests: dict[str, Sequence | _Classifying] = {}
+        self._requests: dict[str, Sequence | _Classifying | Embedding] = {}
         self._cancelled: set[str] = set()
         self.last_step: tuple[tuple[int, ...], int] = ((), 0)  # the rows' slots and the tokens (metrics)
         self.eos_ids = self._eos_ids()
@@ -130,7 +139,7 @@ class Engine:
     def free_adapter(self, adapter: SlotAdapter) -> None:
         """Free its slot; refused while a queued or running request uses it."""
         users = sum(r.adapter.slot == adapter.slot if isinstance(r, _Classifying) else r.slot == adapter.slot
-                    for r in self._requests.values())
+                    for r in self._requests.values())  # an Embedding has its slot too
         if users:
             raise AdapterInUse(f"the adapter in slot {adapter.slot} is used by {users} running request(s)")
         self.slots.release(adapter.slot)
@@ -202,6 +211,24 @@ class Engine:
         for index, ids in enumerate(request.token_ids):
             self.planner.add(ClassifyRow(classifying, index, ids, placed.slot, request.request_id))
 
+    def submit_embed(self, request: EmbedRequest, adapter: SlotAdapter | None = None) -> None:
+        """Queue texts to embed on `adapter` (an adapter of any task: its LoRA deltas apply, a head is unused;
+        default: the one load_adapter named request.adapter, or the base); each text is a row of the coming
+        steps, beside classification texts."""
+        if adapter is None and request.adapter is not None:
+            adapter = self._named(request.adapter)
+        if not request.token_ids or any(not ids for ids in request.token_ids):
+            raise ValueError("empty input")
+        longest = max(map(len, request.token_ids))
+        if longest > self.base.max_positions:
+            raise ValueError(f"a text has {longest} tokens; the model's context is {self.base.max_positions}")
+        embedding = Embedding(request, adapter, [None] * len(request.token_ids))
+        self._requests[request.request_id] = embedding
+        # Shortest first, as sentence-transformers' encode orders a batch: each step's texts are of similar
+        # length, so an encoder's padded batch wastes little (results are kept in input order).
+        for row in sorted(embedding.rows(), key=lambda r: len(r.token_ids)):
+            self.planner.add(row)
+
     def cancel(self, request_id: str) -> None:
         """The request leaves at the start of the next step (a finished event is emitted then)."""
         if request_id in self._requests:
@@ -248,8 +275,11 @@ class Engine:
 
     def _postprocess(self, planned: list[PlannedRow], sample_logits: torch.Tensor | None,
                      class_logits: list[torch.Tensor], out: StepOutput) -> None:
-        for p, logits in zip([p for p in planned if not p.is_generation], class_logits, strict=True):
-            self._classified(p.row, logits, out)
+        for p, output in zip([p for p in planned if not p.is_generation], class_logits, strict=True):
+            if isinstance(p.row, EmbedRow):
+                self._embedded(p.row, output, out)
+            else:
+                self._classified(p.row, output, out)
         generation = [p for p in planned if p.is_generation]
         for p in generation:
             self.planner.computed(p)
@@ -288,6 +318,12 @@ class Engine:
             self._requests.pop(request.request_id, None)
             out.classified.append(Classified(request.request_id, list(request.results)))
 
+    def _embedded(self, row: EmbedRow, vector: torch.Tensor, out: StepOutput) -> None:
+        done = row.request.done(row, vector)
+        if done is not None:
+            self._requests.pop(done.request_id, None)
+            out.embedded.append(done)
+
     def _end(self, request_id: str, error: BaseException | None, out: StepOutput) -> None:
         """Take a request out (cancelled, or its step failed with `error`); its end goes into `out`."""
         request = self._requests.pop(request_id, None)
@@ -297,6 +333,8 @@ class Engine:
         failure = EngineFailure(error) if error else None
         if isinstance(request, _Classifying):
             out.classified.append(Classified(request_id, None, failure or RuntimeError("cancelled")))
+        elif isinstance(request, Embedding):
+            out.embedded.append(Embedded(request_id, None, failure or RuntimeError("cancelled")))
         else:
             out.events.append(request.cancel(failure))
 
@@ -337,6 +375,17 @@ class Engine:
             if done[request.request_id].error is not None:
                 raise done[request.request_id].error
         return [done[r.request_id].results[0] for r in requests]
+
+    def embed_ids(self, token_ids: list[list[int]], adapter: str | None = None) -> torch.Tensor:
+        """Embed rows on one named adapter (None: the base) through the step loop: [rows, hidden] float32."""
+        request = EmbedRequest(token_ids, adapter)
+        self.submit_embed(request)
+        while True:
+            for done in self.step().embedded:
+                if done.request_id == request.request_id:
+                    if done.error is not None:
+                        raise done.error
+                    return done.results
 
     def classify(self, texts: list[str], adapter: str) -> list[Classification]:
         return self.classify_ids([self.tokenizer(t)["input_ids"] for t in texts], [adapter] * len(texts))

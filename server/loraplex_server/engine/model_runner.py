@@ -8,22 +8,26 @@ Hugging Face modules with our paged attention registered as their attention func
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from loraplex_server.engine.base_model import BaseModel
+from loraplex_server.engine.embedding import EmbedRow
 from loraplex_server.engine.kv_cache import PagedKVCache
 from loraplex_server.engine.models import own_forward
 from loraplex_server.engine.models.step_graphs import StepGraphs, compile_mode
 from loraplex_server.engine.padded_batch import pad_rows
 from loraplex_server.engine.paged_attention import ATTENTION, RowShape, StepAttention, plan_buckets
 from loraplex_server.engine.planner import PlannedRow
+from loraplex_server.engine.pooling import Pooling, pool, pooling_of
 from loraplex_server.lora.slot_table import SlotTable
 
 
 class ModelRunner:
     def __init__(self, base: BaseModel, slots: SlotTable, kv: PagedKVCache | None, max_rows: int = 64) -> None:
         self.base, self.slots, self.kv = base, slots, kv
+        self.pooling: Pooling = pooling_of(base.path, base.kind)  # the engine sets the server's choice
         self.forward = None
         self.graphs: StepGraphs | None = None  # pure decode steps replayed per bucket (step_graphs.py)
         if kv is not None:
@@ -42,22 +46,38 @@ class ModelRunner:
                         self.graphs.warm_up()
 
     def run(self, planned: list[PlannedRow]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Logits of the rows that sample, and each classification row's head logits."""
+        """Logits of the rows that sample, and each text row's output: a classification row's head logits,
+        an embedding row's pooled vector."""
         slots = [p.row.slot for p in planned]
-        if self.kv is None:  # an encoder: classification rows only, padded, bidirectional
+        if self.kv is None:  # an encoder: text rows only, padded, bidirectional
             device = self.base.device
             ids, mask = pad_rows([p.token_ids for p in planned], self.base.tokenizer.pad_token_id, device, left=False)
             self.slots.state.set_rows(slots, device)
-            hidden = self.base.model(input_ids=ids, attention_mask=mask).pooler_output
-            return None, self.slots.heads.logits(hidden, slots)
+            out = self.base.model(input_ids=ids, attention_mask=mask)
+            states = [out.last_hidden_state[i, :len(p.token_ids)] for i, p in enumerate(planned)]
+            return None, self._text_outputs(planned, states, lambda rows: out.pooler_output[rows])
         hidden = self.hidden(planned)
         last = torch.tensor([len(p.token_ids) for p in planned], device=hidden.device).cumsum(0) - 1
         samples = [i for i, p in enumerate(planned) if p.samples]
-        classify = [i for i, p in enumerate(planned) if not p.is_generation]
         sample_logits = self.base.model.get_output_embeddings()(hidden[last[samples]]) if samples else None
-        class_logits = self.slots.heads.logits(hidden[last[classify]], [slots[i] for i in classify]) \
-            if classify else []
-        return sample_logits, class_logits
+        starts = (last + 1).tolist()
+        states = [hidden[end - len(p.token_ids):end] for p, end in zip(planned, starts, strict=True)]
+        return sample_logits, self._text_outputs(planned, states, lambda rows: hidden[last[rows]])
+
+    def _text_outputs(self, planned: list[PlannedRow], states: list[torch.Tensor],
+                      head_inputs: Callable[[list[int]], torch.Tensor]) -> list[torch.Tensor]:
+        """Per text row, in order: head logits of the classification rows (their heads batched, on what
+        `head_inputs` gives for those rows), pooled vectors of the embedding rows (all in one pool call)."""
+        texts = [i for i, p in enumerate(planned) if not p.is_generation]
+        embed = [i for i in texts if isinstance(planned[i].row, EmbedRow)]
+        classify = [i for i in texts if not isinstance(planned[i].row, EmbedRow)]
+        outputs: dict[int, torch.Tensor] = {}
+        if classify:
+            logits = self.slots.heads.logits(head_inputs(classify), [planned[i].row.slot for i in classify])
+            outputs.update(zip(classify, logits, strict=True))
+        if embed:
+            outputs.update(zip(embed, pool([states[i] for i in embed], self.pooling), strict=True))
+        return [outputs[i] for i in texts]
 
     def hidden(self, planned: list[PlannedRow]) -> torch.Tensor:
         """The last hidden states [tokens, hidden] of the rows packed back to back."""

@@ -2,7 +2,8 @@
 
 The nano-vllm scheduler shape. Each step first gives running generation rows their next tokens (one for
 a decode, a chunk for a prompt still being prefilled), then admits waiting generation rows in arrival
-order while tokens and KV blocks last, then classification texts in arrival order. A long prompt is
+order while tokens and KV blocks last, then classification texts in arrival order (embedding texts,
+engine/embedding.py, are text rows too: they share this queue and its share). A long prompt is
 prefilled in chunks across steps while the running rows keep decoding. When a running row needs a
 block and none is free, the most recently admitted row is preempted: its blocks are returned and it
 goes back to the front of its queue, to recompute its prompt and output later (sampling is

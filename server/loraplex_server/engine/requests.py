@@ -85,6 +85,7 @@ class StepOutput:
 
     events: list[TokenEvent] = field(default_factory=list)
     classified: list[Classified] = field(default_factory=list)
+    embedded: list = field(default_factory=list)  # embedding.Embedded: the embedding requests that ended
 
 
 def adapter_labels(adapter: LoraAdapter, labels: list[str] | None) -> tuple[str, ...]:

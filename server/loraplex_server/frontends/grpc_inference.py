@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_server.api.embeddings import EmbedInput
 from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
@@ -91,3 +92,12 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await abort_for(context, exc)
         finally:
             generation.close()
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        try:
+            output = await self.path.embed(call_of(context, "Embed"), EmbedInput(
+                request.adapter or None, list(request.texts), request.truncate, field="texts"))
+        except Exception as exc:
+            await abort_for(context, exc)
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in output.vectors.tolist()],
+                                prompt_tokens=output.prompt_tokens)

@@ -1,7 +1,7 @@
-"""The OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions, vLLM's
-/classify, /health and /metrics, as a codec over the request path (api/request_path.py): read the body
-(bounded), decode it (openai_schema.py), call the path, encode the result, or the failure with the HTTP
-status the status table gives it.
+"""The OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions,
+/v1/embeddings (openai_embeddings.py), vLLM's /classify, /health and /metrics, as a codec over the request
+path (api/request_path.py): read the body (bounded), decode it (openai_schema.py), call the path, encode the
+result, or the failure with the HTTP status the status table gives it.
 
 `model` is an adapter reference (`name` = latest, `name@version`), or the base's id (its folder's name)
 for the base alone. A client that disconnects cancels its generation, streaming or not.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import dataclasses
 import json
 import time
 import uuid
@@ -29,6 +30,7 @@ from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import Generation, RequestPath
 from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
 from loraplex_server.api.status import status_of
+from loraplex_server.frontends.openai_embeddings import EmbeddingsBody, embeddings_response, parse_embeddings
 from loraplex_server.frontends.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from loraplex_server.frontends.openai_schema import (
     GenerationBody,
@@ -65,6 +67,7 @@ class OpenAIApi:
             Route("/v1/models", self._endpoint(self.http_models), methods=["GET"]),
             Route("/v1/completions", self._endpoint(self.http_completions), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.http_chat_completions), methods=["POST"]),
+            Route("/v1/embeddings", self._endpoint(self.http_embeddings), methods=["POST"]),
             Route("/classify", self._endpoint(self.http_classify), methods=["POST"]),
             Route("/v1/classify", self._endpoint(self.http_classify), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
@@ -165,6 +168,17 @@ class OpenAIApi:
         result = await _until_disconnected(request, generation.collect())
         return JSONResponse(reply.whole_choices(result.choices, _usage(result.prompt_tokens,
                                                                       result.completion_tokens)))
+
+    async def http_embeddings(self, request: Request, call: Call) -> Response:
+        bodies: list[EmbeddingsBody] = []
+
+        async def decode():
+            body = parse_embeddings(await self._json(request))
+            bodies.append(body)
+            return dataclasses.replace(body.request, adapter=self._adapter(body.model))
+
+        output = await _until_disconnected(request, self.path.embed(call, decode))
+        return JSONResponse(embeddings_response(output, bodies[0].model, bodies[0].encoding_format))
 
     async def http_classify(self, request: Request, call: Call) -> Response:
         models: list[str] = []

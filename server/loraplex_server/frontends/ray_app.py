@@ -70,6 +70,10 @@ def replica_class(max_adapters: int) -> type:
                 async for message in stream:
                     yield message
 
+        async def Embed(self, request, grpc_context=None):  # noqa: N802
+            await self.server.route(self.routed_adapter)
+            return await self.server.inference.Embed(request, self.server.context(grpc_context))
+
         # AdapterService -- any replica: the store is shared, the others see changes on their next lookup.
         async def Upload(self, requests, grpc_context=None):  # noqa: N802
             return await self.server.admin.Upload(requests, self.server.context(grpc_context))

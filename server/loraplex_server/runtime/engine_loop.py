@@ -2,9 +2,10 @@
 
 The thread loops: take what arrived (jobs and cancels), hand each job that needs an adapter to the
 adapter manager, start the jobs whose adapters the manager has put into slots, run one engine step, and
-dispatch what the step returned (token events, classifications) to the futures and queues the callers
-await. Classification and generation both become rows of the engine's steps. A request whose adapter
-is only on disk waits in the manager, without holding anyone up, until the loader thread has read it.
+dispatch what the step returned (token events, classifications, embeddings) to the futures and queues the
+callers await. Classification, embedding and generation all become rows of the engine's steps. A request
+whose adapter is only on disk waits in the manager, without holding anyone up, until the loader thread has
+read it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex_server.api.metrics import Metrics
+from loraplex_server.engine.embedding import EmbedRequest
 from loraplex_server.engine.engine import Engine
 from loraplex_server.engine.requests import Classification, ClassifyRequest, SlotAdapter, StepOutput
 from loraplex_server.engine.sequence import GenerationRequest, TokenEvent
@@ -41,6 +43,13 @@ class _Job:
 @dataclass(kw_only=True)
 class _ClassifyJob(_Job):
     token_ids: list[list[int]]
+
+
+@dataclass(kw_only=True)
+class _EmbedJob(_Job):
+    """Texts to embed, on an adapter (key) or the base (key None)."""
+
+    request: EmbedRequest
 
 
 @dataclass(kw_only=True)
@@ -78,7 +87,7 @@ class EngineLoop:
         self.engine, self.manager, self.metrics = engine, manager, metrics
         self.max_pending = max_pending  # requests accepted and not finished, queued or running
         self._inbox: queue.Queue = queue.Queue()
-        self._running: dict[str, _ClassifyJob | _SubmitJob] = {}  # engine request id -> its caller's job
+        self._running: dict[str, _ClassifyJob | _EmbedJob | _SubmitJob] = {}  # engine request id -> its caller's job
         self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -122,6 +131,16 @@ class EngineLoop:
 
     async def classify(self, token_ids: list[list[int]], key: str) -> list[Classification]:
         return await self._job(_ClassifyJob, key, token_ids=token_ids)
+
+    async def embed(self, token_ids: list[list[int]], key: str | None):
+        """The texts' embeddings [texts, hidden] (a float32 CPU tensor); the caller leaving (a client gone, a
+        deadline) takes its texts out of the engine at the next step."""
+        request = EmbedRequest(token_ids, key)
+        try:
+            return await self._job(_EmbedJob, key, request=request)
+        except asyncio.CancelledError:
+            self.cancel(request.request_id)
+            raise
 
     async def warm(self, key: str, pin: bool) -> None:
         await self._job(_WarmJob, key, pin=pin)
@@ -180,7 +199,8 @@ class EngineLoop:
         for job in messages:
             if isinstance(job, _Job):
                 self.metrics.queue_depth.dec()
-                method = {_ClassifyJob: "Classify", _SubmitJob: "Generate"}.get(type(job), "AdapterService")
+                method = {_ClassifyJob: "Classify", _SubmitJob: "Generate", _EmbedJob: "Embed"}.get(
+                    type(job), "AdapterService")
                 self.metrics.queue_wait.labels(method).observe(now - job.arrived)
         return messages
 
@@ -193,7 +213,8 @@ class EngineLoop:
 
     def _cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)  # its end comes out of the next step
-        for job in self.manager.withdraw(lambda j: isinstance(j, _SubmitJob) and j.request.request_id == request_id):
+        for job in self.manager.withdraw(lambda j: isinstance(j, _SubmitJob | _EmbedJob)
+                                         and j.request.request_id == request_id):
             self._reply(job, None, asyncio.CancelledError())
 
     def _start(self, job: _Job, placed: SlotAdapter | BaseException | None) -> None:
@@ -207,6 +228,10 @@ class EngineLoop:
                 request = ClassifyRequest(job.token_ids, job.key)
                 self.engine.submit_classify(request, placed)
                 self._running[request.request_id] = job
+                return
+            if isinstance(job, _EmbedJob):
+                self.engine.submit_embed(job.request, placed)
+                self._running[job.request.request_id] = job
                 return
             if isinstance(job, _SubmitJob):
                 self.engine.submit(job.request, placed)
@@ -251,7 +276,7 @@ class EngineLoop:
             streams.setdefault(job.loop, []).append((job.events, event))
         for loop, items in streams.items():
             loop.call_soon_threadsafe(_deliver, items)
-        for done in output.classified:
+        for done in [*output.classified, *output.embedded]:
             job = self._running.pop(done.request_id, None)
             if job is not None:
                 self._ended(job)

@@ -51,6 +51,11 @@ class InferenceServiceStub:
                 request_serializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/loraplex.v1.InferenceService/Embed',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -79,6 +84,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Sentence embeddings of one or many texts, on the base model or through an adapter's LoRA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +198,33 @@ class InferenceService:
             '/loraplex.v1.InferenceService/GenerateStream',
             loraplex_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
             loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/Embed',
+            loraplex_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
