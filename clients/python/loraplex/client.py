@@ -20,6 +20,7 @@ from .chat import Message, chat_messages
 from .errors import LoraplexError, error_from
 from .health import HealthStatus, health_request, health_status, health_stub, not_serving_after
 from .results import Classification, Generation, GenerationChunk, chunk, classifications, generation, sampling
+from .structured import structured_output, tool_fields
 
 __all__ = ["AsyncClient", "Classification", "Client", "Generation", "GenerationChunk", "HealthStatus"]
 
@@ -51,10 +52,17 @@ def _backoff(attempt: int) -> float:
 
 
 def _request(kind, adapter: str | None, prompt: str, messages: Iterable[Message] | None, max_tokens: int,
-             temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None):
-    """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages."""
+             temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None,
+             json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+             json_object: bool = False, tools: list[dict] | None = None, tool_choice: str | None = None):
+    """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages, and at most
+    one constraint on the output (json_schema, regex, choice, json_object)."""
+    params = sampling(max_tokens, temperature, top_p, top_k, stop, seed)
+    constraint = structured_output(json_schema, regex, choice, json_object)
+    if constraint is not None:
+        params.structured.CopyFrom(constraint)
     return kind(adapter=adapter or "", prompt=prompt, messages=chat_messages(messages) if messages is not None else [],
-                sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed))
+                sampling=params, **tool_fields(tools, tool_choice))
 
 
 class Client:
@@ -101,33 +109,44 @@ class Client:
         return classifications(self._call(self._stub.Classify, pb.ClassifyRequest(adapter=adapter, texts=texts)))
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None
-                 ) -> Generation:
+                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, json_schema, regex, choice, json_object)
         return generation(self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None) -> Iterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False) -> Iterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, json_schema, regex, choice, json_object))
 
     def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-             seed: int | None = None) -> Generation:
+             seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False,
+                 tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
         """The assistant's reply to `messages` ({"role", "content"} dicts or (role, content) tuples), rendered
         with the base model's chat template by the server."""
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, json_schema, regex, choice, json_object, tools,
+                           tool_choice)
         return generation(self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None) -> Iterator[GenerationChunk]:
+                    seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False,
+                 tools: list[dict] | None = None, tool_choice: str | None = None) -> Iterator[GenerationChunk]:
         # Built now, not on the first next(): a malformed message fails at the call.
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, json_schema, regex, choice, json_object, tools,
+                           tool_choice))
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """`if client.health(): ...` is true only while the server is SERVING."""
@@ -209,29 +228,41 @@ class AsyncClient:
 
     async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                       seed: int | None = None) -> Generation:
+                       seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, json_schema, regex, choice, json_object)
         return generation(await self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, json_schema, regex, choice, json_object))
 
     async def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                   seed: int | None = None) -> Generation:
+                   seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False,
+                 tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed)
+                           seed, json_schema, regex, choice, json_object, tools,
+                           tool_choice)
         return generation(await self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None) -> AsyncIterator[GenerationChunk]:
+                    seed: int | None = None, *,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: list[str] | None = None, json_object: bool = False,
+                 tools: list[dict] | None = None, tool_choice: str | None = None) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed))
+                                     top_k, stop, seed, json_schema, regex, choice, json_object, tools,
+                           tool_choice))
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         try:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api import inputs as bounds
+from loraplex_server.api import structured as constraints
 from loraplex_server.api.auth import TokenPolicy
 from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown, WrongTask
 from loraplex_server.api.inputs import CHARS_PER_TOKEN, Limits, chat_token_ids, text_token_ids
@@ -139,10 +140,13 @@ class RequestPath:
     async def _start(self, runtime: ServingRuntime, request: GenerateInput, observation: Observation) -> Generation:
         key = (await self.adapter(runtime, request.adapter, "generation"))[0] if request.adapter else None
         params = bounds.sampling(request.sampling, self.limits, request.longest_by_default)
+        if request.structured is not None:
+            constraints.constraint(request.structured)  # bounds first: refused before tokenizing
         prompt_ids = await self._prompt_ids(runtime, request)
+        grammar = await constraints.compiled(runtime.engine, request.structured) if request.structured else None
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        generation = GenerationRequest(prompt_ids, key, params)
+        generation = GenerationRequest(prompt_ids, key, params, grammar=grammar)
         events = await runtime.submit(generation)
         return Generation(self, runtime, generation, events, observation)
 
@@ -177,7 +181,8 @@ class RequestPath:
             observation.done = True  # this call is counted once, by `observed`
             generation = await self._start(runtime, GenerateInput(key, request.prompt, request.messages,
                                                                   request.sampling, request.longest_by_default,
-                                                                  request.prompt_field), observation)
+                                                                  request.prompt_field, request.structured),
+                                           observation)
             return manifest, await generation.collect()
         return await self.observed(call, reference, work)
 

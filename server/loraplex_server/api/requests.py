@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api.chat_template import ChatMessage
+from loraplex_server.api.structured import StructuredInput
 from loraplex_server.engine.engine import Classification
 
 __all__ = ["AdapterView", "Call", "ChatMessage", "ClassifyInput", "ClassifyOutput", "GenerateInput",
@@ -56,6 +57,7 @@ class GenerateInput:
     sampling: SamplingInput = field(default_factory=SamplingInput)
     longest_by_default: bool = False  # no max_tokens means as many as allowed (OpenAI), not the short default
     prompt_field: str = "prompt"
+    structured: StructuredInput | None = None  # what the output must match (api/structured.py)
 
 
 @dataclass

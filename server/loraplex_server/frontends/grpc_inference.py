@@ -8,6 +8,7 @@ from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
+from loraplex_server.api.structured import StructuredInput
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -19,7 +20,21 @@ def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Ge
                              temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0,
                              top_k=s.top_k, stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None)
     return GenerateInput(request.adapter or None, request.prompt,
-                         tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling)
+                         tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling,
+                         structured=structured_input(s))
+
+
+def structured_input(sampling: pb.SamplingParameters) -> StructuredInput | None:
+    """SamplingParameters.structured as the request path's constraint (None when unset)."""
+    if not sampling.HasField("structured"):
+        return None
+    kind = sampling.structured.WhichOneof("kind")
+    where = f"sampling.structured.{kind}" if kind else "sampling.structured"
+    if kind == "choice":
+        return StructuredInput("choice", list(sampling.structured.choice.choices), where)
+    if kind == "json_object" and not sampling.structured.json_object:
+        kind = None  # false asks for nothing: refused as an empty constraint
+    return StructuredInput(kind or "", getattr(sampling.structured, kind) if kind else None, where)
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):

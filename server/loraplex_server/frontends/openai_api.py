@@ -152,7 +152,7 @@ class OpenAIApi:
             bodies.append(body)
             adapter = self._adapter(body.model)
             return GenerateInput(adapter, body.request.prompt, body.request.messages, body.request.sampling,
-                                 longest_by_default=True)
+                                 longest_by_default=True, structured=body.request.structured)
 
         generation = await self.path.generate(call, decode)
         body = bodies[0]

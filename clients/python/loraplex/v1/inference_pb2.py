@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"1\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"W\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x06scores\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.LabelScore\"@\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.loraplex.v1.Classification\"\xa8\x01\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x91\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\x97\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\"\x97\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"t\n\x0eGenerationDone\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"x\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.loraplex.v1.TokenDeltaH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.loraplex.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\x81\x02\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.loraplex.v1.ClassifyRequest\x1a\x1d.loraplex.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"1\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"W\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x06scores\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.LabelScore\"@\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.loraplex.v1.Classification\"\xdb\x01\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x31\n\nstructured\x18\n \x01(\x0b\x32\x1d.loraplex.v1.StructuredOutputB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\x81\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.loraplex.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xba\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\n \x01(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\"\xc2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.loraplex.v1.ToolCall\"\xc0\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\n \x01(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x9f\x01\n\x0eGenerationDone\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.loraplex.v1.ToolCall\"x\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.loraplex.v1.TokenDeltaH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.loraplex.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x81\x02\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.loraplex.v1.ClassifyRequest\x1a\x1d.loraplex.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1254
-  _globals['_FINISHREASON']._serialized_end=1372
+  _globals['_FINISHREASON']._serialized_start=1697
+  _globals['_FINISHREASON']._serialized_end=1845
   _globals['_CLASSIFYREQUEST']._serialized_start=44
   _globals['_CLASSIFYREQUEST']._serialized_end=93
   _globals['_LABELSCORE']._serialized_start=95
@@ -42,21 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=228
   _globals['_CLASSIFYRESPONSE']._serialized_end=292
   _globals['_SAMPLINGPARAMETERS']._serialized_start=295
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=463
-  _globals['_CHATMESSAGE']._serialized_start=465
-  _globals['_CHATMESSAGE']._serialized_end=509
-  _globals['_GENERATEREQUEST']._serialized_start=512
-  _globals['_GENERATEREQUEST']._serialized_end=657
-  _globals['_GENERATERESPONSE']._serialized_start=660
-  _globals['_GENERATERESPONSE']._serialized_end=811
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=814
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=965
-  _globals['_TOKENDELTA']._serialized_start=967
-  _globals['_TOKENDELTA']._serialized_end=1012
-  _globals['_GENERATIONDONE']._serialized_start=1014
-  _globals['_GENERATIONDONE']._serialized_end=1130
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1132
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1252
-  _globals['_INFERENCESERVICE']._serialized_start=1375
-  _globals['_INFERENCESERVICE']._serialized_end=1632
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=514
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=517
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=646
+  _globals['_CHOICES']._serialized_start=648
+  _globals['_CHOICES']._serialized_end=674
+  _globals['_TOOLCALL']._serialized_start=676
+  _globals['_TOOLCALL']._serialized_end=736
+  _globals['_CHATMESSAGE']._serialized_start=738
+  _globals['_CHATMESSAGE']._serialized_end=782
+  _globals['_GENERATEREQUEST']._serialized_start=785
+  _globals['_GENERATEREQUEST']._serialized_end=971
+  _globals['_GENERATERESPONSE']._serialized_start=974
+  _globals['_GENERATERESPONSE']._serialized_end=1168
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1171
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1363
+  _globals['_TOKENDELTA']._serialized_start=1365
+  _globals['_TOKENDELTA']._serialized_end=1410
+  _globals['_GENERATIONDONE']._serialized_start=1413
+  _globals['_GENERATIONDONE']._serialized_end=1572
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1574
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1694
+  _globals['_INFERENCESERVICE']._serialized_start=1848
+  _globals['_INFERENCESERVICE']._serialized_end=2105
 # @@protoc_insertion_point(module_scope)
