@@ -158,7 +158,6 @@ CHAT_BODY = {"messages": CHAT, "max_tokens": 2}
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/chat/completions", {"presence_penalty": 1}, "presence_penalty"),
     ("/v1/chat/completions", {"frequency_penalty": 1}, "frequency_penalty"),

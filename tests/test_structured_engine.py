@@ -4,6 +4,7 @@ matches its own constraint, and the free rows' greedy outputs are those of their
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 from test_step_loop import PROMPTS, alone, engine, run
 
+from loraplex_server.api.errors import InvalidRequest
+from loraplex_server.api.structured import StructuredInput, compiled
 from loraplex_server.engine.engine import GenerationRequest
 from loraplex_server.engine.grammar import Constraint, GrammarCompiler, RowGrammar, choice_grammar, mask_logits
 from loraplex_server.engine.sampling import SamplingParams
@@ -89,3 +92,10 @@ def test_compile_is_cached_and_invalid_constraints_raise_value_error(compiler):
 
 def test_choice_grammar_escapes_quotes_and_newlines():
     assert choice_grammar(['a"b', "c\nd"]) == 'root ::= "a\\"b" | "c\\nd"'
+
+
+def test_a_compile_past_its_time_limit_is_refused_and_lands_in_the_cache_later(eng):
+    slow = StructuredInput("regex", "[a-z]{1,128}-[0-9]{1,128}", "guided_regex")
+    with pytest.raises(InvalidRequest, match="too long to compile"):
+        asyncio.run(compiled(eng, slow, seconds=0.001))
+    assert asyncio.run(compiled(eng, slow, seconds=60)) is asyncio.run(compiled(eng, slow, seconds=0.001))

@@ -16,7 +16,7 @@ import json
 import re
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loraplex_adapters.bounded_json import nesting_depth
@@ -131,8 +131,8 @@ def _choices(value: object, where: str) -> list[str]:
 
 _pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
 _compilers: weakref.WeakKeyDictionary[Engine, GrammarCompiler] = weakref.WeakKeyDictionary()
-_compilers_lock = threading.Lock()
-_compiling: dict[tuple[int, Constraint], asyncio.Future] = {}  # compiles in flight, shared by their requests
+_compilers_lock = threading.RLock()  # reentrant: a compile that is done already ends in submit's thread
+_compiling: dict[tuple[int, Constraint], Future] = {}  # compiles in flight, shared by their requests
 
 
 def compiler_for(engine: Engine) -> GrammarCompiler:
@@ -157,13 +157,15 @@ async def compiled(engine: Engine, structured: StructuredInput, seconds: float =
     if grammar is not None:
         return grammar
     key = (id(engine), wanted)
-    work = _compiling.get(key)
-    if work is None:
-        work = asyncio.get_running_loop().run_in_executor(_pool, lambda: compiler_for(engine).compile(wanted))
-        _compiling[key] = work
-        work.add_done_callback(lambda done: _compile_ended(key, done))
+    with _compilers_lock:
+        work = _compiling.get(key)
+        if work is None:
+            work = _compiling[key] = _pool.submit(lambda: compiler_for(engine).compile(wanted))
+            work.add_done_callback(lambda done: _compile_ended(key, done))
+    waited = asyncio.wrap_future(work)
+    waited.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved even after a timeout
     try:
-        return await asyncio.wait_for(asyncio.shield(work), seconds)
+        return await asyncio.wait_for(asyncio.shield(waited), seconds)
     except TimeoutError:
         raise InvalidRequest(f"{where}: the constraint takes too long to compile (over {seconds:g} s); simplify it",
                              where) from None
@@ -172,8 +174,7 @@ async def compiled(engine: Engine, structured: StructuredInput, seconds: float =
                              where) from None
 
 
-def _compile_ended(key: tuple[int, Constraint], done: asyncio.Future) -> None:
-    if _compiling.get(key) is done:
-        del _compiling[key]
-    if not done.cancelled():
-        done.exception()  # retrieved: a failure nobody awaits any more is not "never retrieved"
+def _compile_ended(key: tuple[int, Constraint], done: Future) -> None:
+    with _compilers_lock:
+        if _compiling.get(key) is done:
+            del _compiling[key]

@@ -26,6 +26,11 @@ import torch
 import xgrammar as xgr
 
 KINDS = ("json_schema", "json_object", "regex", "choice")
+# xgrammar 0.2.9 writes the characters of a length-bounded JSON string (maxLength) as this class, which lets
+# control characters through (JSON forbids them unescaped, and json.loads refuses them); its other strings
+# use the strict class.
+_LAX_STRING_CHAR = r"[^\"\\\r\n]"
+_STRICT_STRING_CHAR = r"[^\0-\x1f\"\\]"
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class GrammarCompiler:
 
     def _compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         if constraint.kind == "json_schema":
-            return self._compiler.compile_json_schema(constraint.text, any_whitespace=False, strict_mode=True)
+            ebnf = str(xgr.Grammar.from_json_schema(constraint.text, any_whitespace=False, strict_mode=True))
+            return self._compiler.compile_grammar(ebnf.replace(_LAX_STRING_CHAR, _STRICT_STRING_CHAR))
         if constraint.kind == "json_object":
             return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if constraint.kind == "regex":
