@@ -18,6 +18,7 @@ from server_process import free_port, start_server
 from test_chat import chat_base  # noqa: F401 - the fixture: the tiny base with a chat template
 
 from loraplex import AsyncClient
+from loraplex.cli import main as cli_main
 from loraplex.errors import LoraplexError
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
@@ -174,3 +175,13 @@ def test_grpc_refuses_an_empty_constraint(server):
 def test_one_constraint_per_request(server):
     body = {"model": GEN, "prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}
     assert httpx.post(server["url"] + "/v1/completions", json=body, timeout=30).status_code == 400
+
+
+def test_cli_generate_with_a_choice_and_a_schema_file(server, tmp_path, capsys):
+    target = ["--server", f"127.0.0.1:{server['port']}", "--adapter", GEN]
+    assert cli_main(["generate", *target, "--choice", "yes", "--choice", "no", "x"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert cli_main(["generate", *target, "--max-tokens", "40", "--json-schema", str(schema), "x"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
