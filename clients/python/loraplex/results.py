@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 from loraplex.v1 import inference_pb2 as pb
 
-FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+
+
+@dataclass
+class ToolCall:
+    """A function call the model made: its id, the function's name, and the arguments (a JSON object's text)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -23,6 +33,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[ToolCall] = field(default_factory=list)  # finish_reason "tool_calls"
 
 
 @dataclass
@@ -34,6 +45,11 @@ class GenerationChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last chunk
+
+
+def _tool_calls(calls) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments_json) for c in calls]
 
 
 def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
@@ -51,7 +67,7 @@ def classifications(response: pb.ClassifyResponse) -> list[Classification]:
 
 def generation(r: pb.GenerateResponse) -> Generation:
     return Generation(r.text, list(r.token_ids), FINISH_REASONS.get(r.finish_reason, ""), r.prompt_tokens,
-                      r.completion_tokens)
+                      r.completion_tokens, _tool_calls(r.tool_calls))
 
 
 def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
@@ -59,4 +75,5 @@ def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
         return GenerationChunk(message.delta.text, list(message.delta.token_ids))
     done = message.done
     return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
-                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                           tool_calls=_tool_calls(done.tool_calls))

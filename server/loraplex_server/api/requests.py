@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api.chat_template import ChatMessage
 from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.tools import ToolCall, ToolsInput
 from loraplex_server.engine.engine import Classification
 
 __all__ = ["AdapterView", "Call", "ChatMessage", "ClassifyInput", "ClassifyOutput", "GenerateInput",
@@ -58,6 +59,7 @@ class GenerateInput:
     longest_by_default: bool = False  # no max_tokens means as many as allowed (OpenAI), not the short default
     prompt_field: str = "prompt"
     structured: StructuredInput | None = None  # what the output must match (api/structured.py)
+    tools: ToolsInput | None = None  # functions the model may call (api/tools.py); needs messages
 
 
 @dataclass
@@ -69,6 +71,7 @@ class GenerationResult:
     finish_reason: str | None  # eos, stop, length
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[ToolCall] = field(default_factory=list)  # then finish_reason is "tool_calls" and text ""
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _schema_text(value: object, where: str) -> str:
     if nesting_depth(value) > MAX_SCHEMA_DEPTH:
         raise InvalidRequest(f"{where}: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", where)
     try:
-        text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)  # key order kept: properties come in it
     except ValueError:
         raise InvalidRequest(f"{where}: the JSON schema must hold finite numbers only", where) from None
     if len(text.encode()) > MAX_SCHEMA_BYTES:

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.tools import ToolCall, ToolCallStream, ToolsInput
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
 
-FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                  "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerateInput:
@@ -21,7 +24,19 @@ def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Ge
                              top_k=s.top_k, stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None)
     return GenerateInput(request.adapter or None, request.prompt,
                          tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling,
-                         structured=structured_input(s))
+                         structured=structured_input(s), tools=tools_input(request))
+
+
+def tools_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> ToolsInput | None:
+    if not request.tools_json:
+        if request.tool_choice not in ("", "auto", "none"):
+            raise InvalidRequest("tool_choice needs tools_json", "tool_choice")
+        return None
+    return ToolsInput(request.tools_json, request.tool_choice or None, "tools_json")
+
+
+def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments) for c in calls]
 
 
 def structured_input(sampling: pb.SamplingParameters) -> StructuredInput | None:
@@ -59,7 +74,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await abort_for(context, exc)
         return pb.GenerateResponse(text=result.text, token_ids=result.token_ids,
                                    finish_reason=FINISH_REASONS.get(result.finish_reason, 0),
-                                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+                                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                                   tool_calls=_calls(result.tool_calls))
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -67,14 +83,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             generation = await self.path.generate(call_of(context, "GenerateStream"), generate_input(request))
         except Exception as exc:
             await abort_for(context, exc)
+        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None
         try:
             async for event in generation.events():
                 if event.token_id is not None:
-                    yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=event.text, token_ids=[event.token_id]))
+                    text = calls.feed(event.text) if calls is not None else event.text
+                    yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=text, token_ids=[event.token_id]))
                 if event.finished:
+                    reason = event.finish_reason
+                    rest, called = calls.end() if calls is not None else ("", [])
+                    if rest:
+                        yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=rest))
                     yield pb.GenerateStreamResponse(done=pb.GenerationDone(
-                        finish_reason=FINISH_REASONS.get(event.finish_reason, 0),
-                        prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens))
+                        finish_reason=FINISH_REASONS.get("tool_calls" if called else reason, 0),
+                        prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                        tool_calls=_calls(called)))
         except Exception as exc:
             await abort_for(context, exc)
         finally:

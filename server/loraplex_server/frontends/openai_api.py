@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import dataclasses
 import json
 import time
 import uuid
@@ -27,6 +28,7 @@ from loraplex_server.api.errors import InvalidRequest, PayloadTooLarge
 from loraplex_server.api.request_path import Generation, RequestPath
 from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
 from loraplex_server.api.status import status_of
+from loraplex_server.api.tools import ToolCall, ToolCallStream
 from loraplex_server.frontends.openai_schema import (
     GenerationBody,
     parse_chat,
@@ -34,8 +36,10 @@ from loraplex_server.frontends.openai_schema import (
     parse_completion,
     parse_json,
 )
+from loraplex_server.frontends.openai_structured import tool_calls_json
 
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's names: EOS is a natural stop
+# OpenAI's names: EOS is a natural stop
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable"}
@@ -151,8 +155,7 @@ class OpenAIApi:
             body = parse(await self._json(request))
             bodies.append(body)
             adapter = self._adapter(body.model)
-            return GenerateInput(adapter, body.request.prompt, body.request.messages, body.request.sampling,
-                                 longest_by_default=True, structured=body.request.structured)
+            return dataclasses.replace(body.request, adapter=adapter, longest_by_default=True)
 
         generation = await self.path.generate(call, decode)
         body = bodies[0]
@@ -162,7 +165,7 @@ class OpenAIApi:
                                      headers={"Cache-Control": "no-cache"})
         result = await _until_disconnected(request, generation.collect())
         return JSONResponse(reply.whole(result.text, FINISH_REASONS.get(result.finish_reason),
-                                        _usage(result.prompt_tokens, result.completion_tokens)))
+                                        _usage(result.prompt_tokens, result.completion_tokens), result.tool_calls))
 
     async def http_classify(self, request: Request, call: Call) -> Response:
         models: list[str] = []
@@ -209,11 +212,20 @@ async def _sse(reply: _Reply, generation: Generation, include_usage: bool) -> As
     try:
         if reply.chat:
             yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
+        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None
         async for event in generation.events():
-            if event.text:
-                yield _data(reply.chunk(event.text, None, include_usage))
+            text = calls.feed(event.text) if calls is not None else event.text
+            if text:
+                yield _data(reply.chunk(text, None, include_usage))
             if event.finished:
-                yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage))
+                reason = FINISH_REASONS.get(event.finish_reason)
+                rest, called = calls.end() if calls is not None else ("", [])
+                if rest:
+                    yield _data(reply.chunk(rest, None, include_usage))
+                if called:
+                    yield _data(reply.chunk({"tool_calls": tool_calls_json(called, delta=True)}, None, include_usage))
+                    reason = "tool_calls"
+                yield _data(reply.chunk("", reason, include_usage))
         if include_usage:
             yield _data(reply.usage_chunk(_usage(generation.prompt_tokens, generation.completion_tokens)))
     except Exception as exc:
@@ -236,10 +248,12 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, text: str, finish_reason: str | None, usage: dict) -> dict:
+    def whole(self, text: str, finish_reason: str | None, usage: dict, tool_calls: list[ToolCall] = ()) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(tool_calls)}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]), "usage": usage}

@@ -15,14 +15,13 @@ from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
 from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
-from loraplex_server.frontends.openai_structured import STRUCTURED_FIELDS, structured_input
+from loraplex_server.frontends.openai_structured import STRUCTURED_FIELDS, structured_input, tools_input
 
 # Options we do not implement -> their neutral value(s): anything else is a 400, never a silent ignore.
 _NEUTRAL = {
     "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
 }
 _SAMPLING = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
              "user"}
@@ -197,7 +196,7 @@ def parse_chat(body: dict) -> GenerationBody:
     stream, usage = _stream(body)
     model = _string(body, "model")
     request = GenerateInput(model, messages=tuple(_messages(body)), sampling=_sampling(body, "max_completion_tokens"),
-                            longest_by_default=True, structured=structured_input(body))
+                            longest_by_default=True, structured=structured_input(body), tools=tools_input(body))
     return GenerationBody(model, request, stream, usage)
 
 

@@ -1,12 +1,14 @@
 """The OpenAI API's ways to constrain output, decoded into one StructuredInput: OpenAI's `response_format`
 (`text`, `json_object`, `json_schema`) and vLLM's extras (`guided_json`, `guided_regex`, `guided_choice`,
 and the newer `structured_outputs` object with `json`, `regex` or `choice`). At most one may be set.
-The sizes are bounded by the request path (api/structured.py), not here."""
+Also `tools` and `tool_choice` (decoded into ToolsInput), and tool calls encoded back (whole or as deltas).
+The sizes are bounded by the request path (api/structured.py, api/tools.py), not here."""
 
 from __future__ import annotations
 
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.tools import ToolCall, ToolsInput
 
 STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs"}
 _OUTPUTS_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice"}
@@ -55,3 +57,28 @@ def _structured_outputs(value: object) -> StructuredInput:
         raise InvalidRequest("structured_outputs takes exactly one of json, regex and choice", where)
     key, inner = next(iter(value.items()))
     return StructuredInput(_OUTPUTS_KINDS[key], inner, f"{where}.{key}")
+
+
+def tools_input(body: dict) -> ToolsInput | None:
+    """`tools` and `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}})."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        choice = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(choice, str):
+            raise InvalidRequest('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                 '"function": {"name": ...}}', "tool_choice")
+    elif choice is not None and choice not in ("none", "auto", "required"):
+        raise InvalidRequest('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                             '"function": {"name": ...}}', "tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools", "tool_choice")
+        return None
+    return ToolsInput(tools, choice, "tools")
+
+
+def tool_calls_json(calls: list[ToolCall], delta: bool = False) -> list[dict]:
+    """OpenAI's tool_calls of a message, or of a streamed delta (with each call's index)."""
+    return [{**({"index": i} if delta else {}), "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for i, call in enumerate(calls)]
