@@ -63,14 +63,20 @@ def constraint(structured: StructuredInput) -> Constraint:
     return Constraint(kind, json.dumps(_choices(value, where), ensure_ascii=False))
 
 
+def parsed_json(value: object, where: str, what: str, max_bytes: int) -> object:
+    """`value`, parsed first when it is JSON text (refused past max_bytes before parsing)."""
+    if not isinstance(value, str | bytes):
+        return value
+    if len(value) > max_bytes:
+        raise InvalidRequest(f"{where}: {what} is over {max_bytes} bytes", where)
+    try:
+        return json.loads(value)
+    except (RecursionError, ValueError):
+        raise InvalidRequest(f"{where}: {what} is not valid JSON", where) from None
+
+
 def _schema_text(value: object, where: str) -> str:
-    if isinstance(value, str | bytes):
-        if len(value) > MAX_SCHEMA_BYTES:
-            raise InvalidRequest(f"{where}: the JSON schema is over {MAX_SCHEMA_BYTES} bytes", where)
-        try:
-            value = json.loads(value)
-        except (RecursionError, ValueError):
-            raise InvalidRequest(f"{where}: the JSON schema is not valid JSON", where) from None
+    value = parsed_json(value, where, "the JSON schema", MAX_SCHEMA_BYTES)
     if not isinstance(value, dict):
         raise InvalidRequest(f"{where}: the JSON schema must be a JSON object", where)
     if nesting_depth(value) > MAX_SCHEMA_DEPTH:

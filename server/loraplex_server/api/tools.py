@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from loraplex_server.api.chat_template import ChatMessage
 from loraplex_server.api.errors import InvalidRequest
-from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.structured import StructuredInput, parsed_json
 
 MAX_TOOLS = 64
 MAX_TOOLS_BYTES = 64 << 10
@@ -60,14 +60,7 @@ class PreparedTools:
 def prepare(tools: ToolsInput) -> PreparedTools:
     """Bounds and shape of the tools and tool_choice (InvalidRequest naming the field otherwise)."""
     where = tools.field
-    value = tools.tools
-    if isinstance(value, str):
-        if len(value) > MAX_TOOLS_BYTES:
-            raise InvalidRequest(f"{where} is over {MAX_TOOLS_BYTES} bytes", where)
-        try:
-            value = json.loads(value)
-        except (RecursionError, ValueError):
-            raise InvalidRequest(f"{where} is not valid JSON", where) from None
+    value = parsed_json(tools.tools, where, "the tools", MAX_TOOLS_BYTES)
     if not isinstance(value, list | tuple) or not value:
         raise InvalidRequest(f"{where} must be a non-empty list of tools", where)
     if len(value) > MAX_TOOLS:
