@@ -58,11 +58,11 @@ def add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
                        help="seed for reproducible sampling (default: a fresh one per request)")
     constraint = parser.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE",
-                            help="the output is JSON valid against the JSON schema in FILE")
+                            help="the output is JSON valid against the JSON schema in FILE (default: none)")
     constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
-    constraint.add_argument("--regex", default=None, help="the whole output matches this regular expression")
+    constraint.add_argument("--regex", default=None, help="the whole output matches this regular expression (default: none)")
     constraint.add_argument("--choice", action="append", default=None, metavar="TEXT",
-                            help="the output is exactly one of these texts (repeatable)")
+                            help="the output is exactly one of these texts (repeatable; default: none)")
 
 
 def _json_file(path: str) -> str:
