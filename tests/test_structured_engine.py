@@ -11,6 +11,8 @@ import re
 import jsonschema
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_step_loop import PROMPTS, alone, engine, run
 
 from loraplex_server.api.errors import InvalidRequest
@@ -99,3 +101,18 @@ def test_a_compile_past_its_time_limit_is_refused_and_lands_in_the_cache_later(e
     with pytest.raises(InvalidRequest, match="too long to compile"):
         asyncio.run(compiled(eng, slow, seconds=0.001))
     assert asyncio.run(compiled(eng, slow, seconds=60)) is asyncio.run(compiled(eng, slow, seconds=0.001))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["json_schema", "regex", "choice", "json_object", "grammar"]),
+       value=st.one_of(st.text(max_size=40), st.recursive(
+           st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+           max_leaves=12)))
+def test_any_constraint_compiles_or_is_refused_as_invalid(eng, kind, value):
+    """The whole class of client constraints: each either compiles or is an InvalidRequest (400 /
+    INVALID_ARGUMENT), never another failure."""
+    try:
+        asyncio.run(compiled(eng, StructuredInput(kind, value, "guided"), seconds=30))
+    except InvalidRequest:
+        pass
