@@ -125,6 +125,9 @@ HOSTILE = [
     ("guided_json", _deep(12), "nests deeper"),
     ("guided_json", {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}, "properties"),
     ("guided_json", {"type": 12}, "invalid"),
+    ("guided_json", {"type": "string", "pattern": "[a-z]{1,5000}"}, "repetition bound"),  # 30 s to compile
+    ("guided_json", {"type": "object", "patternProperties": {"[a-z]{1,5000}": {}}}, "repetition bound"),
+    ("guided_json", {"$ref": "#"}, "invalid"),
     ("guided_json", "{not json", "not valid JSON"),
     ("guided_json", [1, 2], "must be a JSON object"),
     ("guided_regex", "[a-z]{1,100000}", "repetition bound"),

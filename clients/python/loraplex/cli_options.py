@@ -60,7 +60,8 @@ def add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     constraint.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE",
                             help="the output is JSON valid against the JSON schema in FILE (default: none)")
     constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
-    constraint.add_argument("--regex", default=None, help="the whole output matches this regular expression (default: none)")
+    constraint.add_argument("--regex", default=None,
+                            help="the whole output matches this regular expression (default: none)")
     constraint.add_argument("--choice", action="append", default=None, metavar="TEXT",
                             help="the output is exactly one of these texts (repeatable; default: none)")
 

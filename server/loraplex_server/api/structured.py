@@ -87,18 +87,25 @@ def _schema_text(value: object, where: str) -> str:
         raise InvalidRequest(f"{where}: the JSON schema must hold finite numbers only", where) from None
     if len(text.encode()) > MAX_SCHEMA_BYTES:
         raise InvalidRequest(f"{where}: the JSON schema is over {MAX_SCHEMA_BYTES} bytes", where)
-    if _count_properties(value) > MAX_SCHEMA_PROPERTIES:
+    if _count_properties(value, where) > MAX_SCHEMA_PROPERTIES:
         raise InvalidRequest(f"{where}: the JSON schema has more than {MAX_SCHEMA_PROPERTIES} properties", where)
     return text
 
 
-def _count_properties(value: object) -> int:
+def _count_properties(value: object, where: str) -> int:
+    """Property names over the whole schema; every regex in it (`pattern`, `patternProperties` keys) is
+    bounded like a regex constraint, as its compile cost is the same."""
     count, stack = 0, [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             if isinstance(item.get("properties"), dict):
                 count += len(item["properties"])
+            if isinstance(item.get("pattern"), str):
+                _regex(item["pattern"], where)
+            if isinstance(item.get("patternProperties"), dict):
+                for pattern in item["patternProperties"]:
+                    _regex(pattern, where)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
