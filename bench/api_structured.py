@@ -10,7 +10,7 @@
 - `mask_us`: the per-token cost of a row's mask (fill the bitmask for one row, median over every token of
   a JSON document under a 4-property schema), for xgrammar (the engine's) and, when it is installed,
   llguidance (the alternative that was measured against it); `apply_16_rows_us`: applying 16 rows' masks
-  to the logits [16, 49152].
+  to the logits [16, 49152], and `mask_share_of_a_16_row_step`, that against a free step of the 16 rows.
 - `compile_50_properties_ms`: compiling a 50-property schema cold (never seen) and cached (the request
   path's LRU).
 Ratios are taken within one run (the machine may be shared and noisy). Ends with one JSON line.
@@ -54,17 +54,21 @@ def fifty_properties(tag: str) -> str:
     return json.dumps({"type": "object", "properties": properties, "required": list(properties)})
 
 
-def run_rows(engine: Engine, prompts: list[list[int]], adapters: list[str], tokens: int, grammars: list | None
-             ) -> float:
-    """Seconds to run the rows to `tokens` each."""
+def run_rows(engine: Engine, prompts: list[list[int]], adapters: list[str], tokens: int, grammars: list | None,
+             steps: list[int] | None = None) -> float:
+    """Seconds to run the rows to `tokens` each (their step count appended to `steps`)."""
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     requests = [GenerationRequest(p, a, params, grammar=grammars[i] if grammars else None)
                 for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
     start = time.perf_counter()
     for request in requests:
         engine.submit(request)
+    count = 0
     while engine.has_work:
         engine.step()
+        count += 1
+    if steps is not None:
+        steps.append(count)
     return time.perf_counter() - start
 
 
@@ -77,16 +81,20 @@ def throughput(engine: Engine, compiler: GrammarCompiler, args) -> dict:
     run_rows(engine, prompts, adapters, 4, None)  # warm: first steps, prefix cache of the prompts
     run_rows(engine, prompts, adapters, 4, grammars)
     seconds: dict[str, list[float]] = {"free": [], "structured": []}
+    steps: list[int] = []
     for round_ in range(args.rounds):
         for kind in (("free", "structured") if round_ % 2 == 0 else ("structured", "free")):
             seconds[kind].append(run_rows(engine, prompts, adapters, args.tokens,
-                                          grammars if kind == "structured" else None))
+                                          grammars if kind == "structured" else None,
+                                          steps if kind == "free" else None))
             print(f"round {round_} {kind}: {ROWS * args.tokens / seconds[kind][-1]:.1f} tok/s", flush=True)
     free, structured = (ROWS * args.tokens / statistics.median(seconds[k]) for k in ("free", "structured"))
     # The machine's load moves between rounds far more than within one: the ratio is the median of each
     # round's pair (taken back to back), not a ratio of medians over rounds.
     pairs = [f / s for f, s in zip(seconds["free"], seconds["structured"], strict=True)]
+    step = statistics.median(s / n for s, n in zip(seconds["free"], steps, strict=True))
     return {"free_tok_s": round(free, 1), "structured_tok_s": round(structured, 1),
+            "free_step_ms": round(1e3 * step, 1),
             "structured_vs_free": round(statistics.median(pairs), 3),
             "structured_vs_free_rounds": [round(p, 3) for p in pairs]}
 
@@ -173,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(compile_times(compiler, 3))
     results.update(mask_costs(engine, compiler))
     results.update(throughput(engine, compiler, args))
+    # Less noisy than the timed ratio: the 16 rows' mask work against a free step, both measured here.
+    share = results["fill_and_apply_16_rows_us"] / 1e3 / results["free_step_ms"]
+    results["mask_share_of_a_16_row_step"] = round(share, 4)
     print(json.dumps(results), flush=True)
     return results
 
