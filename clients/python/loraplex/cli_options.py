@@ -56,8 +56,26 @@ def add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
                        help="end the output before this text (repeatable; default: none)")
     group.add_argument("--seed", type=int, default=None,
                        help="seed for reproducible sampling (default: a fresh one per request)")
+    constraint = parser.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE",
+                            help="the output is JSON valid against the JSON schema in FILE (default: none)")
+    constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    constraint.add_argument("--regex", default=None,
+                            help="the whole output matches this regular expression (default: none)")
+    constraint.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                            help="the output is exactly one of these texts (repeatable; default: none)")
+
+
+def _json_file(path: str) -> str:
+    """The text of a JSON file (argparse reports the ValueError as a usage error)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "stop": args.stop, "seed": args.seed}
+            "top_k": args.top_k, "stop": args.stop, "seed": args.seed, "json_schema": args.json_schema,
+            "json_object": args.json_object, "regex": args.regex, "choice": args.choice}

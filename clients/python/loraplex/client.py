@@ -30,6 +30,7 @@ from .results import (
     generation,
     sampling,
 )
+from .structured import structured_output, tool_fields
 
 __all__ = ["AsyncClient", "Classification", "Client", "Embeddings", "Generation", "GenerationChunk", "HealthStatus"]
 
@@ -62,15 +63,22 @@ def _backoff(attempt: int) -> float:
 
 def _request(kind, adapter: str | None, prompt: str, messages: Iterable[Message] | None, max_tokens: int,
              temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None,
-             logprobs: bool = False, top_logprobs: int = 0, n: int = 1):
+             *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1, json_schema: dict | str | None = None,
+             regex: str | None = None, choice: list[str] | None = None, json_object: bool = False,
+             tools: list[dict] | None = None, tool_choice: str | None = None):
     """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages.
 
     logprobs: return each token's logprob (Generation.logprobs, GenerationChunk.logprobs); top_logprobs
     (0..20, implies logprobs): that many most probable alternatives per token. n (1..16): choices of the
     prompt (Generation.choices; chunks carry their choice's index), sharing its prefill; choice i samples
-    with seed + i."""
+    with seed + i. At most one constraint on the output (json_schema, regex, choice, json_object); tools and
+    tool_choice for chat (Generation.tool_calls)."""
+    params = sampling(max_tokens, temperature, top_p, top_k, stop, seed, logprobs, top_logprobs, n)
+    constraint = structured_output(json_schema, regex, choice, json_object)
+    if constraint is not None:
+        params.structured.CopyFrom(constraint)
     return kind(adapter=adapter or "", prompt=prompt, messages=chat_messages(messages) if messages is not None else [],
-                sampling=sampling(max_tokens, temperature, top_p, top_k, stop, seed, logprobs, top_logprobs, n))
+                sampling=params, **tool_fields(tools, tool_choice))
 
 
 class Client:
@@ -124,36 +132,50 @@ class Client:
 
     def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int | None = None,
-                 logprobs: bool = False, top_logprobs: int = 0, n: int = 1
+                 *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                 json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+                 json_object: bool = False
                  ) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed, logprobs, top_logprobs, n)
+                           seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                           json_schema=json_schema, regex=regex, choice=choice, json_object=json_object)
         return generation(self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None, logprobs: bool = False,
-                        top_logprobs: int = 0, n: int = 1) -> Iterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None,
+                        *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                        json_schema: dict | str | None = None, regex: str | None = None,
+                        choice: list[str] | None = None,
+                        json_object: bool = False) -> Iterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed, logprobs, top_logprobs, n))
+                                     top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                                     json_schema=json_schema, regex=regex, choice=choice, json_object=json_object))
 
     def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-             seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-             n: int = 1) -> Generation:
+             seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+             json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+             json_object: bool = False, tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
         """The assistant's reply to `messages` ({"role", "content"} dicts or (role, content) tuples), rendered
         with the base model's chat template by the server."""
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed, logprobs, top_logprobs, n)
+                           seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                           json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
+                           tools=tools, tool_choice=tool_choice)
         return generation(self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                    n: int = 1) -> Iterator[GenerationChunk]:
+                    seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                    json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+                    json_object: bool = False,
+                    tools: list[dict] | None = None, tool_choice: str | None = None) -> Iterator[GenerationChunk]:
         # Built now, not on the first next(): a malformed message fails at the call.
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed, logprobs, top_logprobs, n))
+                                     top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                                     json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
+                                     tools=tools, tool_choice=tool_choice))
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """`if client.health(): ...` is true only while the server is SERVING."""
@@ -239,33 +261,47 @@ class AsyncClient:
 
     async def generate(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                       seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                       n: int = 1) -> Generation:
+                       seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                       json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+                       json_object: bool = False) -> Generation:
         request = _request(pb.GenerateRequest, adapter, prompt, None, max_tokens, temperature, top_p, top_k, stop,
-                           seed, logprobs, top_logprobs, n)
+                           seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                           json_schema=json_schema, regex=regex, choice=choice, json_object=json_object)
         return generation(await self._call(self._stub.Generate, request))
 
     def generate_stream(self, prompt: str, adapter: str | None = None, max_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        stop: list[str] | None = None, seed: int | None = None, logprobs: bool = False,
-                        top_logprobs: int = 0, n: int = 1) -> AsyncIterator[GenerationChunk]:
+                        stop: list[str] | None = None, seed: int | None = None,
+                        *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                        json_schema: dict | str | None = None, regex: str | None = None,
+                        choice: list[str] | None = None,
+                        json_object: bool = False) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, prompt, None, max_tokens, temperature, top_p,
-                                     top_k, stop, seed, logprobs, top_logprobs, n))
+                                     top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                                     json_schema=json_schema, regex=regex, choice=choice, json_object=json_object))
 
     async def chat(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                   seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                   n: int = 1) -> Generation:
+                   seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                   json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+                   json_object: bool = False,
+                   tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
-                           seed, logprobs, top_logprobs, n)
+                           seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                           json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
+                           tools=tools, tool_choice=tool_choice)
         return generation(await self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
-                    seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                    n: int = 1) -> AsyncIterator[GenerationChunk]:
+                    seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
+                    json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
+                    json_object: bool = False,
+                    tools: list[dict] | None = None, tool_choice: str | None = None) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
-                                     top_k, stop, seed, logprobs, top_logprobs, n))
+                                     top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+                                     json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
+                                     tools=tools, tool_choice=tool_choice))
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         try:

@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 from loraplex.v1 import inference_pb2 as pb
 
-FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+
+
+@dataclass
+class ToolCall:
+    """A function call the model made: its id, the function's name, and the arguments (a JSON object's text)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Generation:
     completion_tokens: int  # of every choice
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked (choice 0's)
     choices: list[Choice] = field(default_factory=list)  # every choice (n >= 1), in index order
+    tool_calls: list[ToolCall] = field(default_factory=list)  # finish_reason "tool_calls"
 
 
 @dataclass
@@ -62,6 +73,7 @@ class GenerationChunk:
     completion_tokens: int = 0
     index: int = 0  # the choice it belongs to (n > 1: each choice has its own last chunk)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last chunk
 
 
 @dataclass
@@ -76,6 +88,10 @@ class Embeddings:
 
     def __getitem__(self, index: int) -> list[float]:
         return self.vectors[index]
+
+
+def _tool_calls(calls) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments_json) for c in calls]
 
 
 def sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: list[str] | None,
@@ -106,7 +122,8 @@ def generation(r: pb.GenerateResponse) -> Generation:
                       token_logprobs(c.logprobs)) for c in r.choices]
     finish = FINISH_REASONS.get(r.finish_reason, "")
     return Generation(r.text, list(r.token_ids), finish, r.prompt_tokens, r.completion_tokens, logprobs,
-                      choices or [Choice(0, r.text, list(r.token_ids), finish, logprobs)])
+                      choices or [Choice(0, r.text, list(r.token_ids), finish, logprobs)],
+                      _tool_calls(r.tool_calls))
 
 
 def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
@@ -116,7 +133,8 @@ def chunk(message: pb.GenerateStreamResponse) -> GenerationChunk:
                                logprobs=token_logprobs(delta.logprobs))
     done = message.done
     return GenerationChunk(finish_reason=FINISH_REASONS.get(done.finish_reason, ""),
-                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, index=done.index)
+                           prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, index=done.index,
+                           tool_calls=_tool_calls(done.tool_calls))
 
 
 def embeddings(response: pb.EmbedResponse) -> Embeddings:

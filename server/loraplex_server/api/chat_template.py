@@ -62,14 +62,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
-    """The prompt text for `messages`, ending with the template's assistant turn opener. The text already
-    holds the template's special tokens (e.g. <|im_start|>), so tokenize it without adding more."""
+def render_chat(tokenizer, messages: list[ChatMessage], tools: list[dict] | None = None) -> str:
+    """The prompt text for `messages` (and `tools`, OpenAI tool objects the template renders), ending with
+    the template's assistant turn opener. The text already holds the template's special tokens (e.g.
+    <|im_start|>), so tokenize it without adding more."""
     if not has_chat_template(tokenizer):
         raise NoChatTemplate("the base model has no chat template; send `prompt` with the text to continue")
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
     except jinja2.TemplateError as exc:  # includes the template's own raise_exception(...)
         raise ChatTemplateError(f"the chat template refused the messages: {exc}") from None
 
@@ -78,14 +79,15 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
 _PLAIN_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def chat_token_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+def chat_token_ids(tokenizer, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
     """The token ids of `messages` rendered by the template with the assistant's turn opened: the template's
     markup tokenized as usual (its special tokens become control tokens), each message's content as plain
-    text (never a special or added token). Raises NoChatTemplate, ChatTemplateError."""
+    text (never a special or added token). `tools` are rendered by the template as markup (the caller
+    checks they hold no added-token text). Raises NoChatTemplate, ChatTemplateError."""
     secret = secrets.token_hex(16)
     placeholders = [ChatMessage(m.role, f"\ue000{secret}:{i}\ue001") for i, m in enumerate(messages)]
-    skeleton = render_chat(tokenizer, placeholders)
-    text = render_chat(tokenizer, messages)
+    skeleton = render_chat(tokenizer, placeholders, tools)
+    text = render_chat(tokenizer, messages, tools)
     pieces = re.split(f"\ue000{secret}:([0-9]+)\ue001", skeleton)  # markup, index, markup, index, ..., markup
     ids, at = [], 0
     for k in range(0, len(pieces), 2):

@@ -124,7 +124,8 @@ async def text_token_ids(tokenizer, texts: list[str], context: int, names: list[
     return batch
 
 
-async def chat_token_ids(tokenizer, messages: list[ChatMessage], context: int, max_chars: int) -> list[int]:
+async def chat_token_ids(tokenizer, messages: list[ChatMessage], context: int, max_chars: int,
+                         tools: list[dict] | None = None) -> list[int]:
     """Token ids of the rendered conversation: checked before rendering, rendered and tokenized off the
     event loop; message content becomes text tokens only, the template's markup its special tokens
     (chat_template.chat_token_ids). The one place chats are tokenized."""
@@ -135,7 +136,8 @@ async def chat_token_ids(tokenizer, messages: list[ChatMessage], context: int, m
     except ValueError as exc:
         raise InvalidRequest(str(exc), "messages") from None
 
-    ids = await asyncio.get_running_loop().run_in_executor(None, chat_template.chat_token_ids, tokenizer, messages)
+    ids = await asyncio.get_running_loop().run_in_executor(None, chat_template.chat_token_ids, tokenizer, messages,
+                                                           tools)
     check_length(ids, "the rendered messages", context)
     return ids
 

@@ -20,6 +20,8 @@ from typing import TypeVar
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api import embeddings
 from loraplex_server.api import inputs as bounds
+from loraplex_server.api import structured as constraints
+from loraplex_server.api import tools as tool_calls
 from loraplex_server.api.auth import TokenPolicy
 from loraplex_server.api.errors import BaseLoading, InvalidRequest, ShuttingDown, WrongTask
 from loraplex_server.api.inputs import CHARS_PER_TOKEN, Limits, chat_token_ids, text_token_ids
@@ -160,15 +162,39 @@ class RequestPath:
     async def _start(self, runtime: ServingRuntime, request: GenerateInput, observation: Observation) -> Generation:
         key = (await self.adapter(runtime, request.adapter, "generation"))[0] if request.adapter else None
         params = bounds.sampling(request.sampling, self.limits, request.longest_by_default)
-        prompt_ids = await self._prompt_ids(runtime, request)
+        tools, structured = self._tools(request)
+        if params.n > 1 and (tools is not None or structured is not None):  # one grammar and one parse per request
+            raise InvalidRequest("n > 1 cannot be combined with tools or a constraint on the output; send n "
+                                 "requests", request.sampling.n_field)
+        if structured is not None:
+            constraints.constraint(structured)  # bounds first: refused before tokenizing
+        prompt_ids = await self._prompt_ids(runtime, request, tools)
+        grammar = await constraints.compiled(runtime.engine, structured) if structured else None
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        generation = GenerationRequest(prompt_ids, key, params)
+        generation = GenerationRequest(prompt_ids, key, params, grammar=grammar)
         events = await runtime.submit(generation)
-        return Generation(self, runtime, generation, events, observation)
+        return Generation(self, runtime, generation, events, observation,
+                          tools.names if tools is not None and tools.parse else None)
 
-    async def _prompt_ids(self, runtime: ServingRuntime, request: GenerateInput) -> list[int]:
-        """Exactly one of a raw prompt and chat messages."""
+    @staticmethod
+    def _tools(request: GenerateInput) -> tuple[tool_calls.PreparedTools | None, constraints.StructuredInput | None]:
+        """The checked tools, and the constraint on the output: the client's, or the call tool_choice enforces."""
+        if request.tools is None:
+            return None, request.structured
+        tools = tool_calls.prepare(request.tools)
+        if not request.messages:
+            raise InvalidRequest("tools need a chat (messages), not a prompt", request.tools.field)
+        if tools.structured is None:
+            return tools, request.structured
+        if request.structured is not None:
+            raise InvalidRequest("a tool_choice that requires a call already constrains the output; drop the "
+                                 "other constraint", "tool_choice")
+        return tools, tools.structured
+
+    async def _prompt_ids(self, runtime: ServingRuntime, request: GenerateInput,
+                          tools: tool_calls.PreparedTools | None = None) -> list[int]:
+        """Exactly one of a raw prompt and chat messages (with the tools, when given)."""
         if request.prompt and request.messages:
             raise InvalidRequest("set either prompt or messages, not both")
         context, max_chars = runtime.max_positions, self.max_chars(runtime)
@@ -176,7 +202,13 @@ class RequestPath:
             for i, message in enumerate(request.messages):
                 bounds.check_unicode(message.role, f"messages[{i}].role")
                 bounds.check_unicode(message.content, f"messages[{i}].content")
-            return await chat_token_ids(runtime.tokenizer, list(request.messages), context, max_chars)
+            messages, specs = list(request.messages), None
+            if tools is not None and tool_calls.supports_tools(runtime.tokenizer):
+                tool_calls.check_markup_safe(runtime.tokenizer, tools.specs)
+                specs = tools.specs
+            elif tools is not None:
+                messages = tool_calls.with_tools_message(messages, tools.specs)
+            return await chat_token_ids(runtime.tokenizer, messages, context, max_chars, specs)
         if not request.prompt:
             raise InvalidRequest("prompt is empty; set prompt (text to continue) or messages (a chat)",
                                  request.prompt_field)
@@ -198,7 +230,8 @@ class RequestPath:
             observation.done = True  # this call is counted once, by `observed`
             generation = await self._start(runtime, GenerateInput(key, request.prompt, request.messages,
                                                                   request.sampling, request.longest_by_default,
-                                                                  request.prompt_field), observation)
+                                                                  request.prompt_field, request.structured),
+                                           observation)
             return manifest, await generation.collect()
         return await self.observed(call, reference, work)
 
@@ -239,9 +272,11 @@ class Generation:
     deadline) or `close()` frees its row. Counted in metrics when it ends."""
 
     def __init__(self, path: RequestPath, runtime: ServingRuntime, request: GenerationRequest,
-                 events: asyncio.Queue[TokenEvent], observation: Observation) -> None:
+                 events: asyncio.Queue[TokenEvent], observation: Observation,
+                 tool_names: tuple[str, ...] | None = None) -> None:
         self._path, self._runtime, self.request, self._queue = path, runtime, request, events
         self._observation = observation
+        self.tool_names = tool_names  # the functions it may call: its output is parsed for calls
         self.prompt_tokens = len(request.prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -292,6 +327,10 @@ class Generation:
             self.close()
         choices = collect_choices(events, self.request.params.n, self.token_texts)
         first = choices[0]
+        calls = tool_calls.parse_calls(first.text, self.tool_names) if self.tool_names else []  # n is 1 with tools
+        if calls:
+            return GenerationResult("", first.token_ids, "tool_calls", self.prompt_tokens, self.completion_tokens,
+                                    first.logprobs, choices, calls)
         return GenerationResult(first.text, first.token_ids, first.finish_reason, self.prompt_tokens,
                                 self.completion_tokens, first.logprobs, choices)
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from loraplex_adapters.manifest import Manifest
 from loraplex_server.api.chat_template import ChatMessage
 from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
+from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.tools import ToolCall, ToolsInput
 from loraplex_server.engine.engine import Classification
 
 __all__ = ["AdapterView", "Call", "ChatMessage", "ClassifyInput", "ClassifyOutput", "GenerateInput",
@@ -61,6 +63,8 @@ class GenerateInput:
     sampling: SamplingInput = field(default_factory=SamplingInput)
     longest_by_default: bool = False  # no max_tokens means as many as allowed (OpenAI), not the short default
     prompt_field: str = "prompt"
+    structured: StructuredInput | None = None  # what the output must match (api/structured.py)
+    tools: ToolsInput | None = None  # functions the model may call (api/tools.py); needs messages
 
 
 @dataclass
@@ -74,6 +78,7 @@ class GenerationResult:
     completion_tokens: int  # of every choice
     logprobs: list[TokenLogprob] | None = None  # choice 0's, when asked
     choices: list[ChoiceResult] = field(default_factory=list)  # every choice, in index order
+    tool_calls: list[ToolCall] = field(default_factory=list)  # then finish_reason is "tool_calls" and text ""
 
 
 @dataclass

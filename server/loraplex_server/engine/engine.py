@@ -24,6 +24,7 @@ from loraplex_adapters.peft_folder import LoraAdapter, load_peft_folder
 from loraplex_server.engine.base_model import BaseModel
 from loraplex_server.engine.choices import choice_ended, fits_choices, fork, forks_now
 from loraplex_server.engine.embedding import Embedded, Embedding, EmbedRequest, EmbedRow
+from loraplex_server.engine.grammar import RowGrammar, mask_logits
 from loraplex_server.engine.kv_cache import PagedKVCache, bytes_per_token
 from loraplex_server.engine.logprobs import token_logprobs, wants_logprobs
 from loraplex_server.engine.model_runner import ModelRunner
@@ -106,6 +107,7 @@ class Engine:
                                    prefix_caching=prefix_caching)
         self._requests: dict[str, Sequence | _Classifying | Embedding] = {}
         self._cancelled: set[str] = set()
+        self._grammars: dict[str, RowGrammar] = {}  # the matchers of constrained rows, by request id
         self.last_step: tuple[tuple[int, ...], int] = ((), 0)  # the rows' slots and the tokens (metrics)
         self.eos_ids = self._eos_ids()
 
@@ -196,6 +198,8 @@ class Engine:
         seq = Sequence(request, placed.slot if placed else 0, self.eos_ids, self.base.max_positions,
                        placed.identity if placed else "")
         self._requests[request.request_id] = seq
+        if request.grammar is not None:
+            self._grammars[request.request_id] = RowGrammar(request.grammar, restart=request.params.ignore_eos)
         self.planner.add(seq)
 
     def submit_classify(self, request: ClassifyRequest, adapter: SlotAdapter | None = None) -> None:
@@ -286,6 +290,8 @@ class Engine:
         sampling = [p.row for p in generation if p.samples]
         if not sampling:
             return
+        if self._grammars:  # no grammar work at all in a step without constrained rows (n is 1 for those)
+            sample_logits = mask_logits(sample_logits, [self._grammars.get(s.request_id) for s in sampling])
         forking = [i for i, s in enumerate(sampling) if forks_now(s)]
         if forking:  # n > 1: the other choices draw their first token from the same logits
             rows = [i for i in forking for _ in range(sampling[i].params.n - 1)]
@@ -298,6 +304,8 @@ class Engine:
         for seq, token, token_logprob in zip(sampling, tokens, logprobs, strict=True):
             event = seq.append(token, self.tokenizer)
             event.logprobs, event.index = token_logprob, seq.index
+            if self._grammars:
+                self._advance_grammar(seq, token)
             if seq.finished:
                 if seq in self.planner.running:
                     self.planner.finish(seq)
@@ -307,6 +315,13 @@ class Engine:
                 if event.finished:
                     self._requests.pop(seq.request_id, None)
             out.events.append(event)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        grammar = self._grammars.get(seq.request_id)
+        if grammar is not None and not grammar.accept(token):
+            log.warning("request %s: its grammar refused token %d despite the mask", seq.request_id, token)
+        if seq.finished:
+            self._grammars.pop(seq.request_id, None)
 
     def _classified(self, row: ClassifyRow, logits: torch.Tensor, out: StepOutput) -> None:
         request: _Classifying = row.request
@@ -327,6 +342,7 @@ class Engine:
     def _end(self, request_id: str, error: BaseException | None, out: StepOutput) -> None:
         """Take a request out (cancelled, or its step failed with `error`); its end goes into `out`."""
         request = self._requests.pop(request_id, None)
+        self._grammars.pop(request_id, None)
         if request is None:
             return
         self.planner.remove(request_id)

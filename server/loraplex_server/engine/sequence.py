@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loraplex_server.engine.detokenizer import IncrementalDetokenizer, find_stop, pending_stop_prefix
 from loraplex_server.engine.kv_cache import block_hash
 from loraplex_server.engine.logprobs import TokenLogprobs
 from loraplex_server.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 _ids = itertools.count(1)
 
@@ -33,6 +37,7 @@ class GenerationRequest:
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
+    grammar: CompiledGrammar | None = None  # what the output must match (engine/grammar.py), compiled
 
 
 class Sequence:

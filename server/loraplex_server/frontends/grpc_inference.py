@@ -7,12 +7,16 @@ from collections.abc import AsyncIterator
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.api.embeddings import EmbedInput
+from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
+from loraplex_server.api.structured import StructuredInput
+from loraplex_server.api.tools import ToolCall, ToolCallStream, ToolsInput
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
 
-FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                  "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerateInput:
@@ -24,7 +28,33 @@ def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Ge
                              n=s.n if s.HasField("n") else 1, logprobs_field="sampling.logprobs.top_logprobs",
                              n_field="sampling.n")
     return GenerateInput(request.adapter or None, request.prompt,
-                         tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling)
+                         tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling,
+                         structured=structured_input(s), tools=tools_input(request))
+
+
+def tools_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> ToolsInput | None:
+    if not request.tools_json:
+        if request.tool_choice not in ("", "auto", "none"):
+            raise InvalidRequest("tool_choice needs tools_json", "tool_choice")
+        return None
+    return ToolsInput(request.tools_json, request.tool_choice or None, "tools_json")
+
+
+def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments) for c in calls]
+
+
+def structured_input(sampling: pb.SamplingParameters) -> StructuredInput | None:
+    """SamplingParameters.structured as the request path's constraint (None when unset)."""
+    if not sampling.HasField("structured"):
+        return None
+    kind = sampling.structured.WhichOneof("kind")
+    where = f"sampling.structured.{kind}" if kind else "sampling.structured"
+    if kind == "choice":
+        return StructuredInput("choice", list(sampling.structured.choice.choices), where)
+    if kind == "json_object" and not sampling.structured.json_object:
+        kind = None  # false asks for nothing: refused as an empty constraint
+    return StructuredInput(kind or "", getattr(sampling.structured, kind) if kind else None, where)
 
 
 def token_logprobs(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
@@ -64,7 +94,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return pb.GenerateResponse(text=result.text, token_ids=result.token_ids,
                                    finish_reason=FINISH_REASONS.get(result.finish_reason, 0),
                                    prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                                   logprobs=token_logprobs(result.logprobs), choices=choices(result.choices))
+                                   logprobs=token_logprobs(result.logprobs), choices=choices(result.choices),
+                                   tool_calls=_calls(result.tool_calls))
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -72,6 +103,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             generation = await self.path.generate(call_of(context, "GenerateStream"), generate_input(request))
         except Exception as exc:
             await abort_for(context, exc)
+        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None
         try:
             n = generation.request.params.n
             tokens = [0] * n  # per choice, for each choice's GenerationDone
@@ -79,15 +111,19 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 if event.token_id is not None:
                     tokens[event.index] += 1
                     logprobs = generation.logprobs(event)
+                    text = calls.feed(event.text) if calls is not None else event.text  # n is 1 with tools
                     yield pb.GenerateStreamResponse(delta=pb.TokenDelta(
-                        text=event.text, token_ids=[event.token_id], index=event.index,
+                        text=text, token_ids=[event.token_id], index=event.index,
                         logprobs=token_logprobs([logprobs] if logprobs else None)))
                 if event.finished or (n > 1 and event.finish_reason is not None):
+                    rest, called = calls.end() if calls is not None else ("", [])
+                    if rest:
+                        yield pb.GenerateStreamResponse(delta=pb.TokenDelta(text=rest))
                     yield pb.GenerateStreamResponse(done=pb.GenerationDone(
-                        finish_reason=FINISH_REASONS.get(event.finish_reason, 0),
+                        finish_reason=FINISH_REASONS.get("tool_calls" if called else event.finish_reason, 0),
                         prompt_tokens=generation.prompt_tokens,
                         completion_tokens=generation.completion_tokens if n == 1 else tokens[event.index],
-                        index=event.index))
+                        index=event.index, tool_calls=_calls(called)))
         except Exception as exc:
             await abort_for(context, exc)
         finally:

@@ -16,7 +16,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -30,6 +29,7 @@ from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import Generation, RequestPath
 from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
 from loraplex_server.api.status import status_of
+from loraplex_server.api.tools import ToolCall, ToolCallStream
 from loraplex_server.frontends.openai_embeddings import EmbeddingsBody, embeddings_response, parse_embeddings
 from loraplex_server.frontends.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from loraplex_server.frontends.openai_schema import (
@@ -39,8 +39,10 @@ from loraplex_server.frontends.openai_schema import (
     parse_completion,
     parse_json,
 )
+from loraplex_server.frontends.openai_structured import tool_calls_json
 
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # OpenAI's names: EOS is a natural stop
+# OpenAI's names: EOS is a natural stop
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable"}
@@ -157,7 +159,7 @@ class OpenAIApi:
             body = parse(await self._json(request))
             bodies.append(body)
             adapter = self._adapter(body.model)
-            return replace(body.request, adapter=adapter, longest_by_default=True)
+            return dataclasses.replace(body.request, adapter=adapter, longest_by_default=True)
 
         generation = await self.path.generate(call, decode)
         body = bodies[0]
@@ -166,8 +168,8 @@ class OpenAIApi:
             return StreamingResponse(_sse(reply, generation, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         result = await _until_disconnected(request, generation.collect())
-        return JSONResponse(reply.whole_choices(result.choices, _usage(result.prompt_tokens,
-                                                                      result.completion_tokens)))
+        return JSONResponse(reply.whole_choices(result.choices, _usage(result.prompt_tokens, result.completion_tokens),
+                                                result.tool_calls))
 
     async def http_embeddings(self, request: Request, call: Call) -> Response:
         bodies: list[EmbeddingsBody] = []
@@ -228,14 +230,23 @@ async def _sse(reply: _Reply, generation: Generation, include_usage: bool) -> As
         if reply.chat:
             for index in range(n):
                 yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage, index))
+        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None  # n is 1 with tools
         async for event in generation.events():
             logprobs = generation.logprobs(event)
-            if event.text or logprobs is not None:
-                yield _data(reply.chunk(event.text, None, include_usage, event.index,
+            text = calls.feed(event.text) if calls is not None else event.text
+            if text or logprobs is not None:
+                yield _data(reply.chunk(text, None, include_usage, event.index,
                                         reply.logprobs([logprobs] if logprobs else None, offsets[event.index])))
                 offsets[event.index] += text_length(logprobs) if logprobs else 0
             if event.finish_reason is not None and (event.finished or n > 1):
-                yield _data(reply.chunk("", FINISH_REASONS.get(event.finish_reason), include_usage, event.index))
+                reason = FINISH_REASONS.get(event.finish_reason)
+                rest, called = calls.end() if calls is not None else ("", [])
+                if rest:
+                    yield _data(reply.chunk(rest, None, include_usage, event.index))
+                if called:
+                    yield _data(reply.chunk({"tool_calls": tool_calls_json(called, delta=True)}, None, include_usage))
+                    reason = "tool_calls"
+                yield _data(reply.chunk("", reason, include_usage, event.index))
         if include_usage:
             yield _data(reply.usage_chunk(_usage(generation.prompt_tokens, generation.completion_tokens)))
     except Exception as exc:
@@ -258,21 +269,27 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, text: str, finish_reason: str | None, usage: dict) -> dict:
+    def whole(self, text: str, finish_reason: str | None, usage: dict, tool_calls: list[ToolCall] = ()) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(tool_calls)}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]), "usage": usage}
 
-    def whole_choices(self, choices: list[ChoiceResult], usage: dict) -> dict:
-        """The response of every choice (n >= 1), each with its logprobs when asked."""
+    def whole_choices(self, choices: list[ChoiceResult], usage: dict, tool_calls: list[ToolCall] = ()) -> dict:
+        """The response of every choice (n >= 1), each with its logprobs when asked; the tool calls replace
+        the first choice's content (n is 1 with tools)."""
         whole = self.whole("", None, usage)
         whole["choices"] = [{**whole["choices"][0], "index": c.index, "finish_reason": FINISH_REASONS.get(
             c.finish_reason), "logprobs": self.logprobs(c.logprobs),
             **({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})}
             for c in choices]
+        if tool_calls:
+            whole["choices"][0].update(finish_reason="tool_calls", message={
+                "role": "assistant", "content": None, "tool_calls": tool_calls_json(tool_calls)})
         return whole
 
     def logprobs(self, tokens: list[TokenLogprob] | None, offset: int = 0) -> dict | None:

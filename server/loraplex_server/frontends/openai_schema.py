@@ -15,6 +15,7 @@ from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
 from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
+from loraplex_server.frontends.openai_structured import STRUCTURED_FIELDS, structured_input, tools_input
 
 COMPLETION_MAX_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
 
@@ -22,16 +23,15 @@ COMPLETION_MAX_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
 _NEUTRAL = {
     "best_of": (None, 1), "echo": (None, False),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
 }
 _SAMPLING = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
              "user"}
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "logit_bias",
-                                 "presence_penalty", "frequency_penalty"}
+                                 "presence_penalty", "frequency_penalty"} | STRUCTURED_FIELDS
 CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "n", "logprobs", "top_logprobs", "tools",
                            "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-                           "logit_bias", "presence_penalty", "frequency_penalty"}
+                           "logit_bias", "presence_penalty", "frequency_penalty"} | STRUCTURED_FIELDS
 CLASSIFY_FIELDS = {"model", "input", "user"}
 
 
@@ -181,7 +181,8 @@ def parse_completion(body: dict) -> GenerationBody:
     stream, usage = _stream(body)
     model = _string(body, "model")
     return GenerationBody(model, GenerateInput(model, prompt=prompt, sampling=_choices(body, _sampling(body), False),
-                                               longest_by_default=True), stream, usage)
+                                               longest_by_default=True, structured=structured_input(body)),
+                          stream, usage)
 
 
 def _content(message: dict, i: int) -> str:
@@ -222,7 +223,7 @@ def parse_chat(body: dict) -> GenerationBody:
     model = _string(body, "model")
     request = GenerateInput(model, messages=tuple(_messages(body)),
                             sampling=_choices(body, _sampling(body, "max_completion_tokens"), True),
-                            longest_by_default=True)
+                            longest_by_default=True, structured=structured_input(body), tools=tools_input(body))
     return GenerationBody(model, request, stream, usage)
 
 

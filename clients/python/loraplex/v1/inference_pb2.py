@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"1\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"W\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x06scores\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.LabelScore\"@\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.loraplex.v1.Classification\"\xee\x01\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12.\n\x08logprobs\x18\x14 \x01(\x0b\x32\x1c.loraplex.v1.LogprobsOptions\x12\x0e\n\x01n\x18\x15 \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_n\"\'\n\x0fLogprobsOptions\x12\x14\n\x0ctop_logprobs\x18\x01 \x01(\r\"\x80\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xb2\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x91\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x14 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12$\n\x07\x63hoices\x18\x15 \x03(\x0b\x32\x13.loraplex.v1.Choice\"\x97\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"i\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08logprobs\x18\x14 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\r\n\x05index\x18\x15 \x01(\x05\"\x83\x01\n\x0eGenerationDone\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x15 \x01(\x05\"x\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.loraplex.v1.TokenDeltaH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.loraplex.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent\"@\n\x0c\x45mbedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"R\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.loraplex.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\xc1\x02\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.loraplex.v1.ClassifyRequest\x1a\x1d.loraplex.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12>\n\x05\x45mbed\x12\x19.loraplex.v1.EmbedRequest\x1a\x1a.loraplex.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"1\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"W\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x06scores\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.LabelScore\"@\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.loraplex.v1.Classification\"\xa1\x02\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x31\n\nstructured\x18\n \x01(\x0b\x32\x1d.loraplex.v1.StructuredOutput\x12.\n\x08logprobs\x18\x14 \x01(\x0b\x32\x1c.loraplex.v1.LogprobsOptions\x12\x0e\n\x01n\x18\x15 \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_n\"\'\n\x0fLogprobsOptions\x12\x14\n\x0ctop_logprobs\x18\x01 \x01(\r\"\x80\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xb2\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\x81\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.loraplex.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xba\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\n \x01(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\"\x95\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x14 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12$\n\x07\x63hoices\x18\x15 \x03(\x0b\x32\x13.loraplex.v1.Choice\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.loraplex.v1.ToolCall\"\xc0\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\n \x01(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\"i\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08logprobs\x18\x14 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\r\n\x05index\x18\x15 \x01(\x05\"\xae\x01\n\x0eGenerationDone\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x15 \x01(\x05\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.loraplex.v1.ToolCall\"x\n\x16GenerateStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.loraplex.v1.TokenDeltaH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.loraplex.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent\"@\n\x0c\x45mbedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"R\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.loraplex.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xc1\x02\n\x10InferenceService\x12G\n\x08\x43lassify\x12\x1c.loraplex.v1.ClassifyRequest\x1a\x1d.loraplex.v1.ClassifyResponse\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12>\n\x05\x45mbed\x12\x19.loraplex.v1.EmbedRequest\x1a\x1a.loraplex.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2015
-  _globals['_FINISHREASON']._serialized_end=2133
+  _globals['_FINISHREASON']._serialized_start=2457
+  _globals['_FINISHREASON']._serialized_end=2605
   _globals['_CLASSIFYREQUEST']._serialized_start=44
   _globals['_CLASSIFYREQUEST']._serialized_end=93
   _globals['_LABELSCORE']._serialized_start=95
@@ -42,33 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=228
   _globals['_CLASSIFYRESPONSE']._serialized_end=292
   _globals['_SAMPLINGPARAMETERS']._serialized_start=295
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=533
-  _globals['_LOGPROBSOPTIONS']._serialized_start=535
-  _globals['_LOGPROBSOPTIONS']._serialized_end=574
-  _globals['_TOKENLOGPROB']._serialized_start=577
-  _globals['_TOKENLOGPROB']._serialized_end=705
-  _globals['_CHOICE']._serialized_start=708
-  _globals['_CHOICE']._serialized_end=886
-  _globals['_CHATMESSAGE']._serialized_start=888
-  _globals['_CHATMESSAGE']._serialized_end=932
-  _globals['_GENERATEREQUEST']._serialized_start=935
-  _globals['_GENERATEREQUEST']._serialized_end=1080
-  _globals['_GENERATERESPONSE']._serialized_start=1083
-  _globals['_GENERATERESPONSE']._serialized_end=1317
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1320
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1471
-  _globals['_TOKENDELTA']._serialized_start=1473
-  _globals['_TOKENDELTA']._serialized_end=1578
-  _globals['_GENERATIONDONE']._serialized_start=1581
-  _globals['_GENERATIONDONE']._serialized_end=1712
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1714
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1834
-  _globals['_EMBEDREQUEST']._serialized_start=1836
-  _globals['_EMBEDREQUEST']._serialized_end=1900
-  _globals['_EMBEDDING']._serialized_start=1902
-  _globals['_EMBEDDING']._serialized_end=1929
-  _globals['_EMBEDRESPONSE']._serialized_start=1931
-  _globals['_EMBEDRESPONSE']._serialized_end=2013
-  _globals['_INFERENCESERVICE']._serialized_start=2136
-  _globals['_INFERENCESERVICE']._serialized_end=2457
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=584
+  _globals['_LOGPROBSOPTIONS']._serialized_start=586
+  _globals['_LOGPROBSOPTIONS']._serialized_end=625
+  _globals['_TOKENLOGPROB']._serialized_start=628
+  _globals['_TOKENLOGPROB']._serialized_end=756
+  _globals['_CHOICE']._serialized_start=759
+  _globals['_CHOICE']._serialized_end=937
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=940
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1069
+  _globals['_CHOICES']._serialized_start=1071
+  _globals['_CHOICES']._serialized_end=1097
+  _globals['_TOOLCALL']._serialized_start=1099
+  _globals['_TOOLCALL']._serialized_end=1159
+  _globals['_CHATMESSAGE']._serialized_start=1161
+  _globals['_CHATMESSAGE']._serialized_end=1205
+  _globals['_GENERATEREQUEST']._serialized_start=1208
+  _globals['_GENERATEREQUEST']._serialized_end=1394
+  _globals['_GENERATERESPONSE']._serialized_start=1397
+  _globals['_GENERATERESPONSE']._serialized_end=1674
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1677
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1869
+  _globals['_TOKENDELTA']._serialized_start=1871
+  _globals['_TOKENDELTA']._serialized_end=1976
+  _globals['_GENERATIONDONE']._serialized_start=1979
+  _globals['_GENERATIONDONE']._serialized_end=2153
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2155
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2275
+  _globals['_EMBEDREQUEST']._serialized_start=2277
+  _globals['_EMBEDREQUEST']._serialized_end=2341
+  _globals['_EMBEDDING']._serialized_start=2343
+  _globals['_EMBEDDING']._serialized_end=2370
+  _globals['_EMBEDRESPONSE']._serialized_start=2372
+  _globals['_EMBEDRESPONSE']._serialized_end=2454
+  _globals['_INFERENCESERVICE']._serialized_start=2608
+  _globals['_INFERENCESERVICE']._serialized_end=2929
 # @@protoc_insertion_point(module_scope)
