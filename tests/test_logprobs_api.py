@@ -181,7 +181,8 @@ _BAD_COMPLETION = st.one_of(
     st.fixed_dictionaries({"logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=6), _NOT_INT)}),
     st.fixed_dictionaries({"n": st.one_of(st.integers(max_value=0), st.integers(min_value=17), _NOT_INT)}))
 _BAD_CHAT = st.one_of(
-    st.fixed_dictionaries({"logprobs": st.one_of(st.integers(), st.text(max_size=5), st.floats(allow_nan=False))}),
+    st.fixed_dictionaries({"logprobs": st.one_of(st.integers(), st.text(max_size=5),
+                                                st.floats(allow_nan=False, allow_infinity=False))}),
     st.fixed_dictionaries({"logprobs": st.just(True), "top_logprobs": st.one_of(
         st.integers(max_value=-1), st.integers(min_value=21), _NOT_INT)}),
     st.fixed_dictionaries({"top_logprobs": st.integers(min_value=0, max_value=20)}),  # without logprobs: true

@@ -188,3 +188,19 @@ def test_cli_generate_with_a_choice_and_a_schema_file(server, tmp_path, capsys):
     schema.write_text(json.dumps(SCHEMA))
     assert cli_main(["generate", *target, "--max-tokens", "40", "--json-schema", str(schema), "x"]) == 0
     jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+
+
+@pytest.mark.parametrize("extra", [{"guided_choice": ["a", "b"]}, {"response_format": {"type": "json_object"}},
+                                   {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}])
+@pytest.mark.parametrize("n", [2, 16])
+def test_n_above_one_with_a_constraint_or_tools_is_refused(server, extra, n):
+    """One grammar and one tool-call parse per request: several choices under them are refused, on every door."""
+    body = {"model": GEN, "messages": CHAT, "max_tokens": 4, "n": n, **extra}
+    response = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "n"
+    if "guided_choice" in extra:
+        with pytest.raises(LoraplexError, match="n > 1"):
+            server["client"].chat(CHAT, adapter=GEN, max_tokens=4, n=n, choice=extra["guided_choice"])
+    assert len(api_choices := httpx.post(server["url"] + "/v1/chat/completions", timeout=30, json={
+        "model": GEN, "messages": CHAT, "max_tokens": 2, "n": n}).json()["choices"]) == n, api_choices

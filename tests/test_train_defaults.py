@@ -158,7 +158,7 @@ def test_a_training_run_prints_no_library_noise(tiny, tmp_path):
     assert "train: 100%" in run.stderr  # the progress bar is still there
 
 
-@pytest.mark.slow
+@pytest.mark.long  # over a minute of 2 cores: `make test-long` runs it (`make test` stays under 10 minutes)
 @pytest.mark.timeout(1800)  # about 90 s of CPU; a shared machine stretched it past the default 600 s
 def test_defaults_learn_the_readme_example_on_the_embedded_base(tmp_path, capsys):
     """The README's example: 80 rows of adapters/recipes/data/urgent_messages.csv, 8 held out, defaults only."""
