@@ -17,13 +17,17 @@ constrained rows alone and applied to their rows of the logits (`indices`).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 KINDS = ("json_schema", "json_object", "regex", "choice")
 # xgrammar 0.2.9 writes the characters of a length-bounded JSON string (maxLength) as this class, which lets
@@ -52,10 +56,10 @@ class GrammarCompiler:
     Thread-safe; blocking (call it from a worker thread, never the event loop or the step thread)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], cache_size: int = 256) -> None:
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+        self.info = _xgrammar().TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_ids) or None)
         # One thread per compile: several requests compile at once on the caller's pool instead.
-        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self._compiler = _xgrammar().GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Constraint, xgr.CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -84,7 +88,7 @@ class GrammarCompiler:
 
     def _compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         if constraint.kind == "json_schema":
-            ebnf = str(xgr.Grammar.from_json_schema(constraint.text, any_whitespace=False, strict_mode=True))
+            ebnf = str(_xgrammar().Grammar.from_json_schema(constraint.text, any_whitespace=False, strict_mode=True))
             return self._compiler.compile_grammar(ebnf.replace(_LAX_STRING_CHAR, _STRICT_STRING_CHAR))
         if constraint.kind == "json_object":
             return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
@@ -105,7 +109,7 @@ class RowGrammar:
     """One row's matcher: it fills the row's allowed tokens and advances with each token the row takes."""
 
     def __init__(self, grammar: xgr.CompiledGrammar, restart: bool = False) -> None:
-        self._matcher = xgr.GrammarMatcher(grammar)
+        self._matcher = _xgrammar().GrammarMatcher(grammar)
         self._restart = restart  # ignore_eos rows (benchmarks) start a new document when one ends
 
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
@@ -125,9 +129,17 @@ def mask_logits(logits: torch.Tensor, rows: list[RowGrammar | None]) -> torch.Te
     logits = logits.float()
     if not constrained:
         return logits
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    bitmask = _xgrammar().allocate_token_bitmask(logits.shape[0], logits.shape[1])
     for i in constrained:
         rows[i].fill(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1],
+    _xgrammar().apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1],
                                     indices=constrained)
     return logits
+
+
+@functools.cache
+def _xgrammar():
+    """xgrammar takes about a second to import: only a server that gets a constraint pays it."""
+    import xgrammar
+
+    return xgrammar
