@@ -22,8 +22,9 @@ CONTEXT, VOCAB = 128, 320  # tests/tiny_models.py's Llama
 TOO_LONG = "fox " * 300  # well over 128 tokens, well under the character bound
 INTERNALS = ("Traceback", "File \"", "torch", "Error(", "0x")
 
+finite = st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or Infinity (httpx refuses to send them)
 bad_items = st.one_of(
-    st.just(""), st.none(), st.booleans(), st.floats(allow_nan=False), st.dictionaries(st.text(max_size=3), st.text()),
+    st.just(""), st.none(), st.booleans(), finite, st.dictionaries(st.text(max_size=3), st.text()),
     st.just([]), st.lists(st.text(min_size=1), min_size=1, max_size=3),  # a list of strings inside the list
     st.lists(st.integers(min_value=VOCAB, max_value=2**62), min_size=1, max_size=3),  # ids past the vocabulary
     st.lists(st.integers(max_value=-1, min_value=-2**62), min_size=1, max_size=3),  # negative ids
@@ -40,7 +41,7 @@ bad_options = st.one_of(
     st.fixed_dictionaries({"encoding_format": st.one_of(st.text().filter(lambda s: s not in ("float", "base64")),
                                                         st.integers())}),
     st.fixed_dictionaries({"dimensions": st.one_of(st.integers().filter(lambda n: n != 64), st.text(),
-                                                   st.booleans(), st.floats(allow_nan=False))}),
+                                                   st.booleans(), finite)}),
     st.fixed_dictionaries({"truncate": st.one_of(st.text(), st.integers(), st.just([]))}),
     st.fixed_dictionaries({"n": st.integers()}), st.fixed_dictionaries({"model": st.one_of(st.integers(),
                                                                                             st.just(""))}),
