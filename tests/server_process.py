@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+import grpc
 
 from loraplex import Client, LoraplexError
+from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from tiny_models import TEST_DEVICE
 
 
@@ -72,3 +77,23 @@ def _keep_reading(process: subprocess.Popen) -> None:
 
     process.output_reader = threading.Thread(target=read, name=f"server-{process.pid}-output", daemon=True)
     process.output_reader.start()
+
+
+@contextlib.contextmanager
+def serving_with_http(base_dir, adapter_dir, extra_args=(), client_kwargs=None):
+    """A server with its OpenAI HTTP port: {"stub", "url", "http_port", "port", "target", "client", "process",
+    "base"}; stopped on exit."""
+    port, http_port = free_port(), free_port()
+    process, client = start_server(base_dir, adapter_dir, port, client_kwargs=client_kwargs,
+                                   extra_args=["--http-port", str(http_port), *extra_args])
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield {"stub": pb_grpc.InferenceServiceStub(channel), "url": f"http://127.0.0.1:{http_port}",
+               "http_port": http_port, "port": port, "target": f"127.0.0.1:{port}", "client": client,
+               "process": process, "base": Path(base_dir).name}
+    finally:
+        channel.close()
+        client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -12,13 +12,12 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_process import free_port, start_server
+from server_process import serving_with_http
 from test_chat import chat_base  # noqa: F401 - the fixture: the tiny base with a chat template
 from test_openai_api import post, scrape
 
 from loraplex import AsyncClient, Client, InvalidArgument
 from loraplex.v1 import inference_pb2 as pb
-from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
 GEN = "gen_all_r8"
 CHAT = [{"role": "user", "content": "hello world"}]
@@ -26,16 +25,8 @@ CHAT = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def server(chat_base, adapter_dir):  # noqa: F811
-    port, http_port = free_port(), free_port()
-    process, client = start_server(chat_base, adapter_dir, port, extra_args=["--http-port", str(http_port)])
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield {"stub": pb_grpc.InferenceServiceStub(channel), "url": f"http://127.0.0.1:{http_port}",
-           "target": f"127.0.0.1:{port}", "client": client}
-    channel.close()
-    client.close()
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with serving_with_http(chat_base, adapter_dir) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,14 @@ import subprocess
 import sys
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import free_port, start_server
+from server_process import free_port, serving_with_http, start_server
 from test_chat import chat_base  # noqa: F401 - the fixture: the tiny base with a chat template
 
 from loraplex.v1 import inference_pb2 as pb
-from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
 GEN, CLS = "gen_all_r8", "cls5_r6"
 TOKEN = "user-secret"
@@ -28,17 +26,8 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 @pytest.fixture(scope="module")
 def server(chat_base, adapter_dir):  # noqa: F811
-    port, http_port = free_port(), free_port()
-    process, client = start_server(chat_base, adapter_dir, port, client_kwargs={"token": TOKEN},
-                                   extra_args=["--http-port", str(http_port), "--token", TOKEN])
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield {"stub": pb_grpc.InferenceServiceStub(channel), "url": f"http://127.0.0.1:{http_port}",
-           "http_port": http_port, "base": chat_base.name, "process": process}
-    channel.close()
-    client.close()
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with serving_with_http(chat_base, adapter_dir, ["--token", TOKEN], client_kwargs={"token": TOKEN}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_process import free_port, start_server
+from server_process import serving_with_http
 from transformers import AutoTokenizer
 
-from loraplex import Client
 from loraplex.v1 import inference_pb2 as pb
-from loraplex.v1 import inference_pb2_grpc as pb_grpc
 from loraplex_server.api.chat_template import ChatMessage, chat_token_ids, render_chat
 from loraplex_server.api.tools import ToolCallStream, parse_calls, with_tools_message
 
@@ -51,17 +49,9 @@ def tools_base(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tools_base, adapter_dir):
-    port, http_port = free_port(), free_port()
-    process, client = start_server(tools_base, adapter_dir, port, extra_args=["--http-port", str(http_port)])
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    sdk = Client(f"127.0.0.1:{port}", timeout=60)  # the default client's 5 s is short on a shared machine
-    yield {"stub": pb_grpc.InferenceServiceStub(channel), "url": f"http://127.0.0.1:{http_port}", "client": sdk}
-    sdk.close()
-    channel.close()
-    client.close()
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    # the default client's 5 s is short on a shared machine
+    with serving_with_http(tools_base, adapter_dir, client_kwargs={"timeout": 60}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
