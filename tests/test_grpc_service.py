@@ -24,6 +24,7 @@ from loraplex import AsyncClient, Client, FailedPrecondition, InvalidArgument, L
 from loraplex.cli import main as cli_main
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_adapters import embedded_base as embedded
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
 from loraplex_server.engine.sampling import SamplingParams
@@ -276,8 +277,10 @@ def _http_refused_while_loading(http_port: int) -> int:
     return 0
 
 
-def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
-    """A fresh cache makes the embedded default convert its GGUF first: seconds of NOT_SERVING."""
+def test_first_start_converts_the_embedded_base_once_serving_nothing_until_loaded(tmp_path, monkeypatch):
+    """A fresh cache makes the embedded default convert its GGUF first: seconds of NOT_SERVING. Then the cache
+    is what later starts load: nothing is rewritten, and it generates. (One conversion for both checks: it
+    is the slowest part of the suite.)"""
     port, http_port = free_port(), free_port()
     env = {**os.environ, "LORAPLEX_CACHE_DIR": str(tmp_path)}
     process = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--port", str(port),
@@ -310,6 +313,16 @@ def test_health_is_not_serving_until_the_base_model_is_loaded(tmp_path):
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
+
+    cache = tmp_path / embedded.CACHE_NAME
+    assert (cache / "config.json").is_file()
+    written = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    monkeypatch.setenv("LORAPLEX_CACHE_DIR", str(tmp_path))
+    base = load_base_model(None, quantize="none", dtype="bfloat16", device="cpu")
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == written, "the second start converted again"
+    assert base.kind == "causal" and base.hidden_size == 576
+    prompt = base.tokenizer("The capital of France is")["input_ids"]
+    assert "Paris" in Engine(base, max_adapters=2).generate([prompt], [None], SamplingParams(max_new_tokens=6))[0].text
 
 
 def test_store_adapters_for_another_base_are_refused_unless_allowed(tiny, tmp_path, capsys):

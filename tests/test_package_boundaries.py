@@ -85,3 +85,15 @@ def test_options_choices_agree_with_the_engine():
 
     assert (options.QUANTIZE_CHOICES, options.DTYPE_CHOICES) == (base_model.QUANTIZE_CHOICES,
                                                                   base_model.DTYPE_CHOICES)
+
+
+def test_every_package_folder_is_in_the_installed_distribution():
+    """pyproject lists the packages by hand (package-dir maps three roots): a folder with an __init__.py that
+    is missing from the list works in the editable checkout and is absent from a wheel or a Docker image."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join((root.name, *init.parent.relative_to(root).parts))
+             for root in (SDK, SERVER, ADAPTERS) for init in root.rglob("__init__.py")
+             if "__pycache__" not in init.parts}
+    assert found <= listed, f"missing from [tool.setuptools] packages: {sorted(found - listed)}"
