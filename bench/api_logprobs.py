@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench.engine import announce_dtype, make_adapters
+from bench.engine import announce_dtype, engine_with_adapters
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.logprobs import token_logprobs
@@ -82,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     new, rounds = (12, 2) if args.quick else (32, 3)
     results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads()}
     base = load_base_model(None, quantize="none", dtype=args.dtype)
-    engine = Engine(base, max_adapters=2)
-    with tempfile.TemporaryDirectory() as root:
-        for folder in make_adapters(base.path, Path(root), 2, 16):
-            engine.load_adapter(folder.name, folder)
+    engine = engine_with_adapters(base, 2, 16)
     adapters = sorted(engine.adapters)
 
     # -- logprobs cost -----------------------------------------------------------------------------

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench.engine import announce_dtype, make_adapters
+from bench.engine import announce_dtype, engine_with_adapters
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.grammar import Constraint, GrammarCompiler, RowGrammar, mask_logits
@@ -171,10 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens, args.rounds = 8, 1
     results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads()}
     base = load_base_model(None, quantize="none", dtype=args.dtype)
-    engine = Engine(base, max_adapters=4, max_batch=2 * ROWS)
-    with tempfile.TemporaryDirectory() as root:
-        for folder in make_adapters(base.path, Path(root), 4, 8):
-            engine.load_adapter(folder.name, folder)
+    engine = engine_with_adapters(base, 4, 8, max_batch=2 * ROWS)
     start = time.perf_counter()
     compiler = GrammarCompiler(engine.tokenizer, base.model.config.vocab_size, engine.eos_ids)
     results["vocabulary_read_ms"] = round(1e3 * (time.perf_counter() - start))

@@ -106,6 +106,15 @@ def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> list[Path
     return random_copies(peft_model, out, count, "adapter", 0.02)
 
 
+def engine_with_adapters(base, count: int, rank: int, **engine_options) -> Engine:
+    """An engine on `base` with `count` random rank-`rank` generation adapters loaded (named by their folders)."""
+    engine = Engine(base, max_adapters=count, **engine_options)
+    with tempfile.TemporaryDirectory() as root:
+        for folder in make_adapters(base.path, Path(root), count, rank):
+            engine.load_adapter(folder.name, folder)
+    return engine
+
+
 class Bench:
     """`args.batch` rows over `adapters` distinct adapters (default one per row), made by `make`
     (base folder, output folder, count, rank) -> adapter folders; `kv_cache_memory` bytes (default: the

@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench.engine import announce_dtype, make_adapters
+from bench.engine import announce_dtype, engine_with_adapters
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.sampling import SamplingParams
@@ -58,10 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, object] = {"dtype": announce_dtype(args.dtype, "auto"), "threads": torch.get_num_threads()}
     base = load_base_model(None, quantize="none", dtype=args.dtype)
-    engine = Engine(base, max_adapters=2)
-    with tempfile.TemporaryDirectory() as root:
-        for folder in make_adapters(base.path, Path(root), 2, 16):
-            engine.load_adapter(folder.name, folder)
+    engine = engine_with_adapters(base, 2, 16)
     cached_adapter, other_adapter = sorted(engine.adapters)
     results["max_batch_tokens"] = engine.planner.max_batch_tokens
     generator = torch.Generator().manual_seed(0)
