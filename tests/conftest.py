@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,3 +52,10 @@ def adapter_dir(tiny, tmp_path_factory):
             assert cli_main(["adapters", "publish", str(folder), "--name", name, "--store", str(root),
                              "--labels", labels, "--base", str(base)]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    """The `openai` package's client of the module's `server` (a server_process.serving_with_http dict)."""
+    with openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["api_key"], max_retries=0, timeout=60) as client:
+        yield client

@@ -82,7 +82,7 @@ def _keep_reading(process: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def serving_with_http(base_dir, adapter_dir, extra_args=(), client_kwargs=None):
     """A server with its OpenAI HTTP port: {"stub", "url", "http_port", "port", "target", "client", "process",
-    "base"}; stopped on exit."""
+    "base", "api_key"}; stopped on exit."""
     port, http_port = free_port(), free_port()
     process, client = start_server(base_dir, adapter_dir, port, client_kwargs=client_kwargs,
                                    extra_args=["--http-port", str(http_port), *extra_args])
@@ -90,7 +90,8 @@ def serving_with_http(base_dir, adapter_dir, extra_args=(), client_kwargs=None):
     try:
         yield {"stub": pb_grpc.InferenceServiceStub(channel), "url": f"http://127.0.0.1:{http_port}",
                "http_port": http_port, "port": port, "target": f"127.0.0.1:{port}", "client": client,
-               "process": process, "base": Path(base_dir).name}
+               "process": process, "base": Path(base_dir).name,
+               "api_key": (client_kwargs or {}).get("token") or "none"}
     finally:
         channel.close()
         client.close()

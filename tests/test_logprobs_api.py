@@ -29,12 +29,6 @@ def server(chat_base, adapter_dir):  # noqa: F811
         yield server
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def test_completion_logprobs_equal_grpc_and_sdk(api, server):
     completion = api.completions.create(model=GEN, prompt="the quick brown", max_tokens=6, temperature=0, logprobs=3)
     choice = completion.choices[0]

@@ -30,12 +30,6 @@ def server(chat_base, adapter_dir):  # noqa: F811
         yield server
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server["url"] + "/v1", api_key=TOKEN, max_retries=0, timeout=60) as client:
-        yield client
-
-
 def grpc_generate(server, adapter: str, max_tokens: int, prompt: str = "", messages=(), stop=()):
     request = pb.GenerateRequest(adapter=adapter, prompt=prompt,
                                  messages=[pb.ChatMessage(**m) for m in messages],

@@ -34,12 +34,6 @@ def server(chat_base, adapter_dir):  # noqa: F811
         yield server
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def _format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 

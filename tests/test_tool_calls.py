@@ -54,12 +54,6 @@ def server(tools_base, adapter_dir):
         yield server
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def _valid(name: str, arguments: str) -> None:
     jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
