@@ -116,3 +116,12 @@ def test_any_constraint_compiles_or_is_refused_as_invalid(eng, kind, value):
         asyncio.run(compiled(eng, StructuredInput(kind, value, "guided"), seconds=30))
     except InvalidRequest:
         pass
+
+
+def test_the_engine_refuses_choices_that_would_share_one_grammar(eng, compiler):
+    """A row's matcher is keyed by its request: n > 1 choices under one would advance it for each other."""
+    request = GenerationRequest(PROMPTS[0], None, SamplingParams(max_new_tokens=4, n=2),
+                                grammar=compiler.compile(Constraint("json_object")))
+    with pytest.raises(ValueError, match="n > 1"):
+        eng.submit(request)
+    assert not eng.has_work

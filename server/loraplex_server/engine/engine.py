@@ -190,6 +190,8 @@ class Engine:
         if longest > self.kv.capacity_tokens:
             raise ValueError(f"prompt ({prompt} tokens) plus max_tokens ({request.params.max_new_tokens}) can "
                              f"never fit the KV cache of {self.kv.capacity_tokens} tokens; send less")
+        if request.params.n > 1 and request.grammar is not None:  # one matcher per request, not per choice
+            raise ValueError("n > 1 cannot be combined with a constraint on the output; send n requests")
         if request.params.n > 1 and not fits_choices(prompt, longest - prompt, request.params.n, self.kv):
             raise ValueError(f"n ({request.params.n}) choices of max_tokens ({request.params.max_new_tokens}) "
                              f"after a prompt of {prompt} tokens can never fit the KV cache of "
