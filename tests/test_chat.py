@@ -101,7 +101,7 @@ def _messages(*pairs) -> list[pb.ChatMessage]:
 @pytest.mark.parametrize(("fields", "message"), [
     ({"prompt": "hi", "messages": CHAT}, "either prompt or messages, not both"),
     ({}, "prompt is empty; set prompt"),
-    ({"messages": _messages(("tool", "x"))}, r"messages\[0\]\.role is 'tool'"),
+    ({"messages": _messages(("function", "x"))}, r"messages\[0\]\.role is 'function'"),
     ({"messages": _messages(("user", "x"), ("", "y"))}, r"messages\[1\]\.role is ''"),
     ({"messages": _messages(*[("user", "x")] * 257)}, "257 messages; at most 256"),
     # Counted over all messages (the tiny context is 128 tokens: 2048 characters), before rendering.

@@ -170,7 +170,7 @@ def test_neutral_values_of_unsupported_options_are_accepted(server):
     ("/v1/completions", {"prompt": "é" * 100_000}, 400, "prompt has 100000 characters"),
     ("/v1/completions", {**COMPLETION, "model": 7}, 400, "model must be a non-empty string"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "role is 'tool'"),
+    ("/v1/chat/completions", {"messages": [{"role": "function", "content": "x"}]}, 400, "role is 'function'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "content must be a string"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "a"}]}, 400, "name is not"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, "max_completion_tokens": 3}, 400, "not both"),

@@ -65,20 +65,21 @@ def _request(kind, adapter: str | None, prompt: str, messages: Iterable[Message]
              temperature: float, top_p: float, top_k: int, stop: list[str] | None, seed: int | None,
              *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1, json_schema: dict | str | None = None,
              regex: str | None = None, choice: list[str] | None = None, json_object: bool = False,
-             tools: list[dict] | None = None, tool_choice: str | None = None):
+             tools: list[dict] | None = None, tool_choice: str | None = None,
+             parallel_tool_calls: bool | None = None):
     """A GenerateRequest or GenerateStreamRequest carrying either the prompt or the chat messages.
 
     logprobs: return each token's logprob (Generation.logprobs, GenerationChunk.logprobs); top_logprobs
     (0..20, implies logprobs): that many most probable alternatives per token. n (1..16): choices of the
     prompt (Generation.choices; chunks carry their choice's index), sharing its prefill; choice i samples
-    with seed + i. At most one constraint on the output (json_schema, regex, choice, json_object); tools and
-    tool_choice for chat (Generation.tool_calls)."""
+    with seed + i. At most one constraint on the output (json_schema, regex, choice, json_object); tools,
+    tool_choice and parallel_tool_calls (False: at most one call) for chat (Generation.tool_calls)."""
     params = sampling(max_tokens, temperature, top_p, top_k, stop, seed, logprobs, top_logprobs, n)
     constraint = structured_output(json_schema, regex, choice, json_object)
     if constraint is not None:
         params.structured.CopyFrom(constraint)
     return kind(adapter=adapter or "", prompt=prompt, messages=chat_messages(messages) if messages is not None else [],
-                sampling=params, **tool_fields(tools, tool_choice))
+                sampling=params, **tool_fields(tools, tool_choice, parallel_tool_calls))
 
 
 class Client:
@@ -156,13 +157,16 @@ class Client:
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
              seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
              json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
-             json_object: bool = False, tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
+             json_object: bool = False, tools: list[dict] | None = None, tool_choice: str | None = None,
+             parallel_tool_calls: bool | None = None) -> Generation:
         """The assistant's reply to `messages` ({"role", "content"} dicts or (role, content) tuples), rendered
-        with the base model's chat template by the server."""
+        with the base model's chat template by the server. A tool-calling conversation goes on with the
+        reply's calls ({"role": "assistant", "content": "", "tool_calls": reply.tool_calls}) and each call's
+        result ({"role": "tool", "tool_call_id": call.id, "content": ...})."""
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
                            seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
                            json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
-                           tools=tools, tool_choice=tool_choice)
+                           tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
         return generation(self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
@@ -170,12 +174,13 @@ class Client:
                     seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
                     json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
                     json_object: bool = False,
-                    tools: list[dict] | None = None, tool_choice: str | None = None) -> Iterator[GenerationChunk]:
+                    tools: list[dict] | None = None, tool_choice: str | None = None,
+                    parallel_tool_calls: bool | None = None) -> Iterator[GenerationChunk]:
         # Built now, not on the first next(): a malformed message fails at the call.
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
                                      top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
                                      json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
-                                     tools=tools, tool_choice=tool_choice))
+                                     tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls))
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """`if client.health(): ...` is true only while the server is SERVING."""
@@ -285,11 +290,12 @@ class AsyncClient:
                    seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
                    json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
                    json_object: bool = False,
-                   tools: list[dict] | None = None, tool_choice: str | None = None) -> Generation:
+                   tools: list[dict] | None = None, tool_choice: str | None = None,
+                   parallel_tool_calls: bool | None = None) -> Generation:
         request = _request(pb.GenerateRequest, adapter, "", messages, max_tokens, temperature, top_p, top_k, stop,
                            seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
                            json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
-                           tools=tools, tool_choice=tool_choice)
+                           tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
         return generation(await self._call(self._stub.Generate, request))
 
     def chat_stream(self, messages: Iterable[Message], adapter: str | None = None, max_tokens: int = 64,
@@ -297,11 +303,12 @@ class AsyncClient:
                     seed: int | None = None, *, logprobs: bool = False, top_logprobs: int = 0, n: int = 1,
                     json_schema: dict | str | None = None, regex: str | None = None, choice: list[str] | None = None,
                     json_object: bool = False,
-                    tools: list[dict] | None = None, tool_choice: str | None = None) -> AsyncIterator[GenerationChunk]:
+                    tools: list[dict] | None = None, tool_choice: str | None = None,
+                    parallel_tool_calls: bool | None = None) -> AsyncIterator[GenerationChunk]:
         return self._stream(_request(pb.GenerateStreamRequest, adapter, "", messages, max_tokens, temperature, top_p,
                                      top_k, stop, seed, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
                                      json_schema=json_schema, regex=regex, choice=choice, json_object=json_object,
-                                     tools=tools, tool_choice=tool_choice))
+                                     tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls))
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         try:

@@ -27,9 +27,10 @@ def structured_output(json_schema: dict | str | None = None, regex: str | None =
     return None
 
 
-def tool_fields(tools: list[dict] | None, tool_choice: str | None) -> dict:
-    """tools_json and tool_choice of a chat request (OpenAI tool objects, as the OpenAI API takes them)."""
-    fields = {}
+def tool_fields(tools: list[dict] | None, tool_choice: str | None, parallel_tool_calls: bool | None = None) -> dict:
+    """tools_json, tool_choice and parallel_tool_calls of a chat request (OpenAI tool objects, as the OpenAI
+    API takes them)."""
+    fields = {} if parallel_tool_calls is None else {"parallel_tool_calls": parallel_tool_calls}
     if tools:
         fields["tools_json"] = json.dumps(tools)
     if tool_choice:

@@ -19,13 +19,16 @@ import json
 import re
 import secrets
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jinja2
 from tokenizers import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 256
+MAX_CALLS_PER_MESSAGE = 64
+MAX_CALL_ID = 128
+NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 class NoChatTemplate(RuntimeError):
@@ -37,9 +40,18 @@ class ChatTemplateError(ValueError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's earlier calls
+    tool_call_id: str = ""  # a tool message: the call it answers
 
 
 def check_messages(messages: list[ChatMessage], max_chars: int) -> None:
@@ -52,10 +64,44 @@ def check_messages(messages: list[ChatMessage], max_chars: int) -> None:
             raise ValueError(f"messages[{i}].role is {message.role[:32]!r}; use one of {', '.join(ROLES)}")
         if not isinstance(message.content, str):
             raise ValueError(f"messages[{i}].content must be a string")
-        total += len(message.content)
+        total += len(message.content) + _check_tool_fields(message, i)
     if total > max_chars:
         raise ValueError(f"the messages have {total} characters of content; at most {max_chars} are accepted "
                          "(the model's context bounds it)")
+
+
+def _check_tool_fields(message: ChatMessage, i: int) -> int:
+    """Tool calls only on assistant messages and a call id on every tool message, each bounded; returns
+    their characters (counted with the content)."""
+    if message.tool_calls and message.role != "assistant":
+        raise ValueError(f"messages[{i}].tool_calls is only for assistant messages")
+    if (message.role == "tool") != bool(message.tool_call_id):
+        raise ValueError(f"messages[{i}].tool_call_id is required on tool messages and only there")
+    if len(message.tool_call_id) > MAX_CALL_ID:
+        raise ValueError(f"messages[{i}].tool_call_id has {len(message.tool_call_id)} characters; at most "
+                         f"{MAX_CALL_ID}")
+    if len(message.tool_calls) > MAX_CALLS_PER_MESSAGE:
+        raise ValueError(f"messages[{i}] has {len(message.tool_calls)} tool calls; at most {MAX_CALLS_PER_MESSAGE}")
+    size = len(message.tool_call_id)
+    for k, call in enumerate(message.tool_calls):
+        where = f"messages[{i}].tool_calls[{k}]"
+        if not NAME.fullmatch(call.name):
+            raise ValueError(f"{where}.function.name must be 1-64 letters, digits, _, . or -")
+        if not 0 < len(call.id) <= MAX_CALL_ID:
+            raise ValueError(f"{where}.id must have 1-{MAX_CALL_ID} characters")
+        size += len(call.id) + len(call.name) + len(call.arguments)
+    return size
+
+
+def call_arguments(call: ToolCall) -> dict:
+    """A call's arguments as an object (what chat templates render); ValueError when they are not one."""
+    try:
+        value = json.loads(call.arguments)
+    except (RecursionError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"the arguments of the call {call.id[:32]!r} are not a JSON object")
+    return value
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -68,11 +114,23 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[dict] | None
     <|im_start|>), so tokenize it without adding more."""
     if not has_chat_template(tokenizer):
         raise NoChatTemplate("the base model has no chat template; send `prompt` with the text to continue")
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    conversation = [_turn(m) for m in messages]
     try:
         return tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
     except jinja2.TemplateError as exc:  # includes the template's own raise_exception(...)
         raise ChatTemplateError(f"the chat template refused the messages: {exc}") from None
+
+
+def _turn(message: ChatMessage) -> dict:
+    """A message as chat templates take it (transformers' tool-use convention: arguments as an object)."""
+    turn = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
+                                                                           "arguments": call_arguments(c)}}
+                              for c in message.tool_calls]
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
 
 
 # Each tokenizer's model without its added tokens, made once (a tokenizer's backend is immutable here).
@@ -85,7 +143,9 @@ def chat_token_ids(tokenizer, messages: list[ChatMessage], tools: list[dict] | N
     text (never a special or added token). `tools` are rendered by the template as markup (the caller
     checks they hold no added-token text). Raises NoChatTemplate, ChatTemplateError."""
     secret = secrets.token_hex(16)
-    placeholders = [ChatMessage(m.role, f"\ue000{secret}:{i}\ue001") for i, m in enumerate(messages)]
+    # An empty content stays empty (templates test it: an assistant turn of calls only renders no content).
+    placeholders = [replace(m, content=f"\ue000{secret}:{i}\ue001" if m.content else "")
+                    for i, m in enumerate(messages)]
     skeleton = render_chat(tokenizer, placeholders, tools)
     text = render_chat(tokenizer, messages, tools)
     pieces = re.split(f"\ue000{secret}:([0-9]+)\ue001", skeleton)  # markup, index, markup, index, ..., markup

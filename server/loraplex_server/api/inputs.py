@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass
 
 from loraplex_server.api import chat_template
-from loraplex_server.api.chat_template import ChatMessage, check_messages
+from loraplex_server.api.chat_template import ChatMessage, call_arguments, check_messages
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.requests import SamplingInput
 from loraplex_server.engine.sampling import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
@@ -129,17 +129,32 @@ async def chat_token_ids(tokenizer, messages: list[ChatMessage], context: int, m
     """Token ids of the rendered conversation: checked before rendering, rendered and tokenized off the
     event loop; message content becomes text tokens only, the template's markup its special tokens
     (chat_template.chat_token_ids). The one place chats are tokenized."""
-    if not messages:
-        raise InvalidRequest("messages is empty; send at least one message", "messages")
-    try:
-        check_messages(messages, max_chars)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), "messages") from None
-
+    checked_messages(messages, max_chars)
     ids = await asyncio.get_running_loop().run_in_executor(None, chat_template.chat_token_ids, tokenizer, messages,
                                                            tools)
     check_length(ids, "the rendered messages", context)
     return ids
+
+
+def checked_messages(messages: list[ChatMessage], max_chars: int) -> None:
+    """Count, roles, tool fields and total size of a chat, before any work on it (InvalidRequest)."""
+    if not messages:
+        raise InvalidRequest("messages is empty; send at least one message", "messages")
+    for i, message in enumerate(messages):
+        for name, text in (("role", message.role), ("content", message.content),
+                           ("tool_call_id", message.tool_call_id)):
+            check_unicode(text, f"messages[{i}].{name}")
+        for k, call in enumerate(message.tool_calls):
+            check_unicode(call.id + call.arguments, f"messages[{i}].tool_calls[{k}]")
+    try:
+        check_messages(messages, max_chars)
+        for i, message in enumerate(messages):  # parsed once bounded
+            for k, call in enumerate(message.tool_calls):
+                check_tree_unicode(call_arguments(call), f"messages[{i}].tool_calls[{k}].function.arguments")
+    except InvalidRequest:
+        raise
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), "messages") from None
 
 
 def check_length(ids: list[int], what: str, context: int) -> None:

@@ -29,6 +29,7 @@ from loraplex_server.api.logprobs import TokenLogprob, TokenTexts, collect_choic
 from loraplex_server.api.metrics import Metrics
 from loraplex_server.api.requests import (
     Call,
+    ChatMessage,
     ClassifyInput,
     ClassifyOutput,
     GenerateInput,
@@ -174,8 +175,7 @@ class RequestPath:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         generation = GenerationRequest(prompt_ids, key, params, grammar=grammar)
         events = await runtime.submit(generation)
-        return Generation(self, runtime, generation, events, observation,
-                          tools.names if tools is not None and tools.parse else None)
+        return Generation(self, runtime, generation, events, observation, tools.parser if tools else None)
 
     @staticmethod
     def _tools(request: GenerateInput) -> tuple[tool_calls.PreparedTools | None, constraints.StructuredInput | None]:
@@ -199,21 +199,31 @@ class RequestPath:
             raise InvalidRequest("set either prompt or messages, not both")
         context, max_chars = runtime.max_positions, self.max_chars(runtime)
         if request.messages:
-            for i, message in enumerate(request.messages):
-                bounds.check_unicode(message.role, f"messages[{i}].role")
-                bounds.check_unicode(message.content, f"messages[{i}].content")
-            messages, specs = list(request.messages), None
-            if tools is not None and tool_calls.supports_tools(runtime.tokenizer):
-                tool_calls.check_markup_safe(runtime.tokenizer, tools.specs)
-                specs = tools.specs
-            elif tools is not None:
-                messages = tool_calls.with_tools_message(messages, tools.specs)
+            bounds.checked_messages(list(request.messages), max_chars)  # before the tool turns are rewritten
+            messages, specs = self._chat(runtime.tokenizer, request, tools)
             return await chat_token_ids(runtime.tokenizer, messages, context, max_chars, specs)
         if not request.prompt:
             raise InvalidRequest("prompt is empty; set prompt (text to continue) or messages (a chat)",
                                  request.prompt_field)
         bounds.check_text(request.prompt, request.prompt_field, max_chars, context)
         return (await text_token_ids(runtime.tokenizer, [request.prompt], context, [request.prompt_field]))[0]
+
+    @staticmethod
+    def _chat(tokenizer, request: GenerateInput, tools: tool_calls.PreparedTools | None
+              ) -> tuple[list[ChatMessage], list[dict] | None]:
+        """The messages and tool specs to render: the template's own markup where it renders tools and tool
+        turns (their client text checked for control text), plain text in the messages where it does not."""
+        messages, specs = list(request.messages), None
+        if tool_calls.renders_tool_turns(tokenizer):
+            tool_calls.check_markup_safe(tokenizer, tool_calls.tool_turns_markup(messages), "messages")
+        else:
+            messages = tool_calls.plain_tool_turns(messages)
+        if tools is not None and tool_calls.supports_tools(tokenizer):
+            tool_calls.check_markup_safe(tokenizer, tools.specs, "tools")
+            specs = tools.specs
+        elif tools is not None:
+            messages = tool_calls.with_tools_message(messages, tools.specs)
+        return messages, specs
 
     # -- OIP: a model whose task picks the request's shape ----------------------------------------
 
@@ -273,10 +283,10 @@ class Generation:
 
     def __init__(self, path: RequestPath, runtime: ServingRuntime, request: GenerationRequest,
                  events: asyncio.Queue[TokenEvent], observation: Observation,
-                 tool_names: tuple[str, ...] | None = None) -> None:
+                 tool_parser: tool_calls.CallParser | None = None) -> None:
         self._path, self._runtime, self.request, self._queue = path, runtime, request, events
         self._observation = observation
-        self.tool_names = tool_names  # the functions it may call: its output is parsed for calls
+        self.tool_parser = tool_parser  # set when it may call functions: its output is parsed for calls
         self.prompt_tokens = len(request.prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -327,7 +337,7 @@ class Generation:
             self.close()
         choices = collect_choices(events, self.request.params.n, self.token_texts)
         first = choices[0]
-        calls = tool_calls.parse_calls(first.text, self.tool_names) if self.tool_names else []  # n is 1 with tools
+        calls = self.tool_parser.parse(first.text) if self.tool_parser else []  # n is 1 with tools
         if calls:
             return GenerationResult("", first.token_ids, "tool_calls", self.prompt_tokens, self.completion_tokens,
                                     first.logprobs, choices, calls)

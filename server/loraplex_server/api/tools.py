@@ -17,15 +17,15 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from loraplex_server.api.chat_template import ChatMessage
+from loraplex_server.api.chat_template import NAME, ChatMessage, ToolCall
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.structured import StructuredInput, parsed_json
 
 MAX_TOOLS = 64
 MAX_TOOLS_BYTES = 64 << 10
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _WRAPPED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _OPEN = "<tool_call>"
+_RESULT = "Result of "
 FALLBACK_PROMPT = ("You can call these functions (JSON schemas of their parameters follow). To call one, reply "
                    'with only a JSON object {{"name": <function name>, "arguments": <arguments object>}}.\n{tools}')
 
@@ -38,13 +38,7 @@ class ToolsInput:
     tools: object
     choice: str | None = None
     field: str = "tools"
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON object, as text
+    parallel: bool = True  # False: at most one call is returned (OpenAI's parallel_tool_calls)
 
 
 @dataclass(frozen=True)
@@ -52,9 +46,8 @@ class PreparedTools:
     """Checked tools: their specs for the template, names for parsing, and the enforced call's constraint."""
 
     specs: list[dict]
-    names: tuple[str, ...]
     structured: StructuredInput | None  # set when tool_choice requires a call
-    parse: bool  # tool_choice is not "none"
+    parser: CallParser | None  # None when tool_choice is "none": the output is left as text
 
 
 def prepare(tools: ToolsInput) -> PreparedTools:
@@ -78,7 +71,7 @@ def prepare(tools: ToolsInput) -> PreparedTools:
     called = names if choice == "required" else (choice,) if choice in names else ()
     structured = StructuredInput("json_schema", call_schema([s for s in specs if s["function"]["name"] in called]),
                                  where) if called else None
-    return PreparedTools(specs, names, structured, choice != "none")
+    return PreparedTools(specs, structured, CallParser(names, tools.parallel) if choice != "none" else None)
 
 
 def _function(tool: object, where: str) -> dict:
@@ -86,7 +79,7 @@ def _function(tool: object, where: str) -> dict:
     if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
         raise InvalidRequest(f'{where} must be {{"type": "function", "function": {{"name": ..., ...}}}}', where)
     name = function.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}.function.name must be 1 to 64 letters, digits, _, . or -", where)
     description = function.get("description", "")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
@@ -108,17 +101,55 @@ def call_schema(specs: list[dict]) -> dict:
 
 def supports_tools(tokenizer) -> bool:
     """Whether the chat template renders `tools` itself."""
+    return _template_mentions(tokenizer, "tools")
+
+
+def renders_tool_turns(tokenizer) -> bool:
+    """Whether the chat template renders an assistant's tool_calls (and so the tool turns) itself."""
+    return _template_mentions(tokenizer, "tool_calls")
+
+
+def _template_mentions(tokenizer, name: str) -> bool:
     template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and "tools" in template
+    return isinstance(template, str) and name in template
 
 
-def check_markup_safe(tokenizer, specs: list[dict]) -> None:
-    """Tools the template renders as markup must not hold text the tokenizer reads as an added token."""
-    text = json.dumps(specs, ensure_ascii=False)
+def check_markup_safe(tokenizer, value: object, field: str) -> None:
+    """Client text the template renders as markup (tools, earlier calls and their ids) must not hold text
+    the tokenizer reads as an added token."""
+    text = json.dumps(value, ensure_ascii=False)
     for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
         content = getattr(token, "content", "")
         if content and content in text:
-            raise InvalidRequest(f"tools contain the model's control text {content[:32]!r}; remove it", "tools")
+            raise InvalidRequest(f"{field} contain the model's control text {content[:32]!r}; remove it", field)
+
+
+def tool_turns_markup(messages: list[ChatMessage]) -> list:
+    """What a template that renders tool turns writes as markup from them: the calls and the call ids."""
+    return [[m.tool_call_id, [[c.id, c.name, c.arguments] for c in m.tool_calls]]
+            for m in messages if m.tool_calls or m.tool_call_id]
+
+
+def plain_tool_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """For a template that does not render tool turns: an assistant's calls as the JSON it was asked to
+    write (FALLBACK_PROMPT), and each run of tool results as one user message of plain text, each result
+    named by its call's function (as Qwen's and Hermes' formats do; the opaque call id tells a model less)."""
+    plain: list[ChatMessage] = []
+    names: dict[str, str] = {}
+    for message in messages:
+        if message.tool_calls:
+            names.update((c.id, c.name) for c in message.tool_calls)
+            calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in message.tool_calls]
+            text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            plain.append(ChatMessage("assistant", f"{message.content}\n{text}" if message.content else text))
+        elif message.role == "tool":
+            result = f"{_RESULT}{names.get(message.tool_call_id, message.tool_call_id)}: {message.content}"
+            if plain and plain[-1].role == "user" and plain[-1].content.startswith(_RESULT):
+                result = f"{plain.pop().content}\n{result}"
+            plain.append(ChatMessage("user", result))
+        else:
+            plain.append(message)
+    return plain
 
 
 def with_tools_message(messages: list[ChatMessage], specs: list[dict]) -> list[ChatMessage]:
@@ -166,11 +197,26 @@ def _call(item: object, names: tuple[str, ...]) -> ToolCall | None:
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", item["name"], json.dumps(arguments, ensure_ascii=False))
 
 
+@dataclass(frozen=True)
+class CallParser:
+    """Reads a generation's output as calls to `names` (at most one unless `parallel`)."""
+
+    names: tuple[str, ...]
+    parallel: bool = True
+
+    def parse(self, text: str) -> list[ToolCall]:
+        calls = parse_calls(text, self.names)
+        return calls if self.parallel else calls[:1]
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self)
+
+
 class ToolCallStream:
     """Streams text while it cannot be a call; holds it back while it may be one, and parses it at the end."""
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
+    def __init__(self, parser: CallParser) -> None:
+        self.parser = parser
         self._held: list[str] = []
         self._passing = False
 
@@ -192,5 +238,5 @@ class ToolCallStream:
         if self._passing:
             return "", []
         held = "".join(self._held)
-        calls = parse_calls(held, self.names)
+        calls = self.parser.parse(held)
         return ("", calls) if calls else (held, [])

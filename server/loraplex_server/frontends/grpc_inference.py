@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+from loraplex_server.api.chat_template import MAX_CALLS_PER_MESSAGE
 from loraplex_server.api.embeddings import EmbedInput
 from loraplex_server.api.errors import InvalidRequest
 from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import RequestPath
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 from loraplex_server.api.structured import StructuredInput
-from loraplex_server.api.tools import ToolCall, ToolCallStream, ToolsInput
+from loraplex_server.api.tools import ToolCall, ToolsInput
 from loraplex_server.frontends.grpc_calls import abort_for, call_of
 
 FINISH_REASONS = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -27,9 +28,16 @@ def generate_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Ge
                              logprobs=s.logprobs.top_logprobs if s.HasField("logprobs") else None,
                              n=s.n if s.HasField("n") else 1, logprobs_field="sampling.logprobs.top_logprobs",
                              n_field="sampling.n")
-    return GenerateInput(request.adapter or None, request.prompt,
-                         tuple(ChatMessage(m.role, m.content) for m in request.messages), sampling,
+    return GenerateInput(request.adapter or None, request.prompt, tuple(map(_message, request.messages)), sampling,
                          structured=structured_input(s), tools=tools_input(request))
+
+
+def _message(message: pb.ChatMessage) -> ChatMessage:
+    if len(message.tool_calls) > MAX_CALLS_PER_MESSAGE:  # bounded before they are copied
+        raise InvalidRequest(f"a message has {len(message.tool_calls)} tool calls; at most {MAX_CALLS_PER_MESSAGE}",
+                             "messages")
+    calls = tuple(ToolCall(c.id, c.name, c.arguments_json) for c in message.tool_calls)
+    return ChatMessage(message.role, message.content, calls, message.tool_call_id)
 
 
 def tools_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> ToolsInput | None:
@@ -37,7 +45,8 @@ def tools_input(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Tools
         if request.tool_choice not in ("", "auto", "none"):
             raise InvalidRequest("tool_choice needs tools_json", "tool_choice")
         return None
-    return ToolsInput(request.tools_json, request.tool_choice or None, "tools_json")
+    parallel = not request.HasField("parallel_tool_calls") or request.parallel_tool_calls
+    return ToolsInput(request.tools_json, request.tool_choice or None, "tools_json", parallel)
 
 
 def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
@@ -103,7 +112,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             generation = await self.path.generate(call_of(context, "GenerateStream"), generate_input(request))
         except Exception as exc:
             await abort_for(context, exc)
-        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None
+        calls = generation.tool_parser.stream() if generation.tool_parser else None
         try:
             n = generation.request.params.n
             tokens = [0] * n  # per choice, for each choice's GenerationDone

@@ -29,7 +29,7 @@ from loraplex_server.api.logprobs import ChoiceResult, TokenLogprob
 from loraplex_server.api.request_path import Generation, RequestPath
 from loraplex_server.api.requests import Call, ClassifyInput, GenerateInput
 from loraplex_server.api.status import status_of
-from loraplex_server.api.tools import ToolCall, ToolCallStream
+from loraplex_server.api.tools import ToolCall
 from loraplex_server.frontends.openai_embeddings import EmbeddingsBody, embeddings_response, parse_embeddings
 from loraplex_server.frontends.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from loraplex_server.frontends.openai_schema import (
@@ -230,7 +230,7 @@ async def _sse(reply: _Reply, generation: Generation, include_usage: bool) -> As
         if reply.chat:
             for index in range(n):
                 yield _data(reply.chunk({"role": "assistant", "content": ""}, None, include_usage, index))
-        calls = ToolCallStream(generation.tool_names) if generation.tool_names else None  # n is 1 with tools
+        calls = generation.tool_parser.stream() if generation.tool_parser else None  # n is 1 with tools
         async for event in generation.events():
             logprobs = generation.logprobs(event)
             text = calls.feed(event.text) if calls is not None else event.text

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 from loraplex_adapters.bounded_json import loads_bounded
+from loraplex_server.api.chat_template import MAX_CALLS_PER_MESSAGE, ToolCall
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
 from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
@@ -23,7 +24,7 @@ COMPLETION_MAX_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
 _NEUTRAL = {
     "best_of": (None, 1), "echo": (None, False),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none"),
 }
 _SAMPLING = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
              "user"}
@@ -187,6 +188,8 @@ def parse_completion(body: dict) -> GenerationBody:
 
 def _content(message: dict, i: int) -> str:
     content = message.get("content")
+    if content is None and message.get("tool_calls"):  # an assistant turn of calls only
+        return ""
     if isinstance(content, list):  # content parts: only text parts
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    and set(p) == {"type", "text"} for p in content):
@@ -198,6 +201,32 @@ def _content(message: dict, i: int) -> str:
     return content
 
 
+# The fields a message may carry besides role and content, by role (the request path bounds them).
+_MESSAGE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}
+
+
+def _tool_calls(message: dict, i: int) -> tuple[ToolCall, ...]:
+    """An assistant's earlier calls, as OpenAI returned them: {id, type: "function", function: {name,
+    arguments (JSON text)}}."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return ()
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or len(calls) > MAX_CALLS_PER_MESSAGE:
+        raise BadRequestBody(f"{where} must be a list of at most {MAX_CALLS_PER_MESSAGE} calls", where)
+    parsed = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(call, dict) or set(call) - {"id", "type", "function"} or call.get("type") != "function"
+                or not isinstance(call.get("id"), str) or not isinstance(function, dict)
+                or set(function) != {"name", "arguments"}
+                or not all(isinstance(function[key], str) for key in ("name", "arguments"))):
+            raise BadRequestBody(f'{where}[{k}] must be {{"id": ..., "type": "function", "function": {{"name": ..., '
+                                 '"arguments": <JSON text>}}', f"{where}[{k}]")
+        parsed.append(ToolCall(call["id"], function["name"], function["arguments"]))
+    return tuple(parsed)
+
+
 def _messages(body: dict) -> list[ChatMessage]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -206,13 +235,16 @@ def _messages(body: dict) -> list[ChatMessage]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequestBody(f"messages[{i}] must be an object with a string role", f"messages[{i}]")
-        extra = set(message) - {"role", "content"}
+        extra = set(message) - {"role", "content"} - _MESSAGE_FIELDS.get(message["role"], set())
         if extra:
             name = sorted(map(str, extra))[0][:64]
-            raise BadRequestBody(f"messages[{i}].{name} is not supported; send role and content",
+            raise BadRequestBody(f"messages[{i}].{name} is not supported on a {message['role'][:32]!r} message",
                                  f"messages[{i}].{name}")
+        call_id = message.get("tool_call_id", "")
+        if not isinstance(call_id, str):
+            raise BadRequestBody(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
         role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name for it
-        parsed.append(ChatMessage(role, _content(message, i)))
+        parsed.append(ChatMessage(role, _content(message, i), _tool_calls(message, i), call_id))
     return parsed
 
 

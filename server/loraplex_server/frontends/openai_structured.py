@@ -60,8 +60,11 @@ def _structured_outputs(value: object) -> StructuredInput:
 
 
 def tools_input(body: dict) -> ToolsInput | None:
-    """`tools` and `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}})."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
+    """`tools`, `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}}) and
+    `parallel_tool_calls`."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("parallel_tool_calls must be true or false", "parallel_tool_calls")
     if isinstance(choice, dict):
         function = choice.get("function") if choice.get("type") == "function" else None
         choice = function.get("name") if isinstance(function, dict) else None
@@ -75,7 +78,7 @@ def tools_input(body: dict) -> ToolsInput | None:
         if choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice needs tools", "tool_choice")
         return None
-    return ToolsInput(tools, choice, "tools")
+    return ToolsInput(tools, choice, "tools", parallel is not False)
 
 
 def tool_calls_json(calls: list[ToolCall], delta: bool = False) -> list[dict]:
