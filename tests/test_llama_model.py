@@ -178,6 +178,23 @@ def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
     mlp = engine.base.model.model.layers[1].mlp
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == \
         engine.runner.forward.layers[1].gate_up.weight.untyped_storage().data_ptr()
+    # fp32 on CPU: stored [in, out] for x @ W (the members hold transposed views), the head likewise
+    transposed = TEST_DEVICE == "cpu"
+    assert layer.qkv.transposed == transposed and (fused.shape[0] == attn.q_proj.in_features) == transposed
+    assert torch.equal(attn.q_proj.weight, (fused[:, :attn.q_proj.out_features].t() if transposed
+                                            else fused[:attn.q_proj.out_features]))
+
+
+@pytest.mark.parametrize("shape", ["llama_gqa_tied", "qwen2_bias_gqa"])
+def test_the_head_is_stored_once_for_its_layout(shapes, shape):
+    engine = engine_for(shapes(shape))
+    model, head = engine.base.model, engine.runner.forward.head
+    assert (head is not None) == (TEST_DEVICE == "cpu")
+    if head is not None:  # [hidden, vocab]; the model's head, and the embeddings tied to it, view it
+        assert head.shape == model.get_output_embeddings().weight.t().shape
+        assert model.get_output_embeddings().weight.data_ptr() == head.data_ptr()
+        tied = model.get_input_embeddings().weight.data_ptr() == head.data_ptr()
+        assert tied == model.config.tie_word_embeddings
 
 
 def test_other_bases_and_the_switch_keep_the_hugging_face_path(tiny, shapes, monkeypatch):

@@ -59,7 +59,8 @@ class ModelRunner:
         hidden = self.hidden(planned)
         last = torch.tensor([len(p.token_ids) for p in planned], device=hidden.device).cumsum(0) - 1
         samples = [i for i, p in enumerate(planned) if p.samples]
-        sample_logits = self.base.model.get_output_embeddings()(hidden[last[samples]]) if samples else None
+        head = self.forward.logits if self.forward is not None else self.base.model.get_output_embeddings()
+        sample_logits = head(hidden[last[samples]]) if samples else None
         starts = (last + 1).tolist()
         states = [hidden[end - len(p.token_ids):end] for p, end in zip(planned, starts, strict=True)]
         return sample_logits, self._text_outputs(planned, states, lambda rows: hidden[last[rows]])

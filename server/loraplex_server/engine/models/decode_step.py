@@ -47,7 +47,7 @@ class DecodeBuffers:
 
 
 def _project(linear: FusedLinear, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    y = F.linear(x, linear.weight, linear.bias)
+    y = linear.base(x)
     for layer, start, end in linear.adapters:
         a_t = layer.lora_A.index_select(0, slots).transpose(1, 2)  # [rows, in, R]
         b_t = layer.lora_B_t.index_select(0, slots)  # [rows, R, out]

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
-from loraplex_server.engine.models.fused_linear import FusedLinear
+from loraplex_server.engine.models.fused_linear import FusedLinear, stores_transposed
 from loraplex_server.engine.paged_attention import StepAttention, attend
 from loraplex_server.lora.layers import BatchedLoraLinear, BatchState
 
@@ -98,6 +98,8 @@ class LlamaForward:
         inner = model.model
         config = model.config
         self.state = state
+        self.head_module = model.get_output_embeddings()
+        self.head = _stored_head(model)  # None: the head module multiplies
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.eps = config.rms_norm_eps
@@ -124,6 +126,10 @@ class LlamaForward:
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
         return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits [rows, vocab] of final hidden states [rows, hidden]."""
+        return torch.mm(hidden, self.head) if self.head is not None else self.head_module(hidden)
+
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: StepAttention) -> torch.Tensor:
         """ids, positions [tokens] -> the final-norm hidden states [tokens, hidden]."""
         x = F.embedding(ids, self.embed)
@@ -132,3 +138,19 @@ class LlamaForward:
         for layer in self.layers:
             x = layer(x, cos, sin, step, active)
         return rms_norm(x, self.norm, self.eps)
+
+
+def _stored_head(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's weight stored [hidden, vocab] where that multiplies faster (FusedLinear's rule), else
+    None. The model's head (and the embeddings tied to it) then hold its transposed view: it exists once."""
+    head = model.get_output_embeddings()
+    weight = head.weight.detach()
+    if getattr(head, "bias", None) is not None or not stores_transposed(weight):
+        return None
+    stored = weight.t().contiguous()
+    view = nn.Parameter(stored.t(), requires_grad=False)
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight is head.weight:  # tied: one tensor for both
+        embeddings.weight = view
+    head.weight = view
+    return stored
