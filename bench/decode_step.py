@@ -3,6 +3,9 @@ the share of the step spent around the forward, and 16 rows on one adapter vs 16
 
     python -m bench.decode_step [--dtype auto] [--reps 30] [--compile] [--threads N] [--parts one_row,adapters]
 
+`--parts layout`: our forward with its weights stored [in, out] (x @ W, the fp32 CPU default) against
+nn.Linear's [out, in] (F.linear), at 1 and 16 rows.
+
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
 every ratio is the median of back-to-back pairs. --compile adds our forward with LORAPLEX_COMPILE=1
@@ -24,7 +27,10 @@ import torch
 from bench.engine import announce_dtype, make_adapters
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.models import fused_linear, llama
 from loraplex_server.engine.sampling import SamplingParams
+
+STORES_TRANSPOSED = fused_linear.stores_transposed
 
 PROMPT = list(range(1000, 1064))  # 64 tokens
 
@@ -165,12 +171,36 @@ def one_vs_four_adapters(args, dtype: str) -> dict[str, float]:
     return out
 
 
+def weight_layouts(args, dtype: str) -> dict[str, float]:
+    """Our forward with weights stored [in, out] (x @ W, the fp32 CPU default) against nn.Linear's [out, in]
+    (F.linear), two engines interleaved, at 1 and 16 rows on the base."""
+    out = {}
+    for rows in (1, 16):
+        engines = {}
+        for name, rule in (("in_out", fused_linear.stores_transposed), ("out_in", lambda weight: False)):
+            fused_linear.stores_transposed = llama.stores_transposed = rule  # read when an engine is built
+            try:
+                engines[name] = engine(dtype, own=True)
+            finally:
+                fused_linear.stores_transposed = llama.stores_transposed = STORES_TRANSPOSED
+        for target in engines.values():
+            start_rows(target, [None] * rows)
+        seconds = interleaved_steps(engines, args.reps, steps=2)
+        for target in engines.values():
+            stop_rows(target)
+        out.update({f"rows{rows}_step_ms_{k}": 1000 * statistics.median(v) for k, v in seconds.items()})
+        out[f"rows{rows}_out_in_vs_in_out"] = ratio(seconds, "out_in", "in_out")
+        print(f"{rows} rows: weights [out, in] {out[f'rows{rows}_step_ms_out_in']:.1f} ms, [in, out] "
+              f"{out[f'rows{rows}_step_ms_in_out']:.1f} ms a step", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also our forward under LORAPLEX_COMPILE=1")
-    parser.add_argument("--parts", default="one_row,adapters", help="one_row, adapters, or both")
+    parser.add_argument("--parts", default="one_row,adapters", help="any of one_row, adapters, layout")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 keeps timings sane on an oversubscribed CPU")
     args = parser.parse_args()
@@ -184,6 +214,8 @@ def main() -> None:
         results.update(one_row(args, args.dtype))
     if "adapters" in parts:
         results.update(one_vs_four_adapters(args, args.dtype))
+    if "layout" in parts:
+        results.update(weight_layouts(args, args.dtype))
     targets = {"one_row_hf_vs_ours": (">=", 1.5), "one_row_floor_vs_ours": (">=", 0.5),
                "around_forward_share": ("<=", 0.10), "rows16_four_vs_single": (">=", 1.0)}
     print(f"\n{'figure':24s} {'measured':>9s} {'target':>9s}")
