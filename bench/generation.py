@@ -106,8 +106,10 @@ def long_join(engine: Engine, prompt: list[int], long_prompt: list[int], rows: i
                                                         timeline.tokens[request.request_id][1:], strict=False)
             if b >= joined and a <= first]
     alone = Timeline()
+    # Another first token: every block key differs, so the prefix cache holds none of this prompt.
+    fresh = [long_prompt[1], *long_prompt[1:]]
     start = time.perf_counter()
-    engine.submit(alone.request(long_prompt, 1))
+    engine.submit(alone.request(fresh, 1))
     run_until_idle(engine)
     prefill_alone = time.perf_counter() - start
     step = statistics.median(before)
