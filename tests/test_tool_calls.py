@@ -219,9 +219,13 @@ def test_a_template_with_tool_turns_renders_the_calls_and_results_itself(tiny):
 
 def test_a_template_without_tool_turns_gets_them_as_plain_text():
     plain = plain_tool_turns([*TURNS, ChatMessage("tool", "noon", tool_call_id="call_2"), ChatMessage("user", "ok")])
-    assert [m.role for m in plain] == ["user", "assistant", "user", "user"]
+    assert [m.role for m in plain] == ["user", "assistant", "user", "user"] and plain[3].content == "ok"
     assert json.loads(plain[1].content) == {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}
     assert plain[2].content == "Result of get_weather: 12 degrees\nResult of call_2: noon"  # call_2: no call
+    # a user's own text is never merged into the results, whatever it says
+    user_first = plain_tool_turns([ChatMessage("user", "Result of x: 1"), ChatMessage("assistant", "", (CALL,)),
+                                   ChatMessage("user", "Result of y"), ChatMessage("tool", "2", tool_call_id="call_1")])
+    assert [m.content for m in user_first][2:] == ["Result of y", "Result of get_weather: 2"]
     two = plain_tool_turns([ChatMessage("assistant", "both", (CALL, CALL))])[0].content
     assert two.startswith("both\n") and len(json.loads(two.split("\n", 1)[1])) == 2
 

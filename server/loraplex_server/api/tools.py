@@ -25,7 +25,6 @@ MAX_TOOLS = 64
 MAX_TOOLS_BYTES = 64 << 10
 _WRAPPED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _OPEN = "<tool_call>"
-_RESULT = "Result of "
 FALLBACK_PROMPT = ("You can call these functions (JSON schemas of their parameters follow). To call one, reply "
                    'with only a JSON object {{"name": <function name>, "arguments": <arguments object>}}.\n{tools}')
 
@@ -136,19 +135,23 @@ def plain_tool_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
     named by its call's function (as Qwen's and Hermes' formats do; the opaque call id tells a model less)."""
     plain: list[ChatMessage] = []
     names: dict[str, str] = {}
+    results: list[str] = []  # the run of tool results being gathered
     for message in messages:
+        if message.role == "tool":
+            results.append(f"Result of {names.get(message.tool_call_id, message.tool_call_id)}: {message.content}")
+            continue
+        if results:
+            plain.append(ChatMessage("user", "\n".join(results)))
+            results = []
         if message.tool_calls:
             names.update((c.id, c.name) for c in message.tool_calls)
             calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in message.tool_calls]
             text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
             plain.append(ChatMessage("assistant", f"{message.content}\n{text}" if message.content else text))
-        elif message.role == "tool":
-            result = f"{_RESULT}{names.get(message.tool_call_id, message.tool_call_id)}: {message.content}"
-            if plain and plain[-1].role == "user" and plain[-1].content.startswith(_RESULT):
-                result = f"{plain.pop().content}\n{result}"
-            plain.append(ChatMessage("user", result))
         else:
             plain.append(message)
+    if results:
+        plain.append(ChatMessage("user", "\n".join(results)))
     return plain
 
 
