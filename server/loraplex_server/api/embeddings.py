@@ -55,7 +55,7 @@ def check_inputs(request: EmbedInput, limits: bounds.Limits, runtime) -> None:
     if not isinstance(request.truncate, bool):
         raise InvalidRequest("truncate must be a boolean", "truncate")
     dimensions = request.dimensions
-    if dimensions is not None and (not _is_int(dimensions) or dimensions != runtime.embedding_size):
+    if dimensions is not None and (not bounds.is_int(dimensions) or dimensions != runtime.embedding_size):
         raise InvalidRequest(f"this model's embeddings have {runtime.embedding_size} dimensions; leave dimensions "
                              f"out or set it to {runtime.embedding_size}", "dimensions")
     longest, vocab = max_input_tokens(runtime), runtime.vocab_size
@@ -65,7 +65,7 @@ def check_inputs(request: EmbedInput, limits: bounds.Limits, runtime) -> None:
         name = f"{what}[{i}]"
         if isinstance(item, str):
             bounds.check_text(item, name, chars_of * bounds.CHARS_PER_TOKEN, chars_of)
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+        elif isinstance(item, list) and item and all(map(bounds.is_int, item)):
             if not all(0 <= t < vocab for t in item):
                 raise InvalidRequest(f"{name} holds a token id outside the vocabulary (0..{vocab - 1})", name)
             if len(item) > longest and not request.truncate:
@@ -113,7 +113,3 @@ async def embed(request: EmbedInput, limits: bounds.Limits, runtime, key: str | 
 def _too_long(name: str, tokens: int, longest: int) -> InvalidRequest:
     return InvalidRequest(f"{name} has {tokens} tokens; this model embeds at most {longest} (set truncate to cut "
                           "longer inputs)", name)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -35,6 +35,11 @@ class Limits:
     max_embed_tokens: int = 32768  # their tokens in all
 
 
+def is_int(value) -> bool:
+    """An integer as a decoded request holds one (a JSON or protobuf int; a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_unicode(text: str, what: str) -> str:
     """`text`, when it is valid Unicode (no lone surrogates); else InvalidRequest naming `what`."""
     try:
@@ -67,7 +72,7 @@ def sampling(values: SamplingInput, limits: Limits, longest_by_default: bool = F
     max_tokens = values.max_tokens
     if max_tokens is None:
         max_tokens = limits.max_tokens if longest_by_default else limits.default_max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limits.max_tokens:
+    if not is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens:
         raise InvalidRequest(f"max_tokens must be in 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
     for i, stop in enumerate(values.stop):
         if isinstance(stop, str):
@@ -87,11 +92,11 @@ def check_choices(values: SamplingInput) -> None:
     """logprobs (top alternatives) in 0..MAX_LOGPROBS or unset, n in 1..MAX_N; whether n choices of
     max_tokens fit the KV cache is the engine's check (it knows the cache)."""
     top = values.logprobs
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+    if top is not None and (not is_int(top) or not 0 <= top <= MAX_LOGPROBS):
         raise InvalidRequest(f"{values.logprobs_field} must be an integer in 0..{MAX_LOGPROBS}, got {top!r}"[:200],
                              values.logprobs_field)
     n = values.n
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise InvalidRequest(f"{values.n_field} must be an integer in 1..{MAX_N}, got {n!r}"[:200], values.n_field)
 
 

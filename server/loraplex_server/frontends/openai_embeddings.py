@@ -12,6 +12,7 @@ import numpy as np
 
 from loraplex_server.api.embeddings import EmbedInput, EmbedOutput
 from loraplex_server.api.errors import InvalidRequest
+from loraplex_server.api.inputs import is_int
 from loraplex_server.frontends.openai_schema import check_fields
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "truncate"}
@@ -23,10 +24,6 @@ class EmbeddingsBody:
     model: str
     request: EmbedInput  # its adapter is `model` as sent: the API maps the base's id to None
     encoding_format: str = "float"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_embeddings(body: dict) -> EmbeddingsBody:
@@ -46,7 +43,7 @@ def parse_embeddings(body: dict) -> EmbeddingsBody:
     inputs = body.get("input")
     if isinstance(inputs, str):
         inputs = [inputs]
-    elif isinstance(inputs, list) and inputs and all(_is_int(t) for t in inputs):
+    elif isinstance(inputs, list) and inputs and all(map(is_int, inputs)):
         inputs = [inputs]  # one input as token ids
     if not isinstance(inputs, list):
         raise InvalidRequest("input must be a string, a list of strings, a list of token ids, or a list of "

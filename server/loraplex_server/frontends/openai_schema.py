@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from loraplex_adapters.bounded_json import loads_bounded
 from loraplex_server.api.chat_template import MAX_CALLS_PER_MESSAGE, ToolCall
 from loraplex_server.api.errors import InvalidRequest as BadRequestBody
-from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode
+from loraplex_server.api.inputs import MAX_STOP_STRINGS, check_tree_unicode, is_int
 from loraplex_server.api.requests import ChatMessage, ClassifyInput, GenerateInput, SamplingInput
 from loraplex_server.frontends.openai_structured import STRUCTURED_FIELDS, structured_input, tools_input
 
@@ -60,10 +60,6 @@ def parse_json(body: bytes) -> dict:
     return value
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
@@ -75,7 +71,7 @@ def _number(body: dict, name: str, default: float) -> float:
 
 def _integer(body: dict, name: str) -> int | None:
     value = body.get(name)
-    if value is not None and not _is_int(value):
+    if value is not None and not is_int(value):
         raise BadRequestBody(f"{name} must be an integer", name)
     return value
 
@@ -150,7 +146,7 @@ def _choices(body: dict, sampling: SamplingInput, chat: bool) -> SamplingInput:
     """n, and logprobs as each API asks for them: completions' `logprobs` is the number of alternatives
     (0..5); chat's `logprobs` is a boolean and `top_logprobs` the number (0..20, only with logprobs)."""
     n = body.get("n")
-    if n is not None and not _is_int(n):
+    if n is not None and not is_int(n):
         raise BadRequestBody("n must be an integer", "n")
     top = None
     if chat:
@@ -163,7 +159,7 @@ def _choices(body: dict, sampling: SamplingInput, chat: bool) -> SamplingInput:
         top = (top or 0) if wanted else None
     elif body.get("logprobs") is not None:
         top = body["logprobs"]
-        if not _is_int(top) or not 0 <= top <= COMPLETION_MAX_LOGPROBS:
+        if not is_int(top) or not 0 <= top <= COMPLETION_MAX_LOGPROBS:
             raise BadRequestBody(f"logprobs must be an integer in 0..{COMPLETION_MAX_LOGPROBS}", "logprobs")
     return replace(sampling, logprobs=top, n=1 if n is None else n,
                    logprobs_field="top_logprobs" if chat else "logprobs")
