@@ -72,10 +72,17 @@ class RequestPath:
     async def observed(self, call: Call, reference: str | None, work: Callable[[ServingRuntime], Awaitable[T]],
                        admin: bool = False) -> T:
         """Run `work` after auth and readiness, counted and logged as one request."""
+        return await self._answered(call, reference, None, lambda runtime, _: work(runtime), admin)
+
+    async def _answered(self, call: Call, reference: str | None, request: R | Decode[R] | None,
+                        work: Callable[[ServingRuntime, R], Awaitable[T]], admin: bool = False) -> T:
+        """`work` on the request after auth and readiness (a body is decoded only once both passed), counted
+        and logged as one request."""
         observation = self.observe(call, reference)
         try:
             self.policy.check(call.token, admin)
-            result = await work(self.ready())
+            runtime = self.ready()
+            result = await work(runtime, await _decoded(request, observation))
         except BaseException as exc:
             observation.finish(exc)
             raise
@@ -97,17 +104,7 @@ class RequestPath:
 
     async def classify(self, call: Call, request: ClassifyInput | Decode[ClassifyInput]) -> ClassifyOutput:
         """`request`, or a function that decodes it once auth and readiness passed (an HTTP body)."""
-        observation = self.observe(call, getattr(request, "adapter", None))
-        try:
-            self.policy.check(call.token)
-            runtime = self.ready()
-            request = await _decoded(request, observation)
-            output = await self._classify(runtime, request)
-        except BaseException as exc:
-            observation.finish(exc)
-            raise
-        observation.finish()
-        return output
+        return await self._answered(call, getattr(request, "adapter", None), request, self._classify)
 
     async def _classify(self, runtime: ServingRuntime, request: ClassifyInput,
                         resolved: tuple[str, Manifest] | None = None) -> ClassifyOutput:
@@ -127,18 +124,11 @@ class RequestPath:
                     ) -> embeddings.EmbedOutput:
         """Embeddings of texts or token-id lists on the base or an adapter of any task (its LoRA applies; a
         head is unused); `request` may be a function that decodes it once auth and readiness passed."""
-        observation = self.observe(call, getattr(request, "adapter", "") or "")
-        try:
-            self.policy.check(call.token)
-            runtime = self.ready()
-            request = await _decoded(request, observation)
-            key = (await self.adapter(runtime, request.adapter, None))[0] if request.adapter else None
-            output = await embeddings.embed(request, self.limits, runtime, key)
-        except BaseException as exc:
-            observation.finish(exc)
-            raise
-        observation.finish()
-        return output
+        return await self._answered(call, getattr(request, "adapter", "") or "", request, self._embed)
+
+    async def _embed(self, runtime: ServingRuntime, request: embeddings.EmbedInput) -> embeddings.EmbedOutput:
+        key = (await self.adapter(runtime, request.adapter, None))[0] if request.adapter else None
+        return await embeddings.embed(request, self.limits, runtime, key)
 
     # -- generation ------------------------------------------------------------------------------
 
