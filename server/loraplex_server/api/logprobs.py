@@ -73,13 +73,13 @@ class TokenTexts:
         return known
 
     def describe(self, logprobs: TokenLogprobs) -> TokenLogprob:
-        text, raw = self(logprobs.token_id)
-        top = [TokenLogprob(i, *self._text_logprob_bytes(i, value)) for i, value in logprobs.top]
-        return TokenLogprob(logprobs.token_id, text, logprobs.logprob, raw, top)
+        described = self._token(logprobs.token_id, logprobs.logprob)
+        described.top = [self._token(token_id, value) for token_id, value in logprobs.top]
+        return described
 
-    def _text_logprob_bytes(self, token_id: int, logprob: float) -> tuple[str, float, bytes]:
+    def _token(self, token_id: int, logprob: float) -> TokenLogprob:
         text, raw = self(token_id)
-        return text, logprob, raw
+        return TokenLogprob(token_id, text, logprob, raw)
 
 
 def _text(raw: bytes) -> str:

@@ -19,7 +19,6 @@ import torch
 
 from loraplex_server.engine.sampling import SamplingParams, _filter_top_k_top_p
 
-MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # stands for -inf (a token the row's top-k/top-p excluded)
 
 
@@ -33,7 +32,7 @@ class TokenLogprobs:
 
 
 def wants_logprobs(params: SamplingParams) -> bool:
-    return getattr(params, "logprobs", None) is not None
+    return params.logprobs is not None
 
 
 def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]

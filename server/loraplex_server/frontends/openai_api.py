@@ -269,28 +269,17 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, text: str, finish_reason: str | None, usage: dict, tool_calls: list[ToolCall] = ()) -> dict:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            if tool_calls:
-                message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(tool_calls)}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]), "usage": usage}
-
     def whole_choices(self, choices: list[ChoiceResult], usage: dict, tool_calls: list[ToolCall] = ()) -> dict:
         """The response of every choice (n >= 1), each with its logprobs when asked; the tool calls replace
         the first choice's content (n is 1 with tools)."""
-        whole = self.whole("", None, usage)
-        whole["choices"] = [{**whole["choices"][0], "index": c.index, "finish_reason": FINISH_REASONS.get(
-            c.finish_reason), "logprobs": self.logprobs(c.logprobs),
-            **({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})}
-            for c in choices]
+        body = [{"index": c.index,
+                 **({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}),
+                 "logprobs": self.logprobs(c.logprobs), "finish_reason": FINISH_REASONS.get(c.finish_reason)}
+                for c in choices]
         if tool_calls:
-            whole["choices"][0].update(finish_reason="tool_calls", message={
+            body[0].update(finish_reason="tool_calls", message={
                 "role": "assistant", "content": None, "tool_calls": tool_calls_json(tool_calls)})
-        return whole
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", body), "usage": usage}
 
     def logprobs(self, tokens: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
         return chat_logprobs(tokens) if self.chat else completion_logprobs(tokens, offset)
