@@ -86,7 +86,7 @@ def _build_wheel(tmp: Path) -> Path:
     assert not [line for line in output.splitlines() if "Warning" in line], output
     (wheel,) = (tmp / "dist").glob("loraplex-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "loraplex_server/lora/csrc/bgmv_cpu.cpp" in names
+    assert {"loraplex_server/csrc/bgmv_cpu.cpp", "loraplex_server/csrc/decode_ops.cpp"} <= set(names)
     assert {f"loraplex_adapters/example_adapters/{name}/{file}" for name in ("sentiment", "topic", "replies")
             for file in ("adapter_config.json", "adapter_model.safetensors", "loraplex.json")} <= set(names)
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
-from loraplex_server.lora.cpu_kernel import bgmv_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    compiled = bgmv_kernel()
+    compiled = cpu_ops()
     if compiled is None:
         pytest.skip("no C++ toolchain: the torch path is used and tested elsewhere")
     return compiled

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.models.llama import LlamaForward
@@ -149,9 +150,18 @@ def test_mixed_adapters_per_row_equal_peft(qwen_adapters, rows):
             torch.testing.assert_close(logits.cpu(), expected.cpu(), atol=1e-4, rtol=0)
 
 
-def test_decode_rows_on_mixed_adapters_equal_peft_generate(qwen_adapters):
+@pytest.mark.parametrize("ops", ["compiled", "torch"])
+def test_decode_rows_on_mixed_adapters_equal_peft_generate(qwen_adapters, ops):
+    """Both step paths: our compiled CPU ops (cpu_ops.py; decode attention reads the paged cache in place)
+    and the plain torch ops they replace."""
     folder, adapters = qwen_adapters
     engine = engine_for(folder)
+    forward = engine.runner.forward
+    assert (forward.ops is not None) == (TEST_DEVICE == "cpu" and cpu_ops() is not None)
+    if ops == "torch":
+        forward.ops = None
+    elif forward.ops is None:
+        pytest.skip("the compiled ops run on CPU with a C++ toolchain")
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     rows = ["all_r8", "kv_r4", None, "mlp_r2", "all_r8"]

@@ -49,6 +49,10 @@ class AttentionBucket:
     keep: torch.Tensor | None  # which of the rows * queries outputs are real; None = all
     out_index: torch.Tensor  # step positions of the real outputs
     mask: torch.Tensor | None  # [rows, 1, group * queries, context] bool; None = attend everything
+    # Decode rows (one query each, from the cache), for a kernel that reads the cache in place: each row's
+    # context positions [rows, context] and their counts [rows].
+    decode_index: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,20 +109,24 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
     first = rows[0].start
     kv_run = rows[0].run_start if len(rows) == 1 else None
     in_place = all_real and torch.equal(q_index, torch.arange(first, first + len(q_index)))
+    decode = rows[0].context is not None and queries == 1
     return AttentionBucket(
         from_cache=rows[0].context is not None, rows=len(rows), queries=queries, context=context,
         kv_index=None if kv_run is not None else torch.cat(kv).to(device), kv_run=kv_run,
         q_index=q_index.to(device), q_run=first if in_place else None,
         keep=None if all_real else keep_index.to(device),
         out_index=(q_index if all_real else q_index[keep_index]).to(device),
-        mask=mask.repeat(1, group, 1).unsqueeze(1).to(device) if needs_mask else None)
+        mask=mask.repeat(1, group, 1).unsqueeze(1).to(device) if needs_mask else None,
+        decode_index=torch.stack(kv).to(device) if decode else None,
+        decode_lengths=torch.tensor([width(r) for r in rows], device=device) if decode else None)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: StepAttention, layer: int,
-           scaling: float | None) -> torch.Tensor:
+           scaling: float | None, ops=None) -> torch.Tensor:
     """One layer's attention over the step: query [tokens, heads, dim], the step's new (rotated) keys and
     values [tokens, kv_heads, dim] -> [tokens, heads, dim]. Stores the new keys and values in the cache
-    first (rows that keep KV), then attends bucket by bucket."""
+    first (rows that keep KV), then attends bucket by bucket. With our CPU ops (cpu_ops.py), decode buckets
+    read the cache in place."""
     tokens, heads, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -132,6 +140,17 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
     out = None if whole else query.new_empty(tokens, heads, dim)
     for b in step.buckets:
         keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (key, value)
+        if ops is not None and b.decode_index is not None:
+            q = query[b.q_run:b.q_run + b.rows] if b.q_run is not None else query.index_select(0, b.q_index)
+            o = ops.decode_attention(q, keys, values, b.decode_index, b.decode_lengths,
+                                     dim ** -0.5 if scaling is None else scaling)
+            if whole:
+                return o
+            if b.q_run is not None:
+                out[b.q_run:b.q_run + b.rows] = o
+            else:
+                out.index_copy_(0, b.out_index, o)
+            continue
         if b.kv_run is not None:
             k, v = (t[b.kv_run:b.kv_run + b.context].transpose(0, 1).unsqueeze(0) for t in (keys, values))
         else:

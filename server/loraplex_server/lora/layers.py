@@ -8,7 +8,7 @@ row slots on the right device) is done once there instead of in every layer.
 Paths: all tokens on one adapter, or a segment of tokens that share one (a prefill chunk, a classify
 text) -> two plain matmuls on views of the slot; equal-length rows on mixed adapters -> per-row weights
 gathered and two bmm; single-token rows on mixed adapters (decode) -> the same, with the gathered
-weights kept while the rows stay, or on CPU in bf16 the fused kernel of cpu_kernel.py, which reads
+weights kept while the rows stay, or on CPU in bf16 the fused kernel of csrc/bgmv_cpu.cpp (cpu_ops.py), which reads
 the tables in place. The expand is fused into the base output.
 """
 
@@ -135,7 +135,7 @@ class BatchedLoraLinear(nn.Module):
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.shared_shrink: SharedShrink | None = None
         self._rank_cache = (-1, 0)
-        self.kernel = None  # the CPU decode kernel (cpu_kernel.py), set by the slot table when usable
+        self.kernel = None  # the CPU kernels (cpu_ops.py), set by the slot table when usable
 
     @property
     def max_rank(self) -> int:

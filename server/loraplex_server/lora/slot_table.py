@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from loraplex_adapters.peft_folder import LoraAdapter, LoraModuleWeights
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.lora.base_shapes import BaseShapes
-from loraplex_server.lora.cpu_kernel import bgmv_kernel
 from loraplex_server.lora.layers import BatchedLoraLinear, BatchState, SharedShrink
 from loraplex_server.lora.triton_lora import triton_lora
 
@@ -79,7 +79,7 @@ class SlotTable:
         # On CUDA the Triton kernel only when LORAPLEX_TRITON_LORA=1 (not yet timed against the torch path).
         self.kernel = None
         if dtype == torch.bfloat16:
-            self.kernel = bgmv_kernel() if device.type == "cpu" else triton_lora() if device.type == "cuda" else None
+            self.kernel = cpu_ops() if device.type == "cpu" else triton_lora() if device.type == "cuda" else None
 
     @property
     def free_slots(self) -> int:

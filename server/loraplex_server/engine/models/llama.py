@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.models.fused_linear import FusedLinear, stores_transposed
 from loraplex_server.engine.paged_attention import StepAttention, attend
 from loraplex_server.lora.layers import BatchedLoraLinear, BatchState
@@ -90,6 +91,27 @@ class DecoderLayer:
         gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps), active).split(self.gate_up.sizes, dim=-1)
         return x + self.down(self.act(gate) * up, active)
 
+    def run_fused(self, x: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  step: StepAttention, active: bool, ops, next_norm: torch.Tensor) -> torch.Tensor:
+        """The same layer on our CPU ops (csrc/decode_ops.cpp): x (the residual stream) is updated in place,
+        `normed` is this layer's input norm of it, and the return is the next norm's (the next layer's input
+        norm, or the final norm) of the updated x."""
+        tokens = x.shape[0]
+        qkv = self.qkv(normed, active)
+        ops.rotary_(qkv, cos, sin, self.heads + self.kv_heads, self.head_dim)
+        q = qkv[:, :self.qkv.spans[0][1]].view(tokens, self.heads, self.head_dim)
+        k = qkv[:, self.qkv.spans[1][0]:self.qkv.spans[1][1]].view(tokens, self.kv_heads, self.head_dim)
+        v = qkv[:, self.qkv.spans[2][0]:].view(tokens, self.kv_heads, self.head_dim)
+        attn = attend(q, k, v, step, self.index, self.scaling, ops)
+        normed = ops.add_rms_norm_(x, self.o(attn.reshape(tokens, -1), active), self.post_norm, self.eps)
+        gate_up = self.gate_up(normed, active)
+        if self.act is F.silu:
+            inner = ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.gate_up.sizes, dim=-1)
+            inner = self.act(gate) * up
+        return ops.add_rms_norm_(x, self.down(inner, active), next_norm, self.eps)
+
 
 class LlamaForward:
     """The decoder stack of a loaded Hugging Face Llama-family model, run on packed rows."""
@@ -109,6 +131,7 @@ class LlamaForward:
         prefix = f"{model.base_model_prefix}.layers"
         self.layers = [DecoderLayer(layer, f"{prefix}.{i}", i, config) for i, layer in enumerate(inner.layers)]
         self._bound = -1
+        self.ops = _step_ops(self.embed)
 
     def bind(self, lora_layers: dict[str, BatchedLoraLinear]) -> None:
         """Refresh which projections carry adapters (cheap when nothing was wrapped since the last call)."""
@@ -135,9 +158,23 @@ class LlamaForward:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(positions, x.dtype)
         active = self.state.active
+        if self.ops is not None:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)
+            normed = self.ops.rms_norm(x, self.layers[0].input_norm, self.eps)
+            norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+            for layer, next_norm in zip(self.layers, norms, strict=True):
+                normed = layer.run_fused(x, normed, cos, sin, step, active, self.ops, next_norm)
+            return normed
         for layer in self.layers:
             x = layer(x, cos, sin, step, active)
         return rms_norm(x, self.norm, self.eps)
+
+
+def _step_ops(weight: torch.Tensor):
+    """Our compiled CPU ops for the step (cpu_ops.py) where they apply: CPU, fp32 or bf16; else None."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_ops()
 
 
 def _stored_head(model: nn.Module) -> torch.Tensor | None:

@@ -3,8 +3,13 @@
 // Reads each row's adapter straight from the bf16 slot tables (no gathered copy), accumulates in fp32
 // and adds into the bf16 base output in place. Decode is memory-bound on the adapters' bytes: with
 // 32 distinct adapters they outweigh a small base layer, so bf16 reads and one pass matter.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -28,10 +33,10 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 // out: [N, out_features] bf16 (updated in place, rows may be strided); x: [N, in_features] bf16; row_slots: [N] int64
 // a: [S, R, in_features] bf16; b_t: [S, R, out_features] bf16 (B transposed, so both loops run over
 // contiguous memory); rank <= R (rows beyond are zero).
-void bgmv_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor b_t, torch::Tensor row_slots,
+void bgmv_add_(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& row_slots,
                int64_t rank) {
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16, "bf16 only");
-  TORCH_CHECK(a.scalar_type() == torch::kBFloat16 && b_t.scalar_type() == torch::kBFloat16, "bf16 tables only");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b_t.scalar_type() == at::kBFloat16, "bf16 tables only");
   // out may be a column range of a wider output (a fused q/k/v projection): rows dense, any row stride.
   TORCH_CHECK(out.stride(1) == 1 && x.is_contiguous() && a.is_contiguous() && b_t.is_contiguous(), "dense rows");
   const int64_t rows = x.size(0), in_f = x.size(1), out_f = out.size(1), max_r = a.size(1);
@@ -43,35 +48,37 @@ void bgmv_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tenso
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* sp = row_slots.data_ptr<int64_t>();
 
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < rows; ++n) {
-    const int64_t slot = sp[n];
-    if (slot == 0) continue;
-    std::vector<float> xf(in_f);
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> xf(in_f), acc(out_f);
     float h[1024];
-    const uint16_t* xrow = xp + n * in_f;
-    for (int64_t i = 0; i < in_f; ++i) xf[i] = bf16_to_float(xrow[i]);
-    const uint16_t* arow = ap + slot * max_r * in_f;
-    for (int64_t k = 0; k < rank; ++k) {
-      const uint16_t* ak = arow + k * in_f;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < in_f; ++i) acc += bf16_to_float(ak[i]) * xf[i];
-      h[k] = acc;
-    }
-    const uint16_t* brow = bp + slot * max_r * out_f;
-    uint16_t* orow = op + n * out_stride;
-    std::vector<float> acc(out_f, 0.f);
-    for (int64_t k = 0; k < rank; ++k) {
-      const uint16_t* bk = brow + k * out_f;
-      const float hk = h[k];
+    for (int64_t n = first; n < last; ++n) {
+      const int64_t slot = sp[n];
+      if (slot == 0) continue;
+      const uint16_t* xrow = xp + n * in_f;
+      for (int64_t i = 0; i < in_f; ++i) xf[i] = bf16_to_float(xrow[i]);
+      const uint16_t* arow = ap + slot * max_r * in_f;
+      for (int64_t k = 0; k < rank; ++k) {
+        const uint16_t* ak = arow + k * in_f;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < in_f; ++i) sum += bf16_to_float(ak[i]) * xf[i];
+        h[k] = sum;
+      }
+      const uint16_t* brow = bp + slot * max_r * out_f;
+      uint16_t* orow = op + n * out_stride;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < rank; ++k) {
+        const uint16_t* bk = brow + k * out_f;
+        const float hk = h[k];
 #pragma omp simd
-      for (int64_t j = 0; j < out_f; ++j) acc[j] += bf16_to_float(bk[j]) * hk;
+        for (int64_t j = 0; j < out_f; ++j) acc[j] += bf16_to_float(bk[j]) * hk;
+      }
+      for (int64_t j = 0; j < out_f; ++j) orow[j] = float_to_bf16(bf16_to_float(orow[j]) + acc[j]);
     }
-    for (int64_t j = 0; j < out_f; ++j) orow[j] = float_to_bf16(bf16_to_float(orow[j]) + acc[j]);
-  }
+  });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bgmv_add_", &bgmv_add_, "out[n] += B[slot n] @ (A[slot n] @ x[n]) in bf16, fp32 accumulation");
+TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("bgmv_add_(Tensor(a!) out, Tensor x, Tensor a, Tensor b_t, Tensor row_slots, int rank) -> ()");
+  m.impl("bgmv_add_", c10::DispatchKey::CPU, &bgmv_add_);
 }

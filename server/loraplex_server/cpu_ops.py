@@ -1,0 +1,39 @@
+"""Our CPU kernels (csrc/), compiled once with the machine's C++ compiler and cached by torch: the first
+build takes tens of seconds, later starts load it from torch's extension cache.
+
+They register as `torch.ops.loraplex.*`: the batched LoRA decode kernel (bgmv_cpu.cpp) and the small ops of
+our model's step (decode_ops.cpp). Everything falls back to plain torch (None here) when there is no
+compiler or LORAPLEX_CPU_KERNEL=0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+
+
+@cache
+def cpu_ops():
+    """The `torch.ops.loraplex` namespace with the compiled kernels, or None when unavailable."""
+    if os.environ.get("LORAPLEX_CPU_KERNEL", "1") == "0":
+        return None
+    started = time.perf_counter()
+    log.info("preparing the CPU kernels (the first build takes up to a minute)")
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="loraplex_cpu_ops", sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+    except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch path still works
+        log.warning("CPU kernels unavailable, using the torch path: %s", exc)
+        return None
+    log.info("CPU kernels ready in %.1f s", time.perf_counter() - started)
+    return torch.ops.loraplex
