@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.models.fused_linear import unpack
 from loraplex_server.engine.models.llama import LlamaForward
 from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE, AdapterSpec, make_adapter, write_tokenizer
@@ -27,13 +28,19 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
               max_position_embeddings=256)
 SHAPES = {
     "llama_gqa_tied": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_tied_bf16": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                            num_hidden_layers=1)),
     "llama_bias_mha": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=4, attention_bias=True,
                                                            mlp_bias=True, head_dim=32)),
     "llama3_rope": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=1, rope_parameters={
         "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
-    "qwen2_bias_gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2_bias_gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                           intermediate_size=144)),
 }
+# Weights that are exact bf16 values, as a bf16 checkpoint's: on CPU our forward keeps them in bf16 panels
+# (csrc/bf16_linear.cpp; gate/up's 288 columns end in a padded panel). The others stay fp32 [in, out].
+BF16_EXACT = {"qwen2_bias_gqa", "llama_tied_bf16"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def shapes(tmp_path_factory):
             model_cls, config_cls, extra = SHAPES[name]
             torch.manual_seed(list(SHAPES).index(name))  # the same weights whatever runs first
             config = config_cls(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                bos_token_id=tok.bos_token_id, **COMMON, **extra)
+                                bos_token_id=tok.bos_token_id, **{**COMMON, **extra})
             model = model_cls(config)
             with torch.no_grad():
                 for param_name, param in model.named_parameters():
@@ -58,6 +65,9 @@ def shapes(tmp_path_factory):
                         param.normal_(0, 0.1)
                 if not config.tie_word_embeddings:  # logits well apart: greedy choices without near-ties
                     model.lm_head.weight.mul_(4.0)
+                if name in BF16_EXACT:
+                    for param in model.parameters():
+                        param.copy_(param.bfloat16().float())
             model.save_pretrained(folder)
             built[name] = folder
         return built[name]
@@ -177,11 +187,12 @@ def test_decode_rows_on_mixed_adapters_equal_peft_generate(qwen_adapters, ops):
 
 
 def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
-    folder = shapes("qwen2_bias_gqa")
+    folder = shapes("llama_bias_mha")
     engine = engine_for(folder)
     layer = engine.runner.forward.layers[0]
     attn = engine.base.model.model.layers[0].self_attn
     fused = layer.qkv.weight
+    assert layer.qkv.packed is None, "weights that are not bf16 values stay fp32"
     assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     assert attn.v_proj.bias.untyped_storage().data_ptr() == layer.qkv.bias.untyped_storage().data_ptr()
@@ -195,16 +206,44 @@ def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
                                             else fused[:attn.q_proj.out_features]))
 
 
-@pytest.mark.parametrize("shape", ["llama_gqa_tied", "qwen2_bias_gqa"])
+def test_bf16_valued_weights_are_kept_once_in_bf16_panels(shapes):
+    folder = shapes("qwen2_bias_gqa")
+    engine = engine_for(folder)
+    reference = hf_model(folder)
+    if engine.runner.forward.layers[0].qkv.ops is None:
+        pytest.skip("the bf16 panels need our CPU ops (CPU, a C++ toolchain)")
+    for ours, theirs in zip(engine.runner.forward.layers, reference.model.layers, strict=True):
+        for fused, members in ((ours.qkv, [theirs.self_attn.q_proj, theirs.self_attn.k_proj, theirs.self_attn.v_proj]),
+                               (ours.gate_up, [theirs.mlp.gate_proj, theirs.mlp.up_proj]),
+                               (ours.down, [theirs.mlp.down_proj])):
+            assert fused.weight is None and fused.packed.dtype == torch.bfloat16
+            expected = torch.cat([m.weight for m in members]).t()
+            assert torch.equal(unpack(fused.packed, fused.out_features), expected)
+            bias = 0 if fused.bias is None else fused.bias
+            for rows in (1, 3, 4, 7, 40):  # register tiles of 1-4 rows, and past PACKED_ROWS
+                x = torch.randn(rows, expected.shape[0])
+                torch.testing.assert_close(fused.base(x), x @ expected + bias, atol=TOL, rtol=0)
+    engine_attn = engine.base.model.model.layers[0].self_attn
+    assert engine_attn.q_proj.weight.is_meta, "the Hugging Face modules keep shapes only"
+    with pytest.raises(RuntimeError, match="bf16 panels"):  # and say so rather than multiply garbage
+        engine_attn.q_proj(torch.randn(2, engine_attn.q_proj.in_features))
+
+
+@pytest.mark.parametrize("shape", ["llama_gqa_tied", "qwen2_bias_gqa", "llama_tied_bf16"])
 def test_the_head_is_stored_once_for_its_layout(shapes, shape):
     engine = engine_for(shapes(shape))
-    model, head = engine.base.model, engine.runner.forward.head
-    assert (head is not None) == (TEST_DEVICE == "cpu")
-    if head is not None:  # [hidden, vocab]; the model's head, and the embeddings tied to it, view it
-        assert head.shape == model.get_output_embeddings().weight.t().shape
-        assert model.get_output_embeddings().weight.data_ptr() == head.data_ptr()
-        tied = model.get_input_embeddings().weight.data_ptr() == head.data_ptr()
-        assert tied == model.config.tie_word_embeddings
+    model, forward = engine.base.model, engine.runner.forward
+    head, tied = forward.head, model.config.tie_word_embeddings
+    assert head.transposed == (TEST_DEVICE == "cpu")
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight or not tied
+    if head.packed is not None:  # bf16 panels; a tied model looks its embeddings up there
+        assert model.get_output_embeddings().weight.is_meta and (forward.embed is None) == tied
+        ids = torch.tensor([0, 1, 63, 64, 200, model.config.vocab_size - 1])
+        assert torch.equal(forward.embed_rows(ids), hf_model(shapes(shape)).get_input_embeddings()(ids))
+    elif head.transposed:  # [hidden, vocab]; the model's head, and the embeddings tied to it, view it
+        assert head.weight.shape == model.get_output_embeddings().weight.t().shape
+        assert model.get_output_embeddings().weight.data_ptr() == head.weight.data_ptr()
+    assert (shape in BF16_EXACT and head.ops is not None) == (head.packed is not None)
 
 
 def test_other_bases_and_the_switch_keep_the_hugging_face_path(tiny, shapes, monkeypatch):

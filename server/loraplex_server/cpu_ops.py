@@ -31,9 +31,12 @@ def cpu_ops():
         from torch.utils.cpp_extension import load
 
         load(name="loraplex_cpu_ops", sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch path still works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None
     log.info("CPU kernels ready in %.1f s", time.perf_counter() - started)
+    # torch.compile (LORAPLEX_COMPILE) traces the decode step through bf16_linear: its output's shape.
+    torch.library.register_fake("loraplex::bf16_linear")(
+        lambda x, packed, bias, out_features: x.new_empty(x.shape[0], out_features))
     return torch.ops.loraplex

@@ -377,7 +377,7 @@ class Engine:
         for index in order:
             n = len(token_ids[index])
             part = hidden[start + n - 1:start + n] if last_only else hidden[start:start + n]
-            out[index] = self.base.model.get_output_embeddings()(part).float()
+            out[index] = self.runner.lm_logits(part).float()
             start += n
         return [out[i] for i in range(len(rows))]
 

@@ -59,11 +59,16 @@ class ModelRunner:
         hidden = self.hidden(planned)
         last = torch.tensor([len(p.token_ids) for p in planned], device=hidden.device).cumsum(0) - 1
         samples = [i for i, p in enumerate(planned) if p.samples]
-        head = self.forward.logits if self.forward is not None else self.base.model.get_output_embeddings()
-        sample_logits = head(hidden[last[samples]]) if samples else None
+        sample_logits = self.lm_logits(hidden[last[samples]]) if samples else None
         starts = (last + 1).tolist()
         states = [hidden[end - len(p.token_ids):end] for p, end in zip(planned, starts, strict=True)]
         return sample_logits, self._text_outputs(planned, states, lambda rows: hidden[last[rows]])
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language-model head's logits [rows, vocab] of final hidden states [rows, hidden]."""
+        if self.forward is not None:  # our forward holds the head's weights (maybe in its own layout)
+            return self.forward.logits(hidden)
+        return self.base.model.get_output_embeddings()(hidden)
 
     def _text_outputs(self, planned: list[PlannedRow], states: list[torch.Tensor],
                       head_inputs: Callable[[list[int]], torch.Tensor]) -> list[torch.Tensor]:

@@ -61,7 +61,7 @@ def decode_hidden(model: LlamaForward, cache: PagedKVCache, buffers: DecodeBuffe
     value into the cache."""
     b = buffers
     rows, context = b.rows, b.context
-    x = F.embedding(b.ids, model.embed)
+    x = model.embed_rows(b.ids)
     cos, sin = model.rotary(b.positions, x.dtype)
     for layer in model.layers:
         qkv = _project(layer.qkv, rms_norm(x, layer.input_norm, layer.eps), b.slots)

@@ -10,6 +10,13 @@ On CPU in fp32 the fused weight is stored transposed, [in, out] contiguous, and 
 sgemm runs that 2-10x faster than F.linear's x @ W^T over an [out, in] weight for 4 to 32 rows, and as
 fast for one row (`python -m bench.decode_step`; RESULTS.md, "Weight layout"). The members' views are then
 column slices, transposed back.
+
+Where every weight is exactly a bf16 value (the checkpoint shipped bf16, as SmolLM2's, Llama's and Qwen2's
+do) and our CPU ops are built, the fp32 weight is kept as bf16 instead, in csrc/bf16_linear.cpp's panels:
+half the bytes a decode step streams, the same fp32 results. Steps of up to PACKED_ROWS rows multiply
+with that kernel; bigger ones (prefill) widen the weight for MKL, whose GEMM is compute-bound there. The
+Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
+weight silently into garbage): the weights exist once, in the panels.
 """
 
 from __future__ import annotations
@@ -18,12 +25,40 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.lora.layers import BatchedLoraLinear
+
+PANEL = 64  # output columns per panel of csrc/bf16_linear.cpp
+PACKED_ROWS = 16  # up to this many rows the bf16 kernel beats MKL's fp32 GEMM (bench.decode_step --parts packed)
 
 
 def stores_transposed(weight: torch.Tensor) -> bool:
     """Whether weights multiply faster stored [in, out] (fp32 on CPU, measured) than as nn.Linear keeps them."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def pack_bf16(weight_t: torch.Tensor) -> torch.Tensor:
+    """[in, out] -> bf16 panels [ceil(out / 64), in, 64] (the last one zero-padded)."""
+    in_f, out_f = weight_t.shape
+    panels = -(-out_f // PANEL)
+    padded = F.pad(weight_t, (0, panels * PANEL - out_f))
+    return padded.view(in_f, panels, PANEL).permute(1, 0, 2).to(torch.bfloat16).contiguous()
+
+
+def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The fp32 [in, out] weight of bf16 panels."""
+    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :out_features].float()
+
+
+def _moved(path: str):
+    def forward(*args, **kwargs):
+        raise RuntimeError(f"{path}: its weights moved into our forward's bf16 panels (FusedLinear); "
+                           "run the model through LlamaForward")
+    return forward
+
+
+def exact_in_bf16(weight: torch.Tensor) -> bool:
+    return bool(torch.equal(weight.bfloat16().float(), weight))
 
 
 class FusedLinear:
@@ -34,7 +69,16 @@ class FusedLinear:
         sizes = [int(m.weight.shape[0]) for m in modules]
         weights = [m.weight.detach() for m in modules]
         self.transposed = stores_transposed(weights[0])
-        if self.transposed:  # one new [in, out] tensor; the members' old weights are freed
+        self.ops = cpu_ops() if self.transposed else None
+        self.packed = None
+        self.out_features = sum(sizes)
+        if self.ops is not None and all(exact_in_bf16(w) for w in weights):
+            self.packed = pack_bf16(torch.cat(weights).t())
+            self.weight = None
+            parts = [torch.empty(w.shape, dtype=w.dtype, device="meta") for w in weights]
+            for module, path in zip(modules, paths, strict=True):
+                module.forward = _moved(path)
+        elif self.transposed:  # one new [in, out] tensor; the members' old weights are freed
             self.weight = torch.cat(weights).t().contiguous()
             parts = [part.t() for part in self.weight.split(sizes, dim=1)]
         else:
@@ -44,7 +88,7 @@ class FusedLinear:
             module.weight = nn.Parameter(part, requires_grad=False)  # a view: the HF module shares it
         self.bias = None
         if any(m.bias is not None for m in modules):
-            parts = [m.bias.detach() if m.bias is not None else self.weight.new_zeros(n)
+            parts = [m.bias.detach() if m.bias is not None else weights[0].new_zeros(n)
                      for m, n in zip(modules, sizes, strict=True)]
             self.bias = parts[0] if len(parts) == 1 else torch.cat(parts)
             if len(parts) > 1:
@@ -64,6 +108,11 @@ class FusedLinear:
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, in] -> the base projection [tokens, sum of the members' outputs], no adapters."""
+        if self.packed is not None:
+            if x.shape[0] <= PACKED_ROWS:
+                return self.ops.bf16_linear(x, self.packed, self.bias, self.out_features)
+            weight = unpack(self.packed, self.out_features)
+            return torch.mm(x, weight) if self.bias is None else torch.addmm(self.bias, x, weight)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 from loraplex_server.cpu_ops import cpu_ops
-from loraplex_server.engine.models.fused_linear import FusedLinear, stores_transposed
+from loraplex_server.engine.models.fused_linear import PANEL, FusedLinear
 from loraplex_server.engine.paged_attention import StepAttention, attend
 from loraplex_server.lora.layers import BatchedLoraLinear, BatchState
 
@@ -120,9 +120,10 @@ class LlamaForward:
         inner = model.model
         config = model.config
         self.state = state
-        self.head_module = model.get_output_embeddings()
-        self.head = _stored_head(model)  # None: the head module multiplies
-        self.embed = inner.embed_tokens.weight
+        self.head = _head(model)
+        # Tied embeddings whose weights went into bf16 panels are looked up there (embed_rows).
+        self.embed = None if self.head.packed is not None and model.config.tie_word_embeddings \
+            else inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.eps = config.rms_norm_eps
         rotary = inner.rotary_emb
@@ -131,7 +132,7 @@ class LlamaForward:
         prefix = f"{model.base_model_prefix}.layers"
         self.layers = [DecoderLayer(layer, f"{prefix}.{i}", i, config) for i, layer in enumerate(inner.layers)]
         self._bound = -1
-        self.ops = _step_ops(self.embed)
+        self.ops = _step_ops(self.norm)
 
     def bind(self, lora_layers: dict[str, BatchedLoraLinear]) -> None:
         """Refresh which projections carry adapters (cheap when nothing was wrapped since the last call)."""
@@ -151,11 +152,17 @@ class LlamaForward:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's logits [rows, vocab] of final hidden states [rows, hidden]."""
-        return torch.mm(hidden, self.head) if self.head is not None else self.head_module(hidden)
+        return self.head.base(hidden)
+
+    def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [tokens, hidden] of token ids [tokens]."""
+        if self.embed is not None:
+            return F.embedding(ids, self.embed)
+        return self.head.packed[ids // PANEL, :, ids % PANEL].float()  # token v: column v of the head
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: StepAttention) -> torch.Tensor:
         """ids, positions [tokens] -> the final-norm hidden states [tokens, hidden]."""
-        x = F.embedding(ids, self.embed)
+        x = self.embed_rows(ids)
         cos, sin = self.rotary(positions, x.dtype)
         active = self.state.active
         if self.ops is not None:
@@ -170,24 +177,20 @@ class LlamaForward:
         return rms_norm(x, self.norm, self.eps)
 
 
-def _step_ops(weight: torch.Tensor):
+def _step_ops(weight: torch.Tensor):  # any weight of the model: its device and dtype
     """Our compiled CPU ops for the step (cpu_ops.py) where they apply: CPU, fp32 or bf16; else None."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     return cpu_ops()
 
 
-def _stored_head(model: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight stored [hidden, vocab] where that multiplies faster (FusedLinear's rule), else
-    None. The model's head (and the embeddings tied to it) then hold its transposed view: it exists once."""
+def _head(model: nn.Module) -> FusedLinear:
+    """The LM head in our layout (FusedLinear's rule: bf16 panels, [hidden, vocab] or nn.Linear's). Tied input
+    embeddings keep sharing it: they hold the head module's new weight (a view, or the panels' placeholder)."""
     head = model.get_output_embeddings()
-    weight = head.weight.detach()
-    if getattr(head, "bias", None) is not None or not stores_transposed(weight):
-        return None
-    stored = weight.t().contiguous()
-    view = nn.Parameter(stored.t(), requires_grad=False)
     embeddings = model.get_input_embeddings()
-    if embeddings.weight is head.weight:  # tied: one tensor for both
-        embeddings.weight = view
-    head.weight = view
-    return stored
+    tied = embeddings.weight is head.weight
+    fused = FusedLinear([head], ["lm_head"])
+    if tied:
+        embeddings.weight = head.weight
+    return fused
