@@ -3,8 +3,8 @@ the share of the step spent around the forward, and 16 rows on one adapter vs 16
 
     python -m bench.decode_step [--dtype auto] [--reps 30] [--compile] [--threads N] [--parts one_row,adapters]
 
-`--parts layout`: our forward with its weights stored [in, out] (x @ W, the fp32 CPU default) against
-nn.Linear's [out, in] (F.linear), at 1 and 16 rows.
+`--parts layout`: our forward's weight layouts at 1 and 16 rows: bf16 panels (the CPU default for bf16-valued
+weights), fp32 [in, out] (x @ W) and nn.Linear's [out, in] (F.linear); and our CPU step ops against torch's.
 
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
@@ -24,13 +24,11 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import announce_dtype, make_adapters
+from bench.engine import announce_dtype, make_adapters, step_weight_bytes
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
-from loraplex_server.engine.models import fused_linear, llama
+from loraplex_server.engine.models import fused_linear
 from loraplex_server.engine.sampling import SamplingParams
-
-STORES_TRANSPOSED = fused_linear.stores_transposed
 
 PROMPT = list(range(1000, 1064))  # 64 tokens
 
@@ -99,14 +97,9 @@ def ratio(seconds: dict[str, list[float]], slower: str, faster: str) -> float:
 
 
 def bandwidth_floor_ms(target: Engine) -> tuple[float, float]:
-    """(floor ms, copy GB/s): every weight a batch-1 step reads (the layers and the LM head, not the
-    embedding table) over the copy bandwidth measured now."""
-    model = target.base.model
-    head = model.get_output_embeddings().weight
-    weights = {p.untyped_storage().data_ptr(): p for name, p in model.named_parameters()
-               if p.dim() == 2 and "embed_tokens" not in name}
-    weights[head.untyped_storage().data_ptr()] = head
-    nbytes = sum(p.untyped_storage().nbytes() for p in weights.values())  # fused weights counted once
+    """(floor ms, copy GB/s): every weight byte a batch-1 step reads (the layers' projections and the LM
+    head, as our forward stores them: bf16 panels or fp32) over the copy bandwidth measured now."""
+    nbytes = step_weight_bytes(target)
     big = torch.empty(256 << 20 >> 2, dtype=torch.float32)
     copy = torch.empty_like(big)
     best = float("inf")
@@ -171,27 +164,46 @@ def one_vs_four_adapters(args, dtype: str) -> dict[str, float]:
     return out
 
 
+LAYOUTS = {  # name -> (how FusedLinear decides, whether our CPU step ops run)
+    "panels": ({}, True),  # the CPU default: bf16 panels (bf16-valued weights) and our step ops
+    "in_out": ({"exact_in_bf16": lambda weight: False}, True),  # fp32 [in, out], x @ W
+    "out_in": ({"exact_in_bf16": lambda weight: False, "stores_transposed": lambda weight: False}, True),
+    "torch_ops": ({}, False),  # bf16 panels, but norms, rotary and attention as plain torch ops
+}
+
+
+def layout_engine(dtype: str, name: str) -> Engine:
+    rules, ops = LAYOUTS[name]
+    saved = {key: getattr(fused_linear, key) for key in rules}
+    for key, rule in rules.items():  # read while an engine is built
+        setattr(fused_linear, key, rule)
+    try:
+        built = engine(dtype, own=True)
+    finally:
+        for key, rule in saved.items():
+            setattr(fused_linear, key, rule)
+    if not ops:
+        built.runner.forward.ops = None
+    return built
+
+
 def weight_layouts(args, dtype: str) -> dict[str, float]:
-    """Our forward with weights stored [in, out] (x @ W, the fp32 CPU default) against nn.Linear's [out, in]
-    (F.linear), two engines interleaved, at 1 and 16 rows on the base."""
+    """Our forward's weight layouts and step ops, engines interleaved, at 1 and 16 rows on the base: bf16
+    panels (csrc/bf16_linear.cpp) against fp32 [in, out] (x @ W) and nn.Linear's [out, in] (F.linear), and our
+    step ops (csrc/decode_ops.cpp) against plain torch ops."""
     out = {}
     for rows in (1, 16):
-        engines = {}
-        for name, rule in (("in_out", fused_linear.stores_transposed), ("out_in", lambda weight: False)):
-            fused_linear.stores_transposed = llama.stores_transposed = rule  # read when an engine is built
-            try:
-                engines[name] = engine(dtype, own=True)
-            finally:
-                fused_linear.stores_transposed = llama.stores_transposed = STORES_TRANSPOSED
+        engines = {name: layout_engine(dtype, name) for name in LAYOUTS}
         for target in engines.values():
             start_rows(target, [None] * rows)
         seconds = interleaved_steps(engines, args.reps, steps=2)
         for target in engines.values():
             stop_rows(target)
         out.update({f"rows{rows}_step_ms_{k}": 1000 * statistics.median(v) for k, v in seconds.items()})
-        out[f"rows{rows}_out_in_vs_in_out"] = ratio(seconds, "out_in", "in_out")
-        print(f"{rows} rows: weights [out, in] {out[f'rows{rows}_step_ms_out_in']:.1f} ms, [in, out] "
-              f"{out[f'rows{rows}_step_ms_in_out']:.1f} ms a step", flush=True)
+        for other in ("in_out", "out_in", "torch_ops"):
+            out[f"rows{rows}_{other}_vs_panels"] = ratio(seconds, other, "panels")
+        print(f"{rows} rows, ms a step: " + ", ".join(f"{k} {out[f'rows{rows}_step_ms_{k}']:.1f}" for k in LAYOUTS),
+              flush=True)
     return out
 
 

@@ -81,6 +81,22 @@ def speedup(seconds: dict[str, list[float]], ours: str, baseline: str) -> float:
     return statistics.median(b / o for o, b in zip(seconds[ours], seconds[baseline], strict=True))
 
 
+def step_weight_bytes(engine: Engine) -> int:
+    """The weight bytes one decode step streams: the layers' projections and the LM head as the engine stores
+    them (our forward's bf16 panels or fp32; the HF modules' weights otherwise), not the input embedding
+    (a step reads one row of it per token)."""
+    forward = engine.runner.forward
+    if forward is not None:
+        linears = [p for layer in forward.layers for p in layer.projections] + [forward.head]
+        return sum((f.packed if f.packed is not None else f.weight).nbytes for f in linears)
+    model = engine.base.model
+    weights = {p.untyped_storage().data_ptr(): p for name, p in model.named_parameters()
+               if p.dim() == 2 and "embed_tokens" not in name}
+    head = model.get_output_embeddings().weight
+    weights[head.untyped_storage().data_ptr()] = head  # tied to the embedding: read whole by the LM head
+    return sum(p.untyped_storage().nbytes() for p in weights.values())  # fused weights counted once
+
+
 def random_copies(peft_model, out: Path, count: int, prefix: str, scale: float) -> list[Path]:
     """Save the PEFT model once as a template, then `count` adapters of its shape with their own
     random weights (N(0, scale), bf16) - many distinct adapters without training or PEFT per copy."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.engine import announce_dtype
+from bench.engine import announce_dtype, step_weight_bytes
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.sampling import SamplingParams
@@ -185,11 +185,12 @@ def roofline(engine: Engine, prompt: list[int], rows: int = 32) -> dict[str, flo
     run_until_idle(engine)
     step = statistics.median(steps)
     dtype = engine.base.dtype
-    weights = [p for name, p in engine.base.model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name]
-    head = engine.base.model.get_output_embeddings().weight
+    weight_bytes = step_weight_bytes(engine)
+    model = engine.base.model
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name]
+    head = model.get_output_embeddings().weight
     if all(p is not head for p in weights):
         weights.append(head)  # tied to the embedding: read whole once per step by the LM head
-    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     flops = 2 * rows * sum(p.numel() for p in weights)
     big = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
     copy = torch.empty_like(big)

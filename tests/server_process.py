@@ -37,7 +37,7 @@ def start_server(base_dir, adapter_dir, port, metrics_port=0, max_pending=64, ex
 
         return wait_until_serving(InProcessServer(argv), port, client_kwargs, target)
     command = [sys.executable, "-m", "loraplex_server.app.serve", *argv]
-    return start_server_command(command, port, env={**os.environ, "LORAPLEX_CPU_KERNEL": "0"},
+    return start_server_command(command, port, env=dict(os.environ),
                                 client_kwargs=client_kwargs, target=target)
 
 

@@ -38,7 +38,6 @@ def cluster(tiny, adapter_dir, tmp_path_factory):
     base, _ = tiny("llama")
     store = tmp_path_factory.mktemp("ray") / "store"
     shutil.copytree(adapter_dir, store)  # this module uploads and deletes: the session's store stays as it is
-    os.environ["LORAPLEX_CPU_KERNEL"] = "0"  # replicas inherit the driver's environment
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -24,9 +24,8 @@ def test_serve_ray_serves_through_the_proxy_and_stops_on_sigterm(tiny, adapter_d
     port = free_port()
     flags = ["--base", str(base), "--adapter-dir", str(adapter_dir), "--dtype", "float32", "--quantize", "none",
              "--device", TEST_DEVICE, "--metrics-port", "0"]
-    env = {**os.environ, "LORAPLEX_CPU_KERNEL": "0"}
     process = subprocess.Popen([sys.executable, "-m", "loraplex_server.app.serve", "--ray", "--replicas", "1",
-                                "--port", str(port), "--http-port", str(free_port()), *flags], env=env,
+                                "--port", str(port), "--http-port", str(free_port()), *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     _keep_reading(process)
     try:
