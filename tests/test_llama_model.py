@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
-from loraplex_server.engine.models.fused_linear import unpack
 from loraplex_server.engine.models.llama import LlamaForward
 from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE, AdapterSpec, make_adapter, write_tokenizer
@@ -206,6 +205,11 @@ def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
                                             else fused[:attn.q_proj.out_features]))
 
 
+def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The fp32 [in, out] weight of bf16 panels [panels, in, 64]."""
+    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :out_features].float()
+
+
 def test_bf16_valued_weights_are_kept_once_in_bf16_panels(shapes):
     folder = shapes("qwen2_bias_gqa")
     engine = engine_for(folder)
@@ -220,7 +224,7 @@ def test_bf16_valued_weights_are_kept_once_in_bf16_panels(shapes):
             expected = torch.cat([m.weight for m in members]).t()
             assert torch.equal(unpack(fused.packed, fused.out_features), expected)
             bias = 0 if fused.bias is None else fused.bias
-            for rows in (1, 3, 4, 7, 40):  # register tiles of 1-4 rows, and past PACKED_ROWS
+            for rows in (1, 3, 4, 7, 40):  # register tiles of 1-4 rows, and many
                 x = torch.randn(rows, expected.shape[0])
                 torch.testing.assert_close(fused.base(x), x @ expected + bias, atol=TOL, rtol=0)
     engine_attn = engine.base.model.model.layers[0].self_attn
