@@ -14,8 +14,8 @@ column slices, transposed back.
 Where every weight is exactly a bf16 value (the checkpoint shipped bf16, as SmolLM2's, Llama's and Qwen2's
 do) and our CPU ops are built, the fp32 weight is kept as bf16 instead, in csrc/bf16_linear.cpp's panels:
 half the bytes a decode step streams, the same fp32 results. Measured against MKL's fp32 GEMM over a
-SmolLM2-sized set of weights, the kernel is 1.9x faster at 1 row, 1.3x at 64 rows and 0.85x at 512 (a long
-prefill, compute-bound); widening the panels for MKL instead costs more than that. The
+SmolLM2-sized set of weights, the kernel is 1.9x faster at 8 rows, 1.3x at 64 and 0.85x at 512 (a long
+prefill, compute-bound); widening the panels for MKL instead costs more than that (RESULTS.md). The
 Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
 weight silently into garbage): the weights exist once, in the panels.
 """
