@@ -214,8 +214,9 @@ def test_bf16_valued_weights_are_kept_once_in_bf16_panels(shapes):
     folder = shapes("qwen2_bias_gqa")
     engine = engine_for(folder)
     reference = hf_model(folder)
-    if engine.runner.forward.layers[0].qkv.ops is None:
-        pytest.skip("the bf16 panels need our CPU ops (CPU, a C++ toolchain)")
+    ops = engine.runner.forward.layers[0].qkv.ops
+    if ops is None or not ops.bf16_linear_tiled():
+        pytest.skip("the bf16 panels need our CPU ops built with AVX-512 (CPU, a C++ toolchain)")
     for ours, theirs in zip(engine.runner.forward.layers, reference.model.layers, strict=True):
         for fused, members in ((ours.qkv, [theirs.self_attn.q_proj, theirs.self_attn.k_proj, theirs.self_attn.v_proj]),
                                (ours.gate_up, [theirs.mlp.gate_proj, theirs.mlp.up_proj]),
@@ -247,7 +248,7 @@ def test_the_head_is_stored_once_for_its_layout(shapes, shape):
     elif head.transposed:  # [hidden, vocab]; the model's head, and the embeddings tied to it, view it
         assert head.weight.shape == model.get_output_embeddings().weight.t().shape
         assert model.get_output_embeddings().weight.data_ptr() == head.weight.data_ptr()
-    assert (shape in BF16_EXACT and head.ops is not None) == (head.packed is not None)
+    assert (shape in BF16_EXACT and head.ops is not None and head.ops.bf16_linear_tiled()) == (head.packed is not None)
 
 
 def test_other_bases_and_the_switch_keep_the_hugging_face_path(tiny, shapes, monkeypatch):

@@ -122,7 +122,19 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   return y;
 }
 
+// Whether this build has the AVX-512 register tiles. The portable path is correct everywhere, but on an AVX2
+// CPU it was 1.7x slower than MKL's fp32 GEMM at 16 rows and 3x at 64: there the weights stay fp32.
+bool bf16_linear_tiled() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("bf16_linear_tiled() -> bool");
+  m.impl("bf16_linear_tiled", c10::DispatchKey::CatchAll, &bf16_linear_tiled);
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.impl("bf16_linear", c10::DispatchKey::CPU, &bf16_linear);
 }

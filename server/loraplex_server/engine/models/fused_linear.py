@@ -15,7 +15,8 @@ Where every weight is exactly a bf16 value (the checkpoint shipped bf16, as Smol
 do) and our CPU ops are built, the fp32 weight is kept as bf16 instead, in csrc/bf16_linear.cpp's panels:
 half the bytes a decode step streams, the same fp32 results. Measured against MKL's fp32 GEMM over a
 SmolLM2-sized set of weights, the kernel is 1.9x faster at 8 rows, 1.3x at 64 and 0.85x at 512 (a long
-prefill, compute-bound); widening the panels for MKL instead costs more than that (RESULTS.md). The
+prefill, compute-bound); widening the panels for MKL instead costs more than that (RESULTS.md). Only builds
+with the kernel's AVX-512 tiles use the panels: its portable path lost to MKL beyond a few rows. The
 Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
 weight silently into garbage): the weights exist once, in the panels.
 """
@@ -67,7 +68,7 @@ class FusedLinear:
         self.ops = cpu_ops() if self.transposed else None
         self.packed = None
         self.out_features = sum(sizes)
-        if self.ops is not None and all(exact_in_bf16(w) for w in weights):
+        if self.ops is not None and self.ops.bf16_linear_tiled() and all(exact_in_bf16(w) for w in weights):
             self.packed = pack_bf16(torch.cat(weights).t())
             self.weight = None
             parts = [torch.empty(w.shape, dtype=w.dtype, device="meta") for w in weights]
