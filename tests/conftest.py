@@ -23,6 +23,18 @@ SPECS = {"llama": LLAMA_ADAPTERS, "gpt2": GPT2_ADAPTERS, "bert": BERT_ADAPTERS}
 
 
 @pytest.fixture(scope="session")
+def ops():
+    """Our compiled CPU ops (cpu_ops.py); their own tests skip where no C++ toolchain builds them (the plain
+    torch path they replace is tested everywhere)."""
+    from loraplex_server.cpu_ops import cpu_ops
+
+    compiled = cpu_ops()
+    if compiled is None:
+        pytest.skip("no C++ toolchain: the torch path is used and tested elsewhere")
+    return compiled
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(arch) -> (base_dir, {adapter_name: (folder, spec)}), built once per session."""
     built = {}

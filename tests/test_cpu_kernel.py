@@ -1,24 +1,14 @@
-"""The fused CPU decode kernel must agree with the plain torch path it replaces."""
+"""The fused CPU LoRA decode kernel (csrc/bgmv_cpu.cpp) must agree with the plain torch path it replaces."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    compiled = cpu_ops()
-    if compiled is None:
-        pytest.skip("no C++ toolchain: the torch path is used and tested elsewhere")
-    return compiled
-
-
-def test_kernel_matches_fp32_reference(kernel):
+def test_kernel_matches_fp32_reference(ops):
     torch.manual_seed(0)
     slots, rank, in_f, out_f = 6, 16, 96, 40
     a = torch.randn(slots, rank, in_f).bfloat16()
@@ -31,12 +21,12 @@ def test_kernel_matches_fp32_reference(kernel):
     expected = out.float() + torch.einsum("nr,nro->no", torch.einsum("ni,nri->nr", x.float(), a[rows, :used].float()),
                                           b_t[rows, :used].float())
     before = out.clone()
-    kernel.bgmv_add_(out, x, a, b_t, rows, used)
+    ops.bgmv_add_(out, x, a, b_t, rows, used)
     torch.testing.assert_close(out.float(), expected, atol=0.5, rtol=1 / 128)
     assert torch.equal(out[[0, 7]], before[[0, 7]]), "slot 0 rows must stay untouched"
 
 
-def test_bf16_one_token_rows_with_kernel_match_torch_path(tiny, kernel):
+def test_bf16_one_token_rows_with_kernel_match_torch_path(tiny, ops):
     """One token per row of mixed adapters (a decode step's shape) in bf16: the kernel path and the
     torch path agree to bf16 precision, and both differ from the base."""
     base_dir, adapters = tiny("llama")
@@ -45,7 +35,7 @@ def test_bf16_one_token_rows_with_kernel_match_torch_path(tiny, kernel):
     for name in names:
         engine.load_adapter(name, adapters[name][0])
     layers = list(engine.slots.layers.values())
-    assert all(layer.kernel is kernel for layer in layers)
+    assert all(layer.kernel is ops for layer in layers)
     tokens = [[5], [10], [20], [30]]
     rows = names + [None]
     with_kernel = torch.stack(engine.logits(tokens, rows))

@@ -6,21 +6,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.models.llama import rms_norm, rotate
 from loraplex_server.engine.sampling import SamplingParams
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def ops():
-    compiled = cpu_ops()
-    if compiled is None:
-        pytest.skip("no C++ toolchain: the torch path is used and tested elsewhere")
-    return compiled
 
 
 def exact_in(dtype: torch.dtype) -> dict:
