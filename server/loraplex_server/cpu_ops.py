@@ -1,9 +1,9 @@
 """Our CPU kernels (csrc/), compiled once with the machine's C++ compiler and cached by torch: the first
 build takes tens of seconds, later starts load it from torch's extension cache.
 
-They register as `torch.ops.loraplex.*`: the batched LoRA decode kernel (bgmv_cpu.cpp) and the small ops of
-our model's step (decode_ops.cpp). Everything falls back to plain torch (None here) when there is no
-compiler or LORAPLEX_CPU_KERNEL=0.
+They register as `torch.ops.loraplex.*`: the batched LoRA decode kernel (bgmv_cpu.cpp), the small ops of our
+model's step and its decode attention (decode_ops.cpp), and the GEMM over bf16-stored weights (bf16_linear.cpp).
+Everything falls back to plain torch (None here) when there is no compiler or LORAPLEX_CPU_KERNEL=0.
 """
 
 from __future__ import annotations

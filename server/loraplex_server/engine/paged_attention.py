@@ -128,8 +128,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
     first (rows that keep KV), then attends bucket by bucket. With our CPU ops (cpu_ops.py), decode buckets
     read the cache in place."""
     tokens, heads, dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
+    group = heads // key.shape[1]
     if step.write_index is not None:
         written = step.write_index.shape[0]
         step.cache.keys[layer].index_copy_(0, step.write_index, key[:written])
@@ -140,30 +139,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
     out = None if whole else query.new_empty(tokens, heads, dim)
     for b in step.buckets:
         keys, values = (step.cache.keys[layer], step.cache.values[layer]) if b.from_cache else (key, value)
-        if ops is not None and b.decode_index is not None:
-            q = query[b.q_run:b.q_run + b.rows] if b.q_run is not None else query.index_select(0, b.q_index)
-            o = ops.decode_attention(q, keys, values, b.decode_index, b.decode_lengths,
-                                     dim ** -0.5 if scaling is None else scaling)
-            if whole:
-                return o
-            if b.q_run is not None:
-                out[b.q_run:b.q_run + b.rows] = o
-            else:
-                out.index_copy_(0, b.out_index, o)
-            continue
-        if b.kv_run is not None:
-            k, v = (t[b.kv_run:b.kv_run + b.context].transpose(0, 1).unsqueeze(0) for t in (keys, values))
-        else:
-            k = keys.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
-            v = values.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
         if b.q_run is not None:
             q = query[b.q_run:b.q_run + b.rows * b.queries]
         else:
             q = query.index_select(0, b.q_index)
-        q = q.reshape(b.rows, b.queries, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(b.rows, kv_heads, group * b.queries, dim)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling)
-        o = o.view(b.rows, kv_heads, group, b.queries, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
+        if ops is not None and b.decode_index is not None:
+            o = ops.decode_attention(q, keys, values, b.decode_index, b.decode_lengths,
+                                     dim ** -0.5 if scaling is None else scaling)
+        else:
+            o = _sdpa(q, keys, values, b, group, scaling)
         if whole:
             return o
         if b.q_run is not None:
@@ -171,6 +155,23 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: St
         else:
             out.index_copy_(0, b.out_index, o if b.keep is None else o.index_select(0, b.keep))
     return out
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: AttentionBucket, group: int,
+          scaling: float | None) -> torch.Tensor:
+    """One bucket through SDPA: its queries [rows * queries, heads, dim] over its context, gathered from keys
+    and values [positions, kv_heads, dim] (or sliced, for one row whose context is a run)."""
+    _, heads, dim = q.shape
+    kv_heads = heads // group
+    if b.kv_run is not None:
+        k, v = (t[b.kv_run:b.kv_run + b.context].transpose(0, 1).unsqueeze(0) for t in (keys, values))
+    else:
+        k = keys.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
+        v = values.index_select(0, b.kv_index).view(b.rows, b.context, kv_heads, dim).transpose(1, 2)
+    q = q.reshape(b.rows, b.queries, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(b.rows, kv_heads, group * b.queries, dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling)
+    return o.view(b.rows, kv_heads, group, b.queries, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
 
 
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
