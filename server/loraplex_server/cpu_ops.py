@@ -8,8 +8,10 @@ Everything falls back to plain torch (None here) when there is no compiler or LO
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import time
 from functools import cache
 from pathlib import Path
@@ -18,6 +20,18 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's instruction-set flags. The build is -march=native and torch's cache keys only
+    on sources and flags: a cache shared by machines of different CPUs (a mounted home, a volume) must not hand
+    one of them a binary with instructions it lacks."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
 @cache
@@ -30,8 +44,8 @@ def cpu_ops():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="loraplex_cpu_ops", sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        load(name=f"loraplex_cpu_ops_{_cpu_key()}", sources=[str(s) for s in SOURCES], is_python_module=False,
+             verbose=False, extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch path still works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None
