@@ -9,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
