@@ -5,6 +5,7 @@ the share of the step spent around the forward, and 16 rows on one adapter vs 16
 
 `--parts layout`: our forward's weight layouts at 1 and 16 rows: bf16 panels (the CPU default for bf16-valued
 weights), fp32 [in, out] (x @ W) and nn.Linear's [out, in] (F.linear); and our CPU step ops against torch's.
+`--parts gemm`: the bf16-panel GEMM alone against MKL's fp32 GEMM, 1 to 512 rows.
 
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import announce_dtype, make_adapters, step_weight_bytes
+from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.models import fused_linear
@@ -207,12 +209,39 @@ def weight_layouts(args, dtype: str) -> dict[str, float]:
     return out
 
 
+def bf16_gemm(args) -> dict[str, float]:
+    """Our bf16-panel GEMM (csrc/bf16_linear.cpp) against MKL's fp32 GEMM on the same bf16-valued weights: 30
+    layers of SmolLM2's projection shapes (weights from DRAM), all 120 multiplied per timing."""
+    ops = cpu_ops()
+    if ops is None or not ops.bf16_linear_tiled():
+        print("bf16 GEMM: our CPU ops with AVX-512 tiles are not available here", flush=True)
+        return {}
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    weights = [torch.randn(i, o).bfloat16().float() for _ in range(30) for i, o in shapes]
+    packed = [(fused_linear.pack_bf16(w), w.shape[1]) for w in weights]
+    out = {}
+    for rows in (1, 8, 16, 64, 512):
+        x = {i: torch.randn(rows, i) for i, _ in shapes}
+        runs = {"panels": lambda x=x: [ops.bf16_linear(x[p.shape[1]], p, None, n) for p, n in packed],
+                "mkl_fp32": lambda x=x: [torch.mm(x[w.shape[0]], w) for w in weights]}
+        seconds: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(max(3, args.reps // 10)):
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run()
+                seconds[key].append(time.perf_counter() - start)
+        out[f"gemm_rows{rows}_mkl_fp32_vs_panels"] = ratio(seconds, "mkl_fp32", "panels")
+        print(f"{rows} rows: bf16 panels {1000 * statistics.median(seconds['panels']):.1f} ms, MKL fp32 "
+              f"{1000 * statistics.median(seconds['mkl_fp32']):.1f} ms", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also our forward under LORAPLEX_COMPILE=1")
-    parser.add_argument("--parts", default="one_row,adapters", help="any of one_row, adapters, layout")
+    parser.add_argument("--parts", default="one_row,adapters", help="any of one_row, adapters, layout, gemm")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 keeps timings sane on an oversubscribed CPU")
     args = parser.parse_args()
@@ -228,6 +257,8 @@ def main() -> None:
         results.update(one_vs_four_adapters(args, args.dtype))
     if "layout" in parts:
         results.update(weight_layouts(args, args.dtype))
+    if "gemm" in parts:
+        results.update(bf16_gemm(args))
     targets = {"one_row_hf_vs_ours": (">=", 1.5), "one_row_floor_vs_ours": (">=", 0.5),
                "around_forward_share": ("<=", 0.10), "rows16_four_vs_single": (">=", 1.0)}
     print(f"\n{'figure':24s} {'measured':>9s} {'target':>9s}")

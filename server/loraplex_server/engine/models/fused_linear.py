@@ -14,8 +14,9 @@ column slices, transposed back.
 Where every weight is exactly a bf16 value (the checkpoint shipped bf16, as SmolLM2's, Llama's and Qwen2's
 do) and our CPU ops are built, the fp32 weight is kept as bf16 instead, in csrc/bf16_linear.cpp's panels:
 half the bytes a decode step streams, the same fp32 results. Measured against MKL's fp32 GEMM over a
-SmolLM2-sized set of weights, the kernel is 1.9x faster at 8 rows, 1.3x at 64 and 0.85x at 512 (a long
-prefill, compute-bound); widening the panels for MKL instead costs more than that (RESULTS.md). Only builds
+SmolLM2-sized set of weights, the kernel is 1.8x faster at 1 row, 2.1x at 8, 1.1-1.3x at 64 and 0.7-0.85x
+at 512 (a long prefill, compute-bound; `bench.decode_step --parts gemm`); widening the panels for MKL
+instead was slower still (RESULTS.md). Only builds
 with the kernel's AVX-512 tiles use the panels: its portable path lost to MKL beyond a few rows. The
 Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
 weight silently into garbage): the weights exist once, in the panels.
