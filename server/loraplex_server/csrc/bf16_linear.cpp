@@ -21,16 +21,11 @@
 
 namespace {
 
+using c10::detail::f32_from_bits;  // bf16 bits -> fp32
+
 constexpr int64_t PANEL = 64;  // output columns per panel: four 16-lane fp32 registers
 constexpr int64_t TILE_ROWS = 4;  // rows per register tile: 16 accumulators
 constexpr int64_t PREFETCH = 64;  // panel rows (8 KiB) ahead: the hardware prefetcher alone leaves bandwidth unused
-
-inline float widen(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 #ifdef __AVX512F__
 inline __m512 widen16(const uint16_t* p) {
@@ -73,7 +68,7 @@ void any_tile(const float* x, int64_t ldx, int64_t rows, const uint16_t* panel, 
       const float xv = x[r * ldx + k];
       const uint16_t* w = panel + k * PANEL;
 #pragma omp simd
-      for (int64_t c = 0; c < PANEL; ++c) acc[c] += xv * widen(w[c]);
+      for (int64_t c = 0; c < PANEL; ++c) acc[c] += xv * f32_from_bits(w[c]);
     }
     std::memcpy(y + r * ldy, acc, cols * sizeof(float));
   }

@@ -8,27 +8,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
-namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>(bits >> 16);  // inf / nan
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-}  // namespace
+// bf16 bits <-> fp32, rounding to nearest even (NaN to the canonical NaN) as torch does.
+using c10::detail::f32_from_bits;
+using c10::detail::round_to_nearest_even;
 
 // out: [N, out_features] bf16 (updated in place, rows may be strided); x: [N, in_features] bf16; row_slots: [N] int64
 // a: [S, R, in_features] bf16; b_t: [S, R, out_features] bf16 (B transposed, so both loops run over
@@ -55,13 +39,13 @@ void bgmv_add_(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const a
       const int64_t slot = sp[n];
       if (slot == 0) continue;
       const uint16_t* xrow = xp + n * in_f;
-      for (int64_t i = 0; i < in_f; ++i) xf[i] = bf16_to_float(xrow[i]);
+      for (int64_t i = 0; i < in_f; ++i) xf[i] = f32_from_bits(xrow[i]);
       const uint16_t* arow = ap + slot * max_r * in_f;
       for (int64_t k = 0; k < rank; ++k) {
         const uint16_t* ak = arow + k * in_f;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < in_f; ++i) sum += bf16_to_float(ak[i]) * xf[i];
+        for (int64_t i = 0; i < in_f; ++i) sum += f32_from_bits(ak[i]) * xf[i];
         h[k] = sum;
       }
       const uint16_t* brow = bp + slot * max_r * out_f;
@@ -71,9 +55,9 @@ void bgmv_add_(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const a
         const uint16_t* bk = brow + k * out_f;
         const float hk = h[k];
 #pragma omp simd
-        for (int64_t j = 0; j < out_f; ++j) acc[j] += bf16_to_float(bk[j]) * hk;
+        for (int64_t j = 0; j < out_f; ++j) acc[j] += f32_from_bits(bk[j]) * hk;
       }
-      for (int64_t j = 0; j < out_f; ++j) orow[j] = float_to_bf16(bf16_to_float(orow[j]) + acc[j]);
+      for (int64_t j = 0; j < out_f; ++j) orow[j] = round_to_nearest_even(f32_from_bits(orow[j]) + acc[j]);
     }
   });
 }
