@@ -110,14 +110,15 @@ def _bucket(rows: list[RowShape], width, group: int, device: torch.device) -> At
     kv_run = rows[0].run_start if len(rows) == 1 else None
     in_place = all_real and torch.equal(q_index, torch.arange(first, first + len(q_index)))
     decode = rows[0].context is not None and queries == 1
+    kv_index = torch.stack(kv).to(device)  # [rows, context]; flat for the gather, as it is for a decode kernel
     return AttentionBucket(
         from_cache=rows[0].context is not None, rows=len(rows), queries=queries, context=context,
-        kv_index=None if kv_run is not None else torch.cat(kv).to(device), kv_run=kv_run,
+        kv_index=None if kv_run is not None else kv_index.view(-1), kv_run=kv_run,
         q_index=q_index.to(device), q_run=first if in_place else None,
         keep=None if all_real else keep_index.to(device),
         out_index=(q_index if all_real else q_index[keep_index]).to(device),
         mask=mask.repeat(1, group, 1).unsqueeze(1).to(device) if needs_mask else None,
-        decode_index=torch.stack(kv).to(device) if decode else None,
+        decode_index=kv_index if decode else None,
         decode_lengths=torch.tensor([width(r) for r in rows], device=device) if decode else None)
 
 
