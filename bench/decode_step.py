@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import announce_dtype, make_adapters, step_weight_bytes
+from bench.engine import announce_dtype, interleaved, make_adapters, step_weight_bytes, timed
 from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
@@ -222,14 +222,9 @@ def bf16_gemm(args) -> dict[str, float]:
     out = {}
     for rows in (1, 8, 16, 64, 512):
         x = {i: torch.randn(rows, i) for i, _ in shapes}
-        runs = {"panels": lambda x=x: [ops.bf16_linear(x[p.shape[1]], p, None, n) for p, n in packed],
-                "mkl_fp32": lambda x=x: [torch.mm(x[w.shape[0]], w) for w in weights]}
-        seconds: dict[str, list[float]] = {key: [] for key in runs}
-        for _ in range(max(3, args.reps // 10)):
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run()
-                seconds[key].append(time.perf_counter() - start)
+        seconds = interleaved({
+            "panels": timed(lambda x=x: [ops.bf16_linear(x[p.shape[1]], p, None, n) for p, n in packed]),
+            "mkl_fp32": timed(lambda x=x: [torch.mm(x[w.shape[0]], w) for w in weights])}, max(3, args.reps // 10))
         out[f"gemm_rows{rows}_mkl_fp32_vs_panels"] = ratio(seconds, "mkl_fp32", "panels")
         print(f"{rows} rows: bf16 panels {1000 * statistics.median(seconds['panels']):.1f} ms, MKL fp32 "
               f"{1000 * statistics.median(seconds['mkl_fp32']):.1f} ms", flush=True)
