@@ -44,11 +44,16 @@ def _wait_for(condition, seconds: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+# Long enough for one health answer on a loaded 2-core machine (0.5 s once timed out on the RPC itself, so the
+# last answer was DEADLINE_EXCEEDED), and far inside the 60 s drain, so the wait still ends on NOT_SERVING.
+NOT_SERVING_WAIT = 2.0
+
+
 async def _async_health(target: str) -> tuple:
     async with AsyncClient(target, timeout=10, retries=0) as client:
         status, serving = await client.health(), await client.is_serving()
         with pytest.raises(TimeoutError) as waited:
-            await client.wait_until_serving(timeout=0.5)
+            await client.wait_until_serving(timeout=NOT_SERVING_WAIT)
     return status, serving, str(waited.value)
 
 
@@ -67,7 +72,7 @@ def test_health_is_true_only_while_serving(tiny, tmp_path):
         assert not status and status is HealthStatus.NOT_SERVING and str(status) == "NOT_SERVING"
         assert client.is_serving() is False
         with pytest.raises(TimeoutError, match="NOT_SERVING"):
-            client.wait_until_serving(timeout=0.5)
+            client.wait_until_serving(timeout=NOT_SERVING_WAIT)
         status, serving, waited = asyncio.run(_async_health(target))
         assert status is HealthStatus.NOT_SERVING and not status and serving is False and "NOT_SERVING" in waited
     finally:
