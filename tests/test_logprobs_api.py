@@ -55,6 +55,14 @@ def test_completion_logprobs_equal_grpc_and_sdk(api, server):
     assert plain.logprobs == [] and plain.text == sdk.text
 
 
+def assert_same_logprobs(got, expected) -> None:
+    """The same tokens, and logprobs equal to fp32's last digits: a repeated prompt reuses its cached prefix
+    blocks, so its tail runs as a GEMM of fewer rows, and BLAS sums a few rows in another order (MKL's kernel
+    for 1-3 rows differs by ulps on some CPUs)."""
+    assert [e.token for e in got] == [e.token for e in expected]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in expected], abs=1e-5)
+
+
 def test_chat_logprobs_whole_and_streamed_sync_and_async(api, server):
     whole = api.chat.completions.create(model=GEN, messages=CHAT, max_tokens=5, temperature=0.7, seed=3,
                                         logprobs=True, top_logprobs=2)
@@ -71,7 +79,7 @@ def test_chat_logprobs_whole_and_streamed_sync_and_async(api, server):
                                              logprobs=True, top_logprobs=2, stream=True):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.content
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert_same_logprobs(streamed, content)
 
     async def stream_async():
         async with openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key="x", max_retries=0) as client:
@@ -82,7 +90,8 @@ def test_chat_logprobs_whole_and_streamed_sync_and_async(api, server):
                     got += chunk.choices[0].logprobs.content
             return got
     got = asyncio.run(stream_async())
-    assert [(e.token, e.logprob, e.top_logprobs) for e in got] == [(e.token, e.logprob, []) for e in content]
+    assert all(e.top_logprobs == [] for e in got)
+    assert_same_logprobs(got, content)
     sdk = server["client"].chat(CHAT, adapter=GEN, max_tokens=5, temperature=0.7, seed=3, logprobs=True)
     assert [t.logprob for t in sdk.logprobs] == pytest.approx([e.logprob for e in content], abs=1e-6)
 
