@@ -30,7 +30,8 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# What `make test` leaves out to stay under 10 minutes: training on the embedded base (README's example).
+# What `make test` leaves out to stay under 10 minutes: training on the embedded base (README's example) and
+# compiling a step with inductor (LORAPLEX_COMPILE=1).
 test-long: setup
 	$(BIN)/python -m pytest -q -m long
 

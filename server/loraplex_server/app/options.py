@@ -5,6 +5,7 @@ line wins."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def parse_bytes(text: str) -> int:
     try:
         number = float(value[: len(value) - len(unit)])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)") from None
+        number = math.nan
+    if not 0 <= number * _UNITS[unit] < 1 << 63:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)")
     return int(number * _UNITS[unit])
 
 
