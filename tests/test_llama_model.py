@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
+from loraplex_server.engine.models.fused_linear import panel_columns
 from loraplex_server.engine.models.llama import LlamaForward
 from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE, AdapterSpec, make_adapter, write_tokenizer
@@ -206,8 +207,8 @@ def test_fused_weights_are_shared_with_the_hugging_face_modules(shapes):
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The fp32 [in, out] weight of bf16 panels [panels, in, 64]."""
-    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :out_features].float()
+    """The fp32 [in, out] weight of bf16 panels."""
+    return panel_columns(packed, torch.arange(out_features)).t().float()
 
 
 def test_bf16_valued_weights_are_kept_once_in_bf16_panels(shapes):

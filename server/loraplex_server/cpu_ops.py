@@ -34,11 +34,16 @@ def _cpu_key() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
-@cache
 def cpu_ops():
-    """The `torch.ops.loraplex` namespace with the compiled kernels, or None when unavailable."""
+    """The `torch.ops.loraplex` namespace with the compiled kernels, or None when unavailable or switched off
+    (LORAPLEX_CPU_KERNEL=0, read at each call: models built later take the torch path)."""
     if os.environ.get("LORAPLEX_CPU_KERNEL", "1") == "0":
         return None
+    return _built()
+
+
+@cache
+def _built():
     started = time.perf_counter()
     log.info("preparing the CPU kernels (the first build takes up to a minute)")
     try:

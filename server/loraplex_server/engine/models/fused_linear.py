@@ -11,14 +11,17 @@ sgemm runs that 2-10x faster than F.linear's x @ W^T over an [out, in] weight fo
 fast for one row (`python -m bench.decode_step`; RESULTS.md, "Weight layout"). The members' views are then
 column slices, transposed back.
 
-Where every weight is exactly a bf16 value (the checkpoint shipped bf16, as SmolLM2's, Llama's and Qwen2's
-do) and our CPU ops are built, the fp32 weight is kept as bf16 instead, in csrc/bf16_linear.cpp's panels:
-half the bytes a decode step streams, the same fp32 results. Measured against MKL's fp32 GEMM over a
-SmolLM2-sized set of weights, the kernel is 1.8x faster at 1 row, 2.1x at 8, 1.1-1.3x at 64 and 0.7-0.85x
-at 512 (a long prefill, compute-bound; `bench.decode_step --parts gemm`); widening the panels for MKL
-instead was slower still (RESULTS.md). Only builds
-with the kernel's AVX-512 tiles use the panels: its portable path lost to MKL beyond a few rows. The
-Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
+Where every weight is a bf16 value and our CPU ops are built, the weights go into csrc/bf16_linear.cpp's
+bf16 panels instead:
+- an fp32 model whose checkpoint shipped bf16 (SmolLM2's, Llama's and Qwen2's do): half the bytes a decode
+  step streams, the same fp32 results. Against MKL's fp32 GEMM over a SmolLM2-sized set of weights the kernel
+  is 1.8x faster at 1 row, 2.1x at 8, 1.1-1.3x at 64 and 0.7-0.85x at 512 (a long prefill, compute-bound;
+  `bench.decode_step --parts gemm`); widening the panels for MKL instead was slower still (RESULTS.md);
+- a bf16 model (the default where the CPU has native bf16): against torch's bf16 linear (oneDNN, on a weight
+  it does not keep prepacked) the kernel's AVX512-BF16 dot products were 3.2x faster at 1 row, 2x at 16, 1.4x
+  at 64 and level at 256 rows (`bench.decode_step --parts gemm` at bf16; RESULTS.md).
+Only builds with the kernel's AVX-512 tiles use the panels: its portable path lost to MKL beyond a few rows.
+The Hugging Face members then hold shape-only (meta) placeholders and refuse to run (torch multiplies a meta
 weight silently into garbage): the weights exist once, in the panels.
 """
 
@@ -40,11 +43,24 @@ def stores_transposed(weight: torch.Tensor) -> bool:
 
 
 def pack_bf16(weight_t: torch.Tensor) -> torch.Tensor:
-    """[in, out] -> bf16 panels [ceil(out / 64), in, 64] (the last one zero-padded)."""
+    """[in, out] (in even) -> bf16 panels [ceil(out / 64), in / 2, 64, 2], rows in pairs (the last panel
+    zero-padded): weight (k, c) of panel p at [p, k // 2, c, k % 2]."""
     in_f, out_f = weight_t.shape
     panels = -(-out_f // PANEL)
     padded = F.pad(weight_t, (0, panels * PANEL - out_f))
-    return padded.view(in_f, panels, PANEL).permute(1, 0, 2).to(torch.bfloat16).contiguous()
+    return padded.view(in_f // 2, 2, panels, PANEL).permute(2, 0, 3, 1).to(torch.bfloat16).contiguous()
+
+
+def panel_columns(packed: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Columns of the packed weight [in, out] as rows [len(columns), in] (a tied head's embeddings)."""
+    return packed[columns // PANEL, :, columns % PANEL].flatten(1)
+
+
+def packs(weights: list[torch.Tensor], ops) -> bool:
+    """Whether these weights go into bf16 panels: our AVX-512 kernel is built, the input width is even, and every
+    weight is a bf16 value (a bf16 model, or fp32 weights of a checkpoint that shipped bf16)."""
+    return (ops is not None and ops.bf16_linear_tiled() and weights[0].shape[1] % 2 == 0
+            and all(w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and exact_in_bf16(w)) for w in weights))
 
 
 def _moved(path: str):
@@ -66,10 +82,11 @@ class FusedLinear:
         sizes = [int(m.weight.shape[0]) for m in modules]
         weights = [m.weight.detach() for m in modules]
         self.transposed = stores_transposed(weights[0])
-        self.ops = cpu_ops() if self.transposed else None
+        on_cpu = weights[0].device.type == "cpu" and weights[0].dtype in (torch.float32, torch.bfloat16)
+        self.ops = cpu_ops() if on_cpu else None
         self.packed = None
         self.out_features = sum(sizes)
-        if self.ops is not None and self.ops.bf16_linear_tiled() and all(exact_in_bf16(w) for w in weights):
+        if packs(weights, self.ops):
             self.packed = pack_bf16(torch.cat(weights).t())
             self.weight = None
             parts = [torch.empty(w.shape, dtype=w.dtype, device="meta") for w in weights]
@@ -88,7 +105,9 @@ class FusedLinear:
             parts = [m.bias.detach() if m.bias is not None else weights[0].new_zeros(n)
                      for m, n in zip(modules, sizes, strict=True)]
             self.bias = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if len(parts) > 1:
+            if self.packed is not None:  # the kernel adds it in fp32, before each output's one rounding
+                self.bias = self.bias.float()
+            elif len(parts) > 1:
                 for module, part in zip(modules, self.bias.split(sizes), strict=True):
                     if module.bias is not None:
                         module.bias = nn.Parameter(part, requires_grad=False)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 from loraplex_server.cpu_ops import cpu_ops
-from loraplex_server.engine.models.fused_linear import PANEL, FusedLinear
+from loraplex_server.engine.models.fused_linear import FusedLinear, panel_columns
 from loraplex_server.engine.paged_attention import StepAttention, attend
 from loraplex_server.lora.layers import BatchedLoraLinear, BatchState
 
@@ -158,7 +158,7 @@ class LlamaForward:
         """The input embeddings [tokens, hidden] of token ids [tokens]."""
         if self.embed is not None:
             return F.embedding(ids, self.embed)
-        return self.head.packed[ids // PANEL, :, ids % PANEL].float()  # token v: column v of the head
+        return panel_columns(self.head.packed, ids).to(self.norm.dtype)  # token v: column v of the head
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: StepAttention) -> torch.Tensor:
         """ids, positions [tokens] -> the final-norm hidden states [tokens, hidden]."""
