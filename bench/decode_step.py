@@ -5,7 +5,8 @@ the share of the step spent around the forward, and 16 rows on one adapter vs 16
 
 `--parts layout`: our forward's weight layouts at 1 and 16 rows: bf16 panels (the CPU default for bf16-valued
 weights), fp32 [in, out] (x @ W) and nn.Linear's [out, in] (F.linear); and our CPU step ops against torch's.
-`--parts gemm`: the bf16-panel GEMM alone against MKL's fp32 GEMM, 1 to 512 rows.
+`--parts gemm`: the bf16-panel GEMM alone against torch's at the dtype (MKL's fp32 GEMM, or torch's bf16
+linear), 1 to 512 rows.
 
 The embedded base (SmolLM2-135M) at the server's default dtype (or --dtype). Engines run side by side in
 this one process and their steps are interleaved, so the machine's drift (it is shared) hits each alike;
@@ -24,8 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
-from bench.engine import announce_dtype, interleaved, make_adapters, step_weight_bytes, timed
+from bench.engine import announce_dtype, interleaved, make_adapters, read_bandwidth, step_weight_bytes, timed
 from loraplex_server.cpu_ops import cpu_ops
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
@@ -99,18 +101,10 @@ def ratio(seconds: dict[str, list[float]], slower: str, faster: str) -> float:
 
 
 def bandwidth_floor_ms(target: Engine) -> tuple[float, float]:
-    """(floor ms, copy GB/s): every weight byte a batch-1 step reads (the layers' projections and the LM
-    head, as our forward stores them: bf16 panels or fp32) over the copy bandwidth measured now."""
-    nbytes = step_weight_bytes(target)
-    big = torch.empty(256 << 20 >> 2, dtype=torch.float32)
-    copy = torch.empty_like(big)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        copy.copy_(big)
-        best = min(best, time.perf_counter() - start)
-    bandwidth = 2 * big.numel() * 4 / best
-    return 1000 * nbytes / bandwidth, bandwidth / 1e9
+    """(floor ms, read GB/s): every weight byte a batch-1 step reads (the layers' projections and the LM
+    head, as our forward stores them: bf16 panels or fp32) over the read bandwidth measured now."""
+    bandwidth = read_bandwidth()
+    return 1000 * step_weight_bytes(target) / bandwidth, bandwidth / 1e9
 
 
 def one_row(args, dtype: str) -> dict[str, float]:
@@ -137,7 +131,7 @@ def one_row(args, dtype: str) -> dict[str, float]:
     print(f"one row decode step: HF modules {out['one_row_step_ms_hf']:.1f} ms, "
           f"ours {out['one_row_step_ms_ours']:.1f} ms"
           + (f", compiled {out['one_row_step_ms_compiled']:.1f} ms" if args.compile else "")
-          + f"; floor {floor:.1f} ms (copy {bandwidth:.1f} GB/s); around the forward {100 * around:.1f} % of ours",
+          + f"; floor {floor:.1f} ms (read {bandwidth:.1f} GB/s); around the forward {100 * around:.1f} % of ours",
           flush=True)
     return out
 
@@ -168,8 +162,8 @@ def one_vs_four_adapters(args, dtype: str) -> dict[str, float]:
 
 LAYOUTS = {  # name -> (how FusedLinear decides, whether our CPU step ops run)
     "panels": ({}, True),  # the CPU default: bf16 panels (bf16-valued weights) and our step ops
-    "in_out": ({"exact_in_bf16": lambda weight: False}, True),  # fp32 [in, out], x @ W
-    "out_in": ({"exact_in_bf16": lambda weight: False, "stores_transposed": lambda weight: False}, True),
+    "in_out": ({"packs": lambda weights, ops: False}, True),  # fp32 [in, out], x @ W (bf16: as out_in)
+    "out_in": ({"packs": lambda weights, ops: False, "stores_transposed": lambda weight: False}, True),
     "torch_ops": ({}, False),  # bf16 panels, but norms, rotary and attention as plain torch ops
 }
 
@@ -209,25 +203,34 @@ def weight_layouts(args, dtype: str) -> dict[str, float]:
     return out
 
 
-def bf16_gemm(args) -> dict[str, float]:
-    """Our bf16-panel GEMM (csrc/bf16_linear.cpp) against MKL's fp32 GEMM on the same bf16-valued weights: 30
-    layers of SmolLM2's projection shapes (weights from DRAM), all 120 multiplied per timing."""
+def bf16_gemm(args, dtype: str) -> dict[str, float]:
+    """Our bf16-panel GEMM (csrc/bf16_linear.cpp) against torch's GEMM at the server's dtype, on the same
+    bf16-valued weights: MKL's fp32 GEMM over [in, out] (fp32), or torch's bf16 linear over [out, in] (bf16).
+    30 layers of SmolLM2's projection shapes (weights from DRAM), all 120 multiplied per timing."""
     ops = cpu_ops()
     if ops is None or not ops.bf16_linear_tiled():
         print("bf16 GEMM: our CPU ops with AVX-512 tiles are not available here", flush=True)
         return {}
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
     weights = [torch.randn(i, o).bfloat16().float() for _ in range(30) for i, o in shapes]
-    packed = [(fused_linear.pack_bf16(w), w.shape[1]) for w in weights]
+    packed = [(fused_linear.pack_bf16(w), w.shape[0], w.shape[1]) for w in weights]
+    if dtype == "bfloat16":
+        name, theirs = "torch_bf16", [w.t().bfloat16().contiguous() for w in weights]
+        def torch_gemm(x):
+            return [F.linear(x[w.shape[1]], w) for w in theirs]
+    else:
+        name, theirs = "mkl_fp32", weights
+        def torch_gemm(x):
+            return [torch.mm(x[w.shape[0]], w) for w in theirs]
     out = {}
     for rows in (1, 8, 16, 64, 512):
-        x = {i: torch.randn(rows, i) for i, _ in shapes}
+        x = {i: torch.randn(rows, i).to(getattr(torch, dtype)) for i, _ in shapes}
         seconds = interleaved({
-            "panels": timed(lambda x=x: [ops.bf16_linear(x[p.shape[1]], p, None, n) for p, n in packed]),
-            "mkl_fp32": timed(lambda x=x: [torch.mm(x[w.shape[0]], w) for w in weights])}, max(3, args.reps // 10))
-        out[f"gemm_rows{rows}_mkl_fp32_vs_panels"] = ratio(seconds, "mkl_fp32", "panels")
-        print(f"{rows} rows: bf16 panels {1000 * statistics.median(seconds['panels']):.1f} ms, MKL fp32 "
-              f"{1000 * statistics.median(seconds['mkl_fp32']):.1f} ms", flush=True)
+            "panels": timed(lambda x=x: [ops.bf16_linear(x[i], p, None, n) for p, i, n in packed]),
+            name: timed(lambda x=x: torch_gemm(x))}, max(3, args.reps // 10))
+        out[f"gemm_rows{rows}_{name}_vs_panels"] = ratio(seconds, name, "panels")
+        print(f"{rows} rows: bf16 panels {1000 * statistics.median(seconds['panels']):.1f} ms, {name} "
+              f"{1000 * statistics.median(seconds[name]):.1f} ms", flush=True)
     return out
 
 
@@ -253,7 +256,7 @@ def main() -> None:
     if "layout" in parts:
         results.update(weight_layouts(args, args.dtype))
     if "gemm" in parts:
-        results.update(bf16_gemm(args))
+        results.update(bf16_gemm(args, dtype))
     targets = {"one_row_hf_vs_ours": (">=", 1.5), "one_row_floor_vs_ours": (">=", 0.5),
                "around_forward_share": ("<=", 0.10), "rows16_four_vs_single": (">=", 1.0)}
     print(f"\n{'figure':24s} {'measured':>9s} {'target':>9s}")

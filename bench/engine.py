@@ -97,6 +97,19 @@ def step_weight_bytes(engine: Engine) -> int:
     return sum(p.untyped_storage().nbytes() for p in weights.values())  # fused weights counted once
 
 
+def read_bandwidth() -> float:
+    """Bytes a second this machine reads now: torch summing 256 MiB of written memory (a read-only stream, as a
+    decode step's GEMVs), best of 5. Written: untouched pages of torch.empty all map the kernel's one zero page
+    and are read from cache (1.6x too fast here; the floors before stop 30 timed a copy out of such pages)."""
+    big = torch.ones(256 << 20 >> 2, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - start)
+    return big.numel() * 4 / best
+
+
 def random_copies(peft_model, out: Path, count: int, prefix: str, scale: float) -> list[Path]:
     """Save the PEFT model once as a template, then `count` adapters of its shape with their own
     random weights (N(0, scale), bf16) - many distinct adapters without training or PEFT per copy."""

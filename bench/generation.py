@@ -13,7 +13,7 @@ ratio of timings taken in this one run (machines here are shared and noisy). End
   greedy output equals the same prompt run alone (8 distinct prompts), peak RSS growth printed.
 - generate_under_classify_load: a 48-token generation's latency while 3 clients hammer Classify on
   other adapters (real server, gRPC), over its latency alone.
-- decode_vs_roofline: the floor max(weight bytes / copy bandwidth, FLOPs / matmul rate), both measured
+- decode_vs_roofline: the floor max(weight bytes / read bandwidth, FLOPs / matmul rate), both measured
   here, over the measured batch-32 decode step.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.engine import announce_dtype, step_weight_bytes
+from bench.engine import announce_dtype, read_bandwidth, step_weight_bytes
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.sampling import SamplingParams
@@ -192,13 +192,11 @@ def roofline(engine: Engine, prompt: list[int], rows: int = 32) -> dict[str, flo
     if all(p is not head for p in weights):
         weights.append(head)  # tied to the embedding: read whole once per step by the LM head
     flops = 2 * rows * sum(p.numel() for p in weights)
-    big = torch.empty(256 * 2**20 // 4, dtype=torch.float32)
-    copy = torch.empty_like(big)
-    bandwidth = 2 * big.numel() * 4 / min(timeit(lambda: copy.copy_(big)) for _ in range(5))
+    bandwidth = read_bandwidth()
     a, b = torch.randn(rows, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
     rate = 2 * rows * 4096 * 4096 / min(timeit(lambda: a @ b) for _ in range(20))
     floor = max(weight_bytes / bandwidth, flops / rate)
-    print(f"roofline: {weight_bytes / 2**20:.0f} MiB weights, copy {bandwidth / 1e9:.1f} GB/s, batch-{rows} matmul "
+    print(f"roofline: {weight_bytes / 2**20:.0f} MiB weights, read {bandwidth / 1e9:.1f} GB/s, batch-{rows} matmul "
           f"{rate / 1e9:.0f} GFLOP/s -> floor {1000 * floor:.1f} ms; measured step {1000 * step:.1f} ms", flush=True)
     return {"decode_vs_roofline": floor / step, "decode32_step_ms": 1000 * step, "roofline_floor_ms": 1000 * floor}
 
