@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per engine step: decode rows, prefill chunks and classification texts share "
                              "it, so a long prompt is prefilled in chunks while running rows keep decoding "
                              "(default: 128 on CPU, 2048 on CUDA)")
+    parser.add_argument("--threads", type=non_negative, default=_env("threads", "0"),
+                        help="CPU threads each engine step computes on (a CPU device). Default (0): steps of "
+                             "under 8 tokens keep one CPU for the front ends and the event loop, whose work each "
+                             "token wakes; larger steps take every thread (torch's count: OMP_NUM_THREADS or the "
+                             "cores)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=_env("kv_cache_memory", "0") or None,
                         help="bytes of KV cache, allocated once; generations wait for room and are preempted "
                              "(then recomputed) when it runs out (default: enough for --max-batch rows at full "

@@ -13,6 +13,7 @@ from loraplex_server.api.serving_runtime import ServingRuntime
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine
 from loraplex_server.engine.pooling import pooling_of
+from loraplex_server.engine.step_threads import step_threads
 
 log = logging.getLogger("loraplex.serve")
 
@@ -30,7 +31,7 @@ def build_runtime(args: argparse.Namespace, metrics: Metrics, examples: bool = F
                          getattr(args, "embed_normalize", None))
     engine = Engine(base, max_adapters=args.max_adapters, max_batch=args.max_batch,
                     max_batch_tokens=args.max_batch_tokens or None, kv_cache_memory=args.kv_cache_memory or None,
-                    pooling=pooling)
+                    pooling=pooling, threads=step_threads(args.threads, base.device))
     location = store_location(args)
     store = open_store(location, base_fingerprint=engine.base.fingerprint, max_rank=args.max_rank,
                        max_bytes=args.max_upload_bytes, allow_base_mismatch=args.allow_base_mismatch,

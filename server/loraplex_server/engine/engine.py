@@ -45,6 +45,7 @@ from loraplex_server.engine.requests import (
 )
 from loraplex_server.engine.sampling import SamplingParams, sample
 from loraplex_server.engine.sequence import GenerationRequest, Sequence
+from loraplex_server.engine.step_threads import StepThreads
 from loraplex_server.lora.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ def default_kv_memory(base: BaseModel, rows: int) -> int:
 class Engine:
     def __init__(self, base: BaseModel, max_adapters: int = 64, max_batch: int = 64,
                  max_batch_tokens: int | None = None, kv_cache_memory: int | None = None,
-                 prefix_caching: bool = True, pooling: Pooling | None = None) -> None:
+                 prefix_caching: bool = True, pooling: Pooling | None = None,
+                 threads: StepThreads | None = None) -> None:
         self.base = base
+        self.threads = threads  # CPU threads per step (a server's, step_threads.py); None: torch's as they are
         self.tokenizer = base.tokenizer
         self.slots = SlotTable(base.model, max_adapters + 1, base.dtype, base.device, base.hidden_size,
                                base.head_module)
@@ -260,6 +263,8 @@ class Engine:
         self.last_step = tuple(p.row.slot for p in planned), sum(len(p.token_ids) for p in planned)
         if not planned:
             return out
+        if self.threads is not None:
+            self.threads.apply(self.last_step[1])
         try:
             self._postprocess(planned, *self.runner.run(planned), out)
         except Exception:  # noqa: BLE001 - one row's failure must not end the others: find it
