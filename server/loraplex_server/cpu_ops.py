@@ -22,16 +22,22 @@ log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
+def _target() -> str:
+    """The -march the kernels are built for: this CPU, or LORAPLEX_CPU_ARCH (e.g. haswell, skylake-avx512), which
+    runs a lesser CPU's paths here (tests of the other CPU kinds)."""
+    return os.environ.get("LORAPLEX_CPU_ARCH", "native")
+
+
 def _cpu_key() -> str:
-    """A short hash of this CPU's instruction-set flags. The build is -march=native and torch's cache keys only
-    on sources and flags: a cache shared by machines of different CPUs (a mounted home, a volume) must not hand
-    one of them a binary with instructions it lacks."""
+    """A short hash of this CPU's instruction-set flags and the target. torch's cache keys only on sources and
+    flags: a cache shared by machines of different CPUs (a mounted home, a volume) must not hand one of them a
+    -march=native binary with instructions it lacks."""
     try:
         with open("/proc/cpuinfo") as info:
             flags = next((line for line in info if line.startswith("flags")), "")
     except OSError:
         flags = platform.processor()
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{flags} {_target()}".encode()).hexdigest()[:10]
 
 
 def cpu_ops():
@@ -50,7 +56,7 @@ def _built():
         from torch.utils.cpp_extension import load
 
         load(name=f"loraplex_cpu_ops_{_cpu_key()}", sources=[str(s) for s in SOURCES], is_python_module=False,
-             verbose=False, extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+             verbose=False, extra_cflags=["-O3", f"-march={_target()}", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch path still works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None

@@ -45,6 +45,39 @@ inline __mmask16 lanes_left(int64_t left) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LORAPLEX_VECTOR_BF16 1
+template <typename T>  // the dtypes with 16-lane paths (dispatch also instantiates double, refused at run time)
+constexpr bool kLanes = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+// 16 values (the first lanes of mask m) of fp32 or bf16 memory as fp32 lanes, and back. bf16 is rounded to
+// nearest even with NaN made canonical, bit for bit as c10's round_to_nearest_even (AVX512-BF16's own
+// conversion would flush subnormals).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i half = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline __m256i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, bf16_bits(v)); }
+// What storing v as T and reading it back gives: v in fp32, v rounded in bf16 (vector `stored<T>`).
+template <typename T>
+inline __m512 stored16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+  }
+}
+#endif
+
 template <typename T>
 void rms_norm_row(const T* x, const T* weight, T* out, int64_t hidden, float eps) {
   float squares = 0.f;
@@ -62,12 +95,40 @@ void check_rows(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "fp32 or bf16");
 }
 
+#ifdef LORAPLEX_VECTOR_BF16
+// x += delta (when given), then out = weight * stored(x / rms(x)): two passes of 16 lanes over the row.
+template <typename T>
+void norm_row16(T* x, const T* delta, const T* weight, T* out, int64_t hidden, float eps) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < hidden; i += 16) {
+    const __mmask16 m = lanes_left(hidden - i);
+    __m512 v = load16(x + i, m);
+    if (delta != nullptr) {
+      v = stored16<T>(_mm512_add_ps(v, load16(delta + i, m)));
+      store16(x + i, v, m);
+    }
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(hidden) + eps));
+  for (int64_t i = 0; i < hidden; i += 16) {
+    const __mmask16 m = lanes_left(hidden - i);
+    store16(out + i, _mm512_mul_ps(load16(weight + i, m), stored16<T>(_mm512_mul_ps(load16(x + i, m), inv))), m);
+  }
+}
+#endif
+
 template <typename T>
 void norm_rows(T* x, int64_t ldx, const T* delta, int64_t ldd, const T* weight, T* out, int64_t rows,
                int64_t hidden, float eps) {
   at::parallel_for(0, rows, 8, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       T* xr = x + r * ldx;
+#ifdef LORAPLEX_VECTOR_BF16
+      if constexpr (kLanes<T>) {
+        norm_row16(xr, delta != nullptr ? delta + r * ldd : nullptr, weight, out + r * hidden, hidden, eps);
+        continue;
+      }
+#endif
       if (delta != nullptr) {
         const T* dr = delta + r * ldd;
         for (int64_t i = 0; i < hidden; ++i)
@@ -106,12 +167,14 @@ void silu_mul_rows(const T* gate_up, int64_t ld, T* out, int64_t tokens, int64_t
       const T* u = g + inner;
       T* o = out + t * inner;
       int64_t i = 0;
-#ifdef __AVX512F__
-      if constexpr (std::is_same_v<T, float>) {
-        for (; i + 16 <= inner; i += 16) {
-          const __m512 x = _mm512_loadu_ps(g + i);
-          const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-          _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
+#ifdef LORAPLEX_VECTOR_BF16
+      if constexpr (kLanes<T>) {
+        for (; i < inner; i += 16) {
+          const __mmask16 m = lanes_left(inner - i);
+          const __m512 x = load16(g + i, m);
+          const __m512 one = _mm512_set1_ps(1.f);
+          const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+          store16(o + i, _mm512_mul_ps(stored16<T>(silu), load16(u + i, m)), m);
         }
       }
 #endif
@@ -158,7 +221,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline const float* as_floats(const float* values, std::vector<float>&, int64_t) { return values; }
 template <typename T>
 const float* as_floats(const T* values, std::vector<float>& buffer, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(values[i]);
+  int64_t i = 0;
+#ifdef LORAPLEX_VECTOR_BF16
+  if constexpr (kLanes<T>)
+    for (; i < n; i += 16) store16(buffer.data() + i, load16(values + i, lanes_left(n - i)), lanes_left(n - i));
+#endif
+  for (; i < n; ++i) buffer[i] = static_cast<float>(values[i]);
   return buffer.data();
 }
 
