@@ -12,6 +12,7 @@ from test_engine_vs_peft import peft_reference, reference_model, tensor
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import ClassifyRequest, Engine, GenerationRequest
 from loraplex_server.engine.kv_cache import bytes_per_token
+from loraplex_server.engine.planner import MIN_CHUNK
 from loraplex_server.engine.sampling import SamplingParams
 from tiny_models import TEST_DEVICE
 
@@ -225,3 +226,39 @@ def test_a_wide_head_costs_only_its_own_rows(tiny, tmp_path):
     assert len(got[1].scores) == 3000
     assert [g.scores for g in (got[0], got[2])] == [pytest.approx(w, abs=1e-6) for w in want]
     assert [w.shape[0] for w, _ in filter(None, eng.slots.heads.weights)] == [3, 5, 3000]
+
+
+def test_a_prompt_chunk_beside_decoding_rows_is_held_to_its_attention_pairs(tiny):
+    """Beside a decoding row, a long prompt's chunks shrink as its context grows (chunk_pairs), never below
+    MIN_CHUNK; alone it takes the whole budget. The tokens are the same either way."""
+    eng = engine(tiny, budget=48)
+    assert eng.planner.chunk_pairs == 48 * 128  # the CPU default
+    eng.planner.chunk_pairs = 48 * 20
+    eng.planner.prefix_caching = False  # each run computes the whole prompt
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    long = GenerationRequest(list(range(5, 105)), "gen_all_r8", params)
+    expected = alone(eng, long)
+
+    def chunks(reqs: list[GenerationRequest]) -> tuple[list[int], dict[str, list[int]]]:
+        out, sizes, cached = {r.request_id: [] for r in reqs}, [], 0
+        for r in reqs:
+            eng.submit(r)
+            if r is not reqs[-1]:
+                collect(eng.step(), out)  # the short rows are decoding before the long one arrives
+        while eng.has_work:
+            collect(eng.step(), out)
+            seq = next((s for s in eng.planner.running if s.request_id == reqs[-1].request_id), None)
+            now = seq.num_cached if seq is not None else len(reqs[-1].prompt_ids)
+            if cached < len(reqs[-1].prompt_ids):
+                sizes.append(now - cached)
+            cached = now
+        return sizes, out
+
+    sizes, _ = chunks([long])
+    assert sizes == [48, 48, 4]  # alone: the budget
+    decoding = GenerationRequest([7, 8], None, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    long = GenerationRequest(long.prompt_ids, long.adapter, params)
+    sizes, out = chunks([decoding, long])
+    # 960 pairs: 20 tokens from an empty context (20 * 48 <= 960), then 16 (the least) as it grows
+    assert sizes[0] == 20 and all(s == MIN_CHUNK for s in sizes[1:-1]) and sum(sizes) == 100, sizes
+    assert out[long.request_id] == expected

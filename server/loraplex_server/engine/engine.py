@@ -77,6 +77,16 @@ def default_batch_tokens(device: torch.device, kind: str = "causal", max_batch: 
     return 2048 if device.type == "cuda" else 128
 
 
+def default_chunk_pairs(device: torch.device, batch_tokens: int) -> int | None:
+    """A prompt chunk's query-key pairs beside decoding rows (planner.py): on a CPU, a full chunk's up to a
+    context of 128, so a 2,048-token prompt's chunks shrink to 16 tokens. torch's CPU flash attention ran about
+    80 GFLOP/s in bf16 here: a 112-token chunk late in that prompt made a step of 16 decode rows 5x longer
+    (`bench.generation`: max_stall_vs_step 11.3; 6.4 at 512 pairs a token, 3.9 at 128). The prompt's own
+    first token then comes later (2.6x its time alone, from 1.1x). A GPU's attention is not what makes its
+    steps long: unbounded there."""
+    return None if device.type == "cuda" else batch_tokens * 128
+
+
 def default_kv_memory(base: BaseModel, rows: int) -> int:
     """Enough for `rows` rows at the model's full context, bounded by a share of the free memory."""
     wanted = rows * base.max_positions * bytes_per_token(base.model.config, base.dtype)
@@ -105,9 +115,9 @@ class Engine:
         self.runner = ModelRunner(base, self.slots, self.kv, max_rows=max_batch)
         if pooling is not None:  # else the model's own (pooling.pooling_of)
             self.runner.pooling = pooling
-        self.planner = StepPlanner(self.kv, max_batch_tokens or default_batch_tokens(base.device, base.kind, max_batch),
-                                   max_batch,
-                                   prefix_caching=prefix_caching)
+        batch_tokens = max_batch_tokens or default_batch_tokens(base.device, base.kind, max_batch)
+        self.planner = StepPlanner(self.kv, batch_tokens, max_batch, prefix_caching=prefix_caching,
+                                   chunk_pairs=default_chunk_pairs(base.device, batch_tokens))
         self._requests: dict[str, Sequence | _Classifying | Embedding] = {}
         self._cancelled: set[str] = set()
         self._grammars: dict[str, RowGrammar] = {}  # the matchers of constrained rows, by request id

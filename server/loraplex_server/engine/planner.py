@@ -9,6 +9,12 @@ block and none is free, the most recently admitted row is preempted: its blocks 
 goes back to the front of its queue, to recompute its prompt and output later (sampling is
 counter-based, so its tokens do not change). Classification rows need no KV: they are admitted whole.
 
+A prompt chunk beside decoding rows is also held to `chunk_pairs` query-key pairs (tokens x context) where
+that is set (on a CPU): its attention grows with the context it has already cached, so a late chunk of a
+long prompt cost a decode step ten times over at the same token count. Its chunks shrink as it grows
+(never below 16 tokens), and the rows waiting on each step stall for a bounded time; alone, it keeps the
+whole budget.
+
 Fairness between the two kinds: while both have work, each is sure of a share of every step's tokens
 and rows (`share`, half by default), and a step that runs generation rows takes no more classification
 tokens than that share. So a flood of texts neither delays a generation's admission (it no longer
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 
 from loraplex_server.engine.kv_cache import PagedKVCache
 from loraplex_server.engine.sequence import Sequence
+
+MIN_CHUNK = 16  # tokens of a prompt chunk however long its context: a long prompt still makes progress
 
 
 @dataclass
@@ -55,9 +63,10 @@ class PlannedRow:
 
 class StepPlanner:
     def __init__(self, kv: PagedKVCache | None, max_batch_tokens: int, max_rows: int, share: float = 0.5,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, chunk_pairs: int | None = None) -> None:
         self.kv = kv
         self.prefix_caching = prefix_caching
+        self.chunk_pairs = chunk_pairs  # a prompt chunk's query-key pairs beside decoding rows (None: unbounded)
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = max_rows
         # While both kinds have work, classification is sure of (and beside generation rows, held to)
@@ -165,12 +174,13 @@ class StepPlanner:
             self._turn += rows
         else:
             order = list(self.running)
+        decoding = any(seq.num_tokens - seq.num_cached == 1 for seq in self.running)
         for seq in order:
             if budget <= 0 or len(planned) >= rows:
                 break
             if seq not in self.running:  # preempted for an older row in this loop
                 continue
-            count = min(seq.num_tokens - seq.num_cached, budget)
+            count = self._chunk(seq, budget, decoding)
             while not self.kv.grow(seq.blocks, seq.num_cached + count):
                 victim = next((r for r in reversed(self.running) if r is not seq
                                and all(p.row is not r for p in planned)), None)
@@ -192,10 +202,18 @@ class StepPlanner:
                 break  # later rows wait behind it
             self.waiting.popleft()
             self.running.append(seq)
-            count = min(seq.num_tokens - seq.num_cached, budget)
+            count = self._chunk(seq, budget, decoding)
             planned.append(self._plan(seq, count))
             budget -= count
         return planned
+
+    def _chunk(self, seq: Sequence, budget: int, beside_decoding: bool) -> int:
+        """The row's tokens this step: what it has left, within the budget and, beside decoding rows, within
+        chunk_pairs for its context so far."""
+        count = min(seq.num_tokens - seq.num_cached, budget)
+        if count > MIN_CHUNK and beside_decoding and self.chunk_pairs:
+            count = min(count, max(MIN_CHUNK, self.chunk_pairs // max(1, seq.num_cached + count)))
+        return count
 
     def _classification(self, budget: int, rows: int, chunked: bool) -> list[PlannedRow]:
         """Waiting texts in arrival order while tokens and rows last. The first text of a step may be
