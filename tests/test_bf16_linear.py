@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_decode_ops import assert_same_to_bf16, bf16_engine, first_tokens
 from torch.nn import functional as F
 
-from loraplex_server.engine.base_model import load_base_model
-from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.models.fused_linear import PANEL, pack_bf16, panel_columns
-from loraplex_server.engine.sampling import SamplingParams
 
 SHAPES = [(64, 64), (96, 150), (2, 1), (576, 960)]  # [in, out]: one panel, a padded last panel, the least, SmolLM2's
 ROWS = [1, 2, 3, 4, 5, 7, 16, 40]  # register tiles of 1-4 rows, and many
@@ -111,33 +109,14 @@ def test_malformed_inputs_are_refused(tiled):
 def test_a_bf16_engine_packs_its_weights_and_matches_torchs_linear(tiny, tiled, monkeypatch):
     """A bf16 model's projections go into the panels too, and its first tokens and logprobs are those of the
     same model on torch's bf16 linear (LORAPLEX_CPU_KERNEL=0), to bf16 precision."""
-    base_dir, adapters = tiny("llama")
-    names = [n for n, (_, spec) in adapters.items() if not spec.num_labels]
-
-    def first_tokens() -> tuple[Engine, list[list[tuple[int, float]]]]:
-        engine = Engine(load_base_model(base_dir, quantize="none", dtype="bfloat16", device="cpu"), max_adapters=8)
-        for name in names:
-            engine.load_adapter(name, adapters[name][0])
-        params = SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=0)
-        requests = [GenerationRequest(p, a, params) for p, a in zip([[5, 6, 7], [10, 11], [20, 21, 22, 23], [30]],
-                                                                     [*names[:3], None], strict=True)]
-        for request in requests:
-            engine.submit(request)
-        got: dict[str, list[tuple[int, float]]] = {}
-        while engine.has_work:
-            for event in engine.step().events:
-                if event.token_id is not None:
-                    got.setdefault(event.request_id, []).append((event.token_id, event.logprobs.logprob))
-        return engine, [got[r.request_id] for r in requests]
-
-    ours, with_panels = first_tokens()
+    ours, names = bf16_engine(tiny)
     layer = ours.runner.forward.layers[0]
     assert all(p.packed is not None and p.weight is None for p in layer.projections)
     down = ours.base.model.model.layers[0].mlp.down_proj
     assert getattr(down, "base_layer", down).weight.is_meta  # (the slot table wraps a module an adapter targets)
+    rows = [*names[:3], None]
+    with_panels = first_tokens(ours, rows, new_tokens=3)
     monkeypatch.setenv("LORAPLEX_CPU_KERNEL", "0")
-    torch_path, with_torch = first_tokens()
+    torch_path, _ = bf16_engine(tiny)
     assert torch_path.runner.forward.layers[0].qkv.packed is None
-    for a, b in zip(with_panels, with_torch, strict=True):
-        assert [t for t, _ in a] == [t for t, _ in b]
-        torch.testing.assert_close(torch.tensor([p for _, p in a]), torch.tensor([p for _, p in b]), atol=0.05, rtol=0)
+    assert_same_to_bf16(with_panels, first_tokens(torch_path, rows, new_tokens=3))

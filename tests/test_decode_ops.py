@@ -103,32 +103,44 @@ def test_ops_refuse_mismatched_inputs(ops):
         ops.rotary_(x, torch.randn(3, 4), torch.randn(3, 4), 2, 8)
 
 
-def test_bf16_engine_steps_on_the_ops_match_the_torch_path(tiny, ops):
-    """A bf16 engine's prefill and first decode step of mixed adapters give the torch path's tokens and
-    logprobs to bf16 precision."""
+def bf16_engine(tiny) -> tuple[Engine, list[str]]:
+    """The tiny Llama in bf16 with its generation adapters loaded; returns the engine and their names."""
     base_dir, adapters = tiny("llama")
     engine = Engine(load_base_model(base_dir, quantize="none", dtype="bfloat16", device="cpu"), max_adapters=8)
     names = [n for n, (_, spec) in adapters.items() if not spec.num_labels]
     for name in names:
         engine.load_adapter(name, adapters[name][0])
-    forward = engine.runner.forward
-    assert forward.ops is ops
-    prompts, rows = [[5, 6, 7], [10, 11], [20, 21, 22, 23], [30]], [*names[:3], None]
+    return engine, names
 
-    def first_tokens() -> list[list[tuple[int, float]]]:
-        params = SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=0)
-        requests = [GenerationRequest(p, a, params) for p, a in zip(prompts, rows, strict=True)]
-        for request in requests:
-            engine.submit(request)
-        got: dict[str, list[tuple[int, float]]] = {}
-        while engine.has_work:
-            for event in engine.step().events:
-                if event.token_id is not None:
-                    got.setdefault(event.request_id, []).append((event.token_id, event.logprobs.logprob))
-        return [got[r.request_id] for r in requests]
 
-    with_ops = first_tokens()
-    forward.ops = None
-    for a, b in zip(with_ops, first_tokens(), strict=True):
+def first_tokens(engine: Engine, rows: list[str | None], new_tokens: int = 2) -> list[list[tuple[int, float]]]:
+    """(token, logprob) of the first tokens of four prompts on these adapters, run together to the end."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    prompts = [[5, 6, 7], [10, 11], [20, 21, 22, 23], [30]]
+    requests = [GenerationRequest(p, a, params) for p, a in zip(prompts, rows, strict=True)]
+    for request in requests:
+        engine.submit(request)
+    got: dict[str, list[tuple[int, float]]] = {}
+    while engine.has_work:
+        for event in engine.step().events:
+            if event.token_id is not None:
+                got.setdefault(event.request_id, []).append((event.token_id, event.logprobs.logprob))
+    return [got[r.request_id] for r in requests]
+
+
+def assert_same_to_bf16(ours: list[list[tuple[int, float]]], theirs: list[list[tuple[int, float]]]) -> None:
+    for a, b in zip(ours, theirs, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b]
         torch.testing.assert_close(torch.tensor([p for _, p in a]), torch.tensor([p for _, p in b]), atol=0.05, rtol=0)
+
+
+def test_bf16_engine_steps_on_the_ops_match_the_torch_path(tiny, ops):
+    """A bf16 engine's prefill and first decode step of mixed adapters give the torch path's tokens and
+    logprobs to bf16 precision."""
+    engine, names = bf16_engine(tiny)
+    forward = engine.runner.forward
+    assert forward.ops is ops
+    rows = [*names[:3], None]
+    with_ops = first_tokens(engine, rows)
+    forward.ops = None
+    assert_same_to_bf16(with_ops, first_tokens(engine, rows))

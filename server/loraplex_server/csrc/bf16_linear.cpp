@@ -129,34 +129,35 @@ void any_tile(const In* x, int64_t ldx, int64_t rows, const uint16_t* panel, int
   }
 }
 
-// All rows times one panel, in register tiles of TILE_ROWS rows where the build has them.
+// Calls tile(R, r) over all rows in register tiles: R = TILE_ROWS rows from r, then one tile of what is left.
+template <typename Tile>
+void in_tiles(int64_t rows, Tile&& tile) {
+  int64_t r = 0;
+  for (; r + TILE_ROWS <= rows; r += TILE_ROWS) tile(std::integral_constant<int, TILE_ROWS>{}, r);
+  if (rows - r == 3) tile(std::integral_constant<int, 3>{}, r);
+  if (rows - r == 2) tile(std::integral_constant<int, 2>{}, r);
+  if (rows - r == 1) tile(std::integral_constant<int, 1>{}, r);
+}
+
+// All rows times one panel, in register tiles where the build has them.
 template <typename In, typename Out>
 void panel_rows(const In* x, int64_t ldx, int64_t rows, const uint16_t* panel, int64_t in_f, int64_t cols, Out* y,
                 int64_t ldy, const float* bias) {
-  int64_t r = 0;
   if (cols == PANEL) {
 #ifdef __AVX512BF16__
     if constexpr (std::is_same_v<In, BFloat16>) {
-      for (; r + TILE_ROWS <= rows; r += TILE_ROWS) tile_bf16<TILE_ROWS>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      const int64_t left = rows - r;
-      if (left == 3) tile_bf16<3>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      if (left == 2) tile_bf16<2>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      if (left == 1) tile_bf16<1>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      r = rows;
+      in_tiles(rows, [&](auto R, int64_t r) { tile_bf16<R()>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias); });
+      return;
     }
 #endif
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<In, float>) {
-      for (; r + TILE_ROWS <= rows; r += TILE_ROWS) tile<TILE_ROWS>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      const int64_t left = rows - r;
-      if (left == 3) tile<3>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      if (left == 2) tile<2>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      if (left == 1) tile<1>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias);
-      r = rows;
+      in_tiles(rows, [&](auto R, int64_t r) { tile<R()>(x + r * ldx, ldx, panel, in_f, y + r * ldy, ldy, bias); });
+      return;
     }
 #endif
   }
-  if (r < rows) any_tile(x + r * ldx, ldx, rows - r, panel, in_f, cols, y + r * ldy, ldy, bias);
+  any_tile(x, ldx, rows, panel, in_f, cols, y, ldy, bias);
 }
 
 template <typename In, typename Out>
