@@ -11,7 +11,7 @@ counter-based, so its tokens do not change). Classification rows need no KV: the
 
 A prompt chunk beside decoding rows is also held to `chunk_pairs` query-key pairs (tokens x context) where
 that is set (on a CPU): its attention grows with the context it has already cached, so a late chunk of a
-long prompt cost a decode step ten times over at the same token count. Its chunks shrink as it grows
+long prompt made one step of the decode rows beside it last as long as eleven of theirs. Its chunks shrink
 (never below 16 tokens), and the rows waiting on each step stall for a bounded time; alone, it keeps the
 whole budget.
 
