@@ -102,12 +102,7 @@ def read_bandwidth() -> float:
     decode step's GEMVs), best of 5. Written: untouched pages of torch.empty all map the kernel's one zero page
     and are read from cache (1.6x too fast here; the floors before stop 30 timed a copy out of such pages)."""
     big = torch.ones(256 << 20 >> 2, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        big.sum()
-        best = min(best, time.perf_counter() - start)
-    return big.numel() * 4 / best
+    return big.numel() * 4 / min(timed(big.sum)() for _ in range(5))
 
 
 def random_copies(peft_model, out: Path, count: int, prefix: str, scale: float) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.engine import announce_dtype, read_bandwidth, step_weight_bytes
+from bench.engine import announce_dtype, read_bandwidth, step_weight_bytes, timed
 from loraplex_server.engine.base_model import load_base_model
 from loraplex_server.engine.engine import Engine, GenerationRequest
 from loraplex_server.engine.sampling import SamplingParams
@@ -194,17 +194,11 @@ def roofline(engine: Engine, prompt: list[int], rows: int = 32) -> dict[str, flo
     flops = 2 * rows * sum(p.numel() for p in weights)
     bandwidth = read_bandwidth()
     a, b = torch.randn(rows, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-    rate = 2 * rows * 4096 * 4096 / min(timeit(lambda: a @ b) for _ in range(20))
+    rate = 2 * rows * 4096 * 4096 / min(timed(lambda: a @ b)() for _ in range(20))
     floor = max(weight_bytes / bandwidth, flops / rate)
     print(f"roofline: {weight_bytes / 2**20:.0f} MiB weights, read {bandwidth / 1e9:.1f} GB/s, batch-{rows} matmul "
           f"{rate / 1e9:.0f} GFLOP/s -> floor {1000 * floor:.1f} ms; measured step {1000 * step:.1f} ms", flush=True)
     return {"decode_vs_roofline": floor / step, "decode32_step_ms": 1000 * step, "roofline_floor_ms": 1000 * floor}
-
-
-def timeit(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def under_classify_load(dtype: str) -> dict[str, float]:
